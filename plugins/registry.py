@@ -79,7 +79,6 @@ class Registry:
             f"overdrive plugin {name!r} ({target}, from distribution {dist!r}) failed to load and "
             f"was skipped; its methods are unavailable: {error}"
         )
-        log.warning(msg)
         warnings.warn(msg, OverdrivePluginWarning, stacklevel=3)
 
     def _collect_methods(self) -> None:

@@ -1,0 +1,128 @@
+"""Engine classes for the weight-quantization contract, shared by the vLLM and SGLang adapters.
+
+vLLM and SGLang have the same shape of quantization API (SGLang's came from vLLM's): a
+``QuantizationConfig`` subclass per method name, and a ``LinearMethodBase`` subclass that creates,
+post-processes and applies a linear layer's parameters. :func:`build_config_class` builds both from an
+:class:`~overdrive.contracts.WeightQuantMethod`, given the engine's base classes, so a method reaches
+both engines with no per-method code. Only called from ``register()`` when the engine is present.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from overdrive.contracts.weight_quant import WeightQuantMethod
+from overdrive.spec import MethodSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineQuantAPI:
+    """The handful of engine symbols the generic classes need (see docs/ledger.md)."""
+
+    engine: str
+    QuantizationConfig: type
+    LinearMethodBase: type
+    LinearBase: type
+    UnquantizedLinearMethod: type
+    set_weight_attrs: Callable[[torch.nn.Parameter, dict[str, Any] | None], None]
+    extra_methods: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _camel(name: str) -> str:
+    return "".join(p.capitalize() for p in name.split("_"))
+
+
+def build_linear_method_class(api: EngineQuantAPI) -> type:
+    """An engine ``LinearMethodBase`` that delegates to a WeightQuantMethod."""
+
+    class OverdriveLinearMethod(api.LinearMethodBase):  # type: ignore[misc, valid-type]
+        def __init__(self, spec: MethodSpec, method: WeightQuantMethod, cfg: Any, prefix: str) -> None:
+            self.spec, self.method, self.cfg, self.prefix = spec, method, cfg, prefix
+
+        def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                           output_partition_sizes: list[int], input_size: int, output_size: int,
+                           params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+            self.method.validate_partition(input_size_per_partition, list(output_partition_sizes),
+                                           self.cfg, prefix=self.prefix)
+            names = []
+            for ps in self.method.param_specs(input_size_per_partition, sum(output_partition_sizes), self.cfg):
+                p = torch.nn.Parameter(torch.empty(ps.shape, dtype=ps.resolve_dtype(params_dtype)),
+                                       requires_grad=False)
+                api.set_weight_attrs(p, ps.weight_attrs())
+                api.set_weight_attrs(p, extra_weight_attrs)
+                layer.register_parameter(ps.name, p)
+                names.append(ps.name)
+            # per-instance bookkeeping on the layer object (never on its class)
+            layer.overdrive_param_names = tuple(names)
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            loaded = {n: getattr(layer, n).data for n in layer.overdrive_param_names}
+            processed = self.method.process_after_loading(loaded, self.cfg)
+            for n in layer.overdrive_param_names:
+                delattr(layer, n)
+            for n, t in processed.items():
+                layer.register_parameter(n, torch.nn.Parameter(t, requires_grad=False))
+            layer.overdrive_param_names = tuple(processed)
+
+        def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            params = {n: getattr(layer, n) for n in layer.overdrive_param_names}
+            return self.method.apply(x, params, bias, self.cfg)
+
+    OverdriveLinearMethod.__name__ = OverdriveLinearMethod.__qualname__ = "OverdriveLinearMethod"
+    return OverdriveLinearMethod
+
+
+def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
+    """An engine ``QuantizationConfig`` subclass serving ``spec`` (a weight-quantization method)."""
+    method: WeightQuantMethod = spec.load_impl()
+    if not isinstance(method, WeightQuantMethod):
+        raise TypeError(f"method {spec.name!r}: impl must be a WeightQuantMethod, got {type(method).__name__}")
+    linear_cls = build_linear_method_class(api)
+    name = spec.name
+
+    def __init__(self: Any, cfg: Any = None) -> None:
+        api.QuantizationConfig.__init__(self)
+        if cfg is None:
+            cfg = method.default_config()
+            if cfg is None:
+                raise ValueError(
+                    f"{api.engine}: quantization {name!r} needs a checkpoint made by "
+                    f"`overdrive quantize --method {name}` (config.json quantization_config); "
+                    "this model has none"
+                )
+        self.overdrive_cfg = cfg
+
+    def __repr__(self: Any) -> str:
+        return f"{type(self).__name__}({self.overdrive_cfg!r})"
+
+    def get_quant_method(self: Any, layer: torch.nn.Module, prefix: str) -> Any:
+        if isinstance(layer, api.LinearBase):
+            if method.is_quantized_layer(prefix, self.overdrive_cfg):
+                return linear_cls(spec, method, self.overdrive_cfg, prefix)
+            return api.UnquantizedLinearMethod()
+        return None
+
+    def override_quantization_method(cls: Any, hf_quant_cfg: Any, user_quant: Any, *a: Any, **k: Any) -> Any:
+        # Claim checkpoints whose config.json says quant_method == our name (auto-detection).
+        if isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get("quant_method") == name:
+            return name
+        return None
+
+    body: dict[str, Any] = {
+        "__init__": __init__,
+        "__repr__": __repr__,
+        "__module__": __name__,
+        "__doc__": f"{api.engine} QuantizationConfig for overdrive method {name!r} ({spec.paper}).",
+        "get_name": lambda self: name,
+        "get_supported_act_dtypes": lambda self: list(method.act_dtypes),
+        "get_min_capability": classmethod(lambda cls: method.min_capability),
+        "get_config_filenames": staticmethod(lambda: list(method.config_filenames)),
+        "from_config": classmethod(lambda cls, config: cls(method.config_from_checkpoint(config))),
+        "override_quantization_method": classmethod(override_quantization_method),
+        "get_quant_method": get_quant_method,
+        "overdrive_method": name,
+        **api.extra_methods,
+    }
+    return type(f"Overdrive{_camel(name)}Config", (api.QuantizationConfig,), body)

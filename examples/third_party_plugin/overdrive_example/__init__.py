@@ -1,0 +1,1 @@
+"""Example overdrive plugin package (see README.md)."""

@@ -1,0 +1,109 @@
+"""int8 weight-only round-to-nearest: the weight-quantization contract in ~100 lines.
+
+Checkpoint format (per quantized linear layer ``P``): ``P.qweight`` int8 (out, in) and ``P.scale``
+float32 (out,), with ``W ≈ qweight * scale[:, None]``, ``scale = max|W_row| / 127``. config.json gets
+``quantization_config = {"quant_method": "example_w8", "version": 1, "skip": [...]}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from overdrive import ConfigError
+from overdrive.contracts import ParamSpec, WeightQuantMethod
+from overdrive.contracts.weight_quant import check_quant_method
+from overdrive.kernels import int8_weight_linear
+from overdrive.progress import progress
+
+from .configs import W8Config
+
+NAME = "example_w8"
+
+
+def quantize_rtn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 RTN of a (out, in) weight; returns (qweight, scale)."""
+    w32 = w.detach().to(torch.float32)
+    scale = w32.abs().amax(dim=1).clamp_min(1e-8) / 127.0
+    q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class W8Method(WeightQuantMethod):
+    def config_from_checkpoint(self, quantization_config: Mapping[str, Any]) -> W8Config:
+        check_quant_method(quantization_config, NAME)
+        data = {k: v for k, v in quantization_config.items() if k != "quant_method"}
+        return W8Config.from_dict(data, source="config.json quantization_config")
+
+    def is_quantized_layer(self, prefix: str, cfg: W8Config) -> bool:
+        return not any(s in prefix for s in cfg.skip)
+
+    def param_specs(self, in_features: int, out_features: int, cfg: W8Config) -> list[ParamSpec]:
+        return [
+            ParamSpec("qweight", (out_features, in_features), torch.int8, output_dim=0, input_dim=1),
+            ParamSpec("scale", (out_features,), torch.float32, output_dim=0),
+        ]
+
+    def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
+              cfg: W8Config) -> torch.Tensor:
+        return int8_weight_linear(x, params["qweight"], params["scale"], bias)
+
+
+METHOD = W8Method()
+
+
+# ------------------------------------------------------------------------- overdrive quantize
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="transformers checkpoint directory")
+    p.add_argument("--output", required=True, type=Path, help="directory to write (must not exist)")
+    p.add_argument("--skip", nargs="*", default=None, help="module-name substrings left in 16/32 bits")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    cfg = W8Config() if args.skip is None else W8Config(skip=list(args.skip))
+    quantize_checkpoint(args.model, args.output, cfg)
+    print(f"wrote {args.output} ({NAME})")
+    return 0
+
+
+def quantize_checkpoint(model: Path, output: Path, cfg: W8Config) -> Path:
+    model, output = Path(model), Path(output)
+    config_path = model / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{config_path}: not found; --model must be a transformers checkpoint directory")
+    shards = sorted(model.glob("*.safetensors"))
+    if not shards:
+        raise ConfigError(f"{model}: no *.safetensors files (only safetensors checkpoints are read)")
+    if output.exists():
+        raise ConfigError(f"{output}: already exists; choose a new --output directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        for f in model.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors = load_file(shard)
+            for name, t in progress(tensors.items(), desc=f"{NAME} {shard.name}", total=len(tensors)):
+                prefix = name.removesuffix(".weight")
+                if name.endswith("_proj.weight") and t.dim() == 2 and METHOD.is_quantized_layer(prefix, cfg):
+                    out[f"{prefix}.qweight"], out[f"{prefix}.scale"] = quantize_rtn(t)
+                else:
+                    out[name] = t.contiguous()
+        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        conf = json.loads(config_path.read_text())
+        conf["quantization_config"] = {"quant_method": NAME, **cfg.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

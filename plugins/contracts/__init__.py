@@ -1,0 +1,9 @@
+"""Framework-neutral contracts, one per kind. Methods implement them; adapters consume them.
+
+Only the contracts that methods already need are defined; the others arrive with their first method
+(DESIGN.md: "define the kind contracts as the first methods need them").
+"""
+from .dit_cache import Attachment, DenoiserInfo, DiTCacheMethod
+from .weight_quant import ParamSpec, WeightQuantMethod
+
+__all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "ParamSpec", "WeightQuantMethod"]

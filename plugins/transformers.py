@@ -1,0 +1,2 @@
+"""``overdrive.transformers``: helpers for transformers models (see overdrive.adapters.transformers)."""
+from overdrive.adapters.transformers import *  # noqa: F401,F403
