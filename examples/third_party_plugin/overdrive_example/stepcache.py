@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook, StateManager
-from diffusers.hooks.hooks import BaseState
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from overdrive.contracts import DenoiserInfo, DiTCacheMethod
 
@@ -88,8 +88,6 @@ class StepCacheMethod(DiTCacheMethod):
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(hook, HOOK_NAME)
         return _Attachment(denoiser, hook)
 
-
-from diffusers.hooks.hooks import CacheContext  # noqa: E402
 
 _DEFAULT_CONTEXT = CacheContext("default")
 METHOD = StepCacheMethod()

@@ -1,0 +1,114 @@
+"""The overdrive CLI: list (derived matrix), doctor, method verbs, plugin commands."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import overdrive
+from overdrive import cli
+from overdrive.adapters import ADAPTERS, AdapterInfo
+from overdrive.kinds import Kind
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_list_matrix_is_derived_from_kinds_and_adapters(example_plugin, capsys, monkeypatch):
+    rc, out, _ = run_cli(capsys, "list", "--json")
+    m = json.loads(out)
+    rows = {x["name"]: x["frameworks"] for x in m["methods"]}
+    assert rows["example_w8"] == {"vllm": "yes", "sglang": "yes", "diffusers": "-", "transformers": "-"}
+    assert rows["example_stepcache"] == {"vllm": "-", "sglang": "-", "diffusers": "yes", "transformers": "-"}
+    # Give the transformers adapter the weight-quant contract: the matrix follows, nothing hand-written.
+    patched = tuple(AdapterInfo(a.framework, a.module, a.distributions, a.tested,
+                                a.kinds | {Kind.WEIGHT_QUANT} if a.framework == "transformers" else a.kinds,
+                                a.surface) for a in ADAPTERS)
+    monkeypatch.setattr("overdrive.adapters.ADAPTERS", patched)
+    m2 = cli.methods_matrix()
+    assert {x["name"]: x["frameworks"] for x in m2["methods"]}["example_w8"]["transformers"] == "yes"
+
+
+def test_list_reports_untested_and_missing_frameworks(example_plugin, monkeypatch):
+    patched = tuple(AdapterInfo(a.framework, a.module,
+                                ("no-such-dist",) if a.framework == "sglang" else a.distributions,
+                                "<0.1" if a.framework == "vllm" else a.tested, a.kinds, a.surface)
+                    for a in ADAPTERS)
+    monkeypatch.setattr("overdrive.adapters.ADAPTERS", patched)
+    row = {x["name"]: x["frameworks"] for x in cli.methods_matrix()["methods"]}["example_w8"]
+    assert row["vllm"] == "untested version" and row["sglang"] == "not installed"
+
+
+def test_list_text_output(example_plugin, capsys):
+    rc, out, _ = run_cli(capsys, "list")
+    assert rc == 0
+    assert "example_w8" in out and "weight_quantization" in out and "Kinds x frameworks" in out
+
+
+def test_doctor_reports_versions_registration_and_problems(example_plugin, capsys):
+    r = cli.doctor_report(try_register=False)
+    assert r["packages"]["torch"] is not None
+    assert set(r["frameworks"]) == {"vllm", "sglang", "diffusers", "transformers"}
+    assert r["frameworks"]["vllm"]["entry_point_visible"] is True
+    assert "example_w8" in r["methods"]
+    assert r["kernel_backend"]["cpu"]
+
+
+def test_doctor_names_untested_engine_versions(example_plugin, monkeypatch, capsys):
+    patched = tuple(AdapterInfo(a.framework, a.module, a.distributions,
+                                ">=99" if a.framework == "diffusers" else a.tested, a.kinds, a.surface)
+                    for a in ADAPTERS)
+    monkeypatch.setattr("overdrive.adapters.ADAPTERS", patched)
+    rc, out, _ = run_cli(capsys, "doctor", "--no-register")
+    assert rc == 1
+    assert "diffusers 0.42" in out and "outside overdrive's tested range >=99" in out
+    assert "OVERDRIVE_ALLOW_UNTESTED=1" in out
+
+
+def test_method_verb_unknown_method_lists_known(example_plugin, capsys):
+    rc, _, err = run_cli(capsys, "quantize", "--method", "nope", "--model", "x")
+    assert rc == 2 and "unknown method 'nope'" in err and "example_w8" in err
+
+
+def test_method_verb_for_method_without_that_step(example_plugin, capsys):
+    rc, _, err = run_cli(capsys, "quantize", "--method", "example_stepcache")
+    assert rc == 2 and "has no 'quantize' step" in err and "example_w8" in err
+
+
+def test_method_verb_help_shows_method_options(example_plugin, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quantize", "--method", "example_w8", "--help"])
+    assert e.value.code == 0
+    assert "--skip" in capsys.readouterr().out
+
+
+def test_plugin_can_add_a_top_level_command(capsys):
+    calls = []
+
+    class P:
+        @overdrive.hookimpl
+        def overdrive_cli_commands(self):
+            return [cli.Command("hello", "say hello", lambda p: p.add_argument("--who", default="x"),
+                                lambda a: calls.append(a.who) or 0)]
+
+    reg = overdrive.get_registry()
+    reg.pm.register(P(), name="hello-plugin")
+    try:
+        assert cli.main(["hello", "--who", "world"]) == 0
+        assert calls == ["world"]
+    finally:
+        reg.pm.unregister(name="hello-plugin")
+
+
+def test_console_script_is_installed():
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "overdrive"
+    assert script.exists(), "the `overdrive` console script is not installed next to python"
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert out.stdout.strip() == f"overdrive {overdrive.__version__}"
