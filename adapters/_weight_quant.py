@@ -9,6 +9,7 @@ both engines with no per-method code. Only called from ``register()`` when the e
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
@@ -76,16 +77,22 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
 
 def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
     """An engine ``QuantizationConfig`` subclass serving ``spec`` (a weight-quantization method)."""
-    method: WeightQuantMethod = spec.load_impl()
-    if not isinstance(method, WeightQuantMethod):
-        raise TypeError(f"method {spec.name!r}: impl must be a WeightQuantMethod, got {type(method).__name__}")
     linear_cls = build_linear_method_class(api)
     name = spec.name
+
+    @functools.cache
+    def impl() -> WeightQuantMethod:
+        # Resolved on first use, not at registration: register() runs in every engine process and
+        # must not import the method's kernels until a model actually uses it.
+        m = spec.load_impl()
+        if not isinstance(m, WeightQuantMethod):
+            raise TypeError(f"method {name!r}: impl must be a WeightQuantMethod, got {type(m).__name__}")
+        return m
 
     def __init__(self: Any, cfg: Any = None) -> None:
         api.QuantizationConfig.__init__(self)
         if cfg is None:
-            cfg = method.default_config()
+            cfg = impl().default_config()
             if cfg is None:
                 raise ValueError(
                     f"{api.engine}: quantization {name!r} needs a checkpoint made by "
@@ -99,8 +106,8 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
 
     def get_quant_method(self: Any, layer: torch.nn.Module, prefix: str) -> Any:
         if isinstance(layer, api.LinearBase):
-            if method.is_quantized_layer(prefix, self.overdrive_cfg):
-                return linear_cls(spec, method, self.overdrive_cfg, prefix)
+            if impl().is_quantized_layer(prefix, self.overdrive_cfg):
+                return linear_cls(spec, impl(), self.overdrive_cfg, prefix)
             return api.UnquantizedLinearMethod()
         return None
 
@@ -116,10 +123,10 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
         "__module__": __name__,
         "__doc__": f"{api.engine} QuantizationConfig for overdrive method {name!r} ({spec.paper}).",
         "get_name": lambda self: name,
-        "get_supported_act_dtypes": lambda self: list(method.act_dtypes),
-        "get_min_capability": classmethod(lambda cls: method.min_capability),
-        "get_config_filenames": staticmethod(lambda: list(method.config_filenames)),
-        "from_config": classmethod(lambda cls, config: cls(method.config_from_checkpoint(config))),
+        "get_supported_act_dtypes": lambda self: list(impl().act_dtypes),
+        "get_min_capability": classmethod(lambda cls: impl().min_capability),
+        "get_config_filenames": staticmethod(lambda: list(impl().config_filenames)),
+        "from_config": classmethod(lambda cls, config: cls(impl().config_from_checkpoint(config))),
         "override_quantization_method": classmethod(override_quantization_method),
         "get_quant_method": get_quant_method,
         "overdrive_method": name,

@@ -1,0 +1,60 @@
+"""SGLang's real plugin loader loads overdrive; its registries then hold overdrive's method names,
+and the generic linear method built on SGLang's own base classes computes the right product."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+PROBE = textwrap.dedent("""
+    import json, torch
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    load_plugins()  # idempotent
+    from sglang.srt.layers import quantization as q
+    from sglang.srt.arg_groups.choices import QUANTIZATION_CHOICES
+    from sglang.srt.layers.linear import LinearBase
+    from sglang.srt.layers.quantization.base_config import QuantizationConfig, LinearMethodBase
+
+    cls = q.QUANTIZATION_METHODS["example_w8"]
+    cfg = cls.from_config({"quant_method": "example_w8", "version": 1, "skip": ["lm_head"]})
+    assert isinstance(cfg, QuantizationConfig) and cfg.get_name() == "example_w8"
+    assert cls.override_quantization_method({"quant_method": "example_w8"}, None) == "example_w8"
+
+    # a real SGLang linear layer: create_weights / load / apply through overdrive's generic method
+    layer = LinearBase.__new__(LinearBase)
+    torch.nn.Module.__init__(layer)
+    method = cfg.get_quant_method(layer, prefix="model.layers.0.mlp.down_proj")
+    assert isinstance(method, LinearMethodBase), type(method)
+    method.create_weights(layer, 40, [24], 40, 24, torch.float32, weight_loader=None)
+    g = torch.Generator().manual_seed(0)
+    qw = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+    scale = torch.rand(24, generator=g) / 100 + 1e-3
+    layer.qweight.data.copy_(qw); layer.scale.data.copy_(scale)
+    method.process_weights_after_loading(layer)
+    x = torch.randn(3, 40, generator=g)
+    bias = torch.randn(24, generator=g)
+    y = method.apply(layer, x, bias)
+    ref = (x.double() @ (qw.double() * scale.double()[:, None]).T + bias.double())
+    print(json.dumps({
+        "in_registry": "example_w8" in q.QUANTIZATION_METHODS,
+        "in_choices": QUANTIZATION_CHOICES.count("example_w8"),
+        "err": (y.double() - ref).abs().max().item(),
+        "skipped": type(cfg.get_quant_method(layer, prefix="lm_head")).__name__,
+    }))
+""")
+
+
+def test_sglang_load_plugins_registers_overdrive_methods(plugin_env, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **plugin_env, "OVERDRIVE_TRACE": str(trace)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["in_registry"] and out["in_choices"] == 1
+    assert out["err"] < 1e-4
+    assert out["skipped"] == "UnquantizedLinearMethod"
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert [x["registered"] for x in lines if x["framework"] == "sglang"] == [["example_w8"]]

