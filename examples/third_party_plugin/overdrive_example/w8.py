@@ -107,3 +107,25 @@ def quantize_checkpoint(model: Path, output: Path, cfg: W8Config) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def dequantize_checkpoint(quantized: Path, output: Path) -> Path:
+    """Write a plain float32 checkpoint with ``W = qweight * scale`` (a reference for comparisons)."""
+    quantized, output = Path(quantized), Path(output)
+    tensors = load_file(quantized / "model.safetensors")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(".qweight"):
+            prefix = name.removesuffix(".qweight")
+            out[f"{prefix}.weight"] = t.to(torch.float32) * tensors[f"{prefix}.scale"][:, None]
+        elif not name.endswith(".scale"):
+            out[name] = t
+    output.mkdir(parents=True, exist_ok=False)
+    for f in quantized.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, output / f.name)
+    save_file(out, str(output / "model.safetensors"), metadata={"format": "pt"})
+    conf = json.loads((output / "config.json").read_text())
+    conf.pop("quantization_config", None)
+    (output / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    return output

@@ -1,0 +1,1 @@
+"""Triton kernels. Imported only through :func:`overdrive.kernels.dispatch.load_triton_module`."""
