@@ -1,0 +1,9 @@
+"""overdrive.testing: offline tiny-model fixtures and helpers for tests, the demo and benchmarks.
+
+Nothing here downloads anything: checkpoints are built from configs with seeded random weights and a
+tokenizer trained locally, and cached (``$OVERDRIVE_CACHE_DIR``).
+"""
+from .diffusion import FAMILIES, pipeline_inputs, tiny_pipeline
+from .llm import tiny_llama
+
+__all__ = ["FAMILIES", "pipeline_inputs", "tiny_llama", "tiny_pipeline"]
