@@ -23,6 +23,7 @@ class EngineQuantAPI:
     """The handful of engine symbols the generic classes need (see docs/ledger.md)."""
 
     engine: str
+    adapter_module: str  # generated classes live (for pickling) as attributes of this module
     QuantizationConfig: type
     LinearMethodBase: type
     LinearBase: type
@@ -120,7 +121,9 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
     body: dict[str, Any] = {
         "__init__": __init__,
         "__repr__": __repr__,
-        "__module__": __name__,
+        # Engines pickle the config into their worker processes: the class must be importable by
+        # name. The adapter module resolves it through its module __getattr__ (registering first).
+        "__module__": api.adapter_module,
         "__doc__": f"{api.engine} QuantizationConfig for overdrive method {name!r} ({spec.paper}).",
         "get_name": lambda self: name,
         "get_supported_act_dtypes": lambda self: list(impl().act_dtypes),
@@ -132,4 +135,8 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
         "overdrive_method": name,
         **api.extra_methods,
     }
-    return type(f"Overdrive{_camel(name)}Config", (api.QuantizationConfig,), body)
+    return type(config_class_name(name), (api.QuantizationConfig,), body)
+
+
+def config_class_name(method: str) -> str:
+    return f"Overdrive{_camel(method)}Config"

@@ -10,6 +10,9 @@ from typing import Any
 
 from ._register import keep_intree, run_once
 
+#: generated engine config classes by class name (see __getattr__)
+_classes: dict[str, type] = {}
+
 
 def register() -> None:
     """Entry point run by SGLang's ``load_plugins()`` in every process. Idempotent."""
@@ -36,7 +39,9 @@ def _register() -> tuple[list[str], list[str]]:
             if reason:
                 skipped.append(reason)
                 continue
-            q.QUANTIZATION_METHODS[spec.name] = build_config_class(spec, api)
+            cls = build_config_class(spec, api)
+            _classes[cls.__name__] = cls
+            q.QUANTIZATION_METHODS[spec.name] = cls
             if spec.name not in QUANTIZATION_CHOICES:
                 add_quantization_method_choices([spec.name])
             registered.append(spec.name)
@@ -54,6 +59,16 @@ def _quant_api():
     def get_scaled_act_names(self: Any) -> list[str]:
         return []
 
-    return EngineQuantAPI("SGLang", QuantizationConfig, LinearMethodBase, LinearBase,
+    return EngineQuantAPI("SGLang", __name__, QuantizationConfig, LinearMethodBase, LinearBase,
                           UnquantizedLinearMethod, set_weight_attrs,
                           extra_methods={"get_scaled_act_names": get_scaled_act_names})
+
+
+def __getattr__(name: str) -> Any:
+    # Generated config classes are pickled by reference (module + class name) when the engine sends
+    # its config to worker processes; resolving them here registers first if this process has not.
+    if name.startswith("Overdrive") and name.endswith("Config"):
+        register()
+        if name in _classes:
+            return _classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

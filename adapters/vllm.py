@@ -6,7 +6,12 @@ Registers every weight-quantization method as a vLLM quantization config
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ._register import keep_intree, run_once
+
+#: generated engine config classes by class name (see __getattr__)
+_classes: dict[str, type] = {}
 
 
 def register() -> None:
@@ -33,7 +38,9 @@ def _register() -> tuple[list[str], list[str]]:
             if reason:
                 skipped.append(reason)
                 continue
-            q.register_quantization_config(spec.name)(build_config_class(spec, api))
+            cls = build_config_class(spec, api)
+            _classes[cls.__name__] = cls
+            q.register_quantization_config(spec.name)(cls)
             registered.append(spec.name)
     return registered, skipped
 
@@ -45,5 +52,15 @@ def _quant_api():
 
     from ._weight_quant import EngineQuantAPI
 
-    return EngineQuantAPI("vLLM", QuantizationConfig, LinearMethodBase, LinearBase,
+    return EngineQuantAPI("vLLM", __name__, QuantizationConfig, LinearMethodBase, LinearBase,
                           UnquantizedLinearMethod, set_weight_attrs)
+
+
+def __getattr__(name: str) -> Any:
+    # Generated config classes are pickled by reference (module + class name) when the engine sends
+    # its config to worker processes; resolving them here registers first if this process has not.
+    if name.startswith("Overdrive") and name.endswith("Config"):
+        register()
+        if name in _classes:
+            return _classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -55,6 +55,10 @@ VLLM_PROBE = """
     lazy = "overdrive_example.w8" not in sys.modules  # registration imported no method code
     adapter.register(); adapter.register()
     cls = q.get_quantization_config("example_w8")
+    import pickle  # engines pickle the config into worker processes
+    inst = cls.from_config({"quant_method": "example_w8", "skip": ["x"]})
+    again = pickle.loads(pickle.dumps(inst))
+    assert type(again) is cls and again.overdrive_cfg == inst.overdrive_cfg
     print(json.dumps({"lazy": lazy, "n_same": n == len(q.QUANTIZATION_METHODS), "count": q.QUANTIZATION_METHODS.count("example_w8"),
                       "cls": cls.__name__, "awq_is_ours": getattr(q.get_quantization_config("awq"), "overdrive_method", None)}))
 """

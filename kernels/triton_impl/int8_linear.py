@@ -33,12 +33,12 @@ def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
 
 
 def int8_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     K = x.shape[-1]
     N = qweight.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
     if M and N:
         bm = 16 if M <= 16 else 64  # decode (M <= 16) uses a thin tile
         bn, bk = 64, 64

@@ -30,13 +30,13 @@ def _unpack_kernel(p_ptr, out_ptr, rows, n, words_per_row,
     tl.store(out_ptr + row * n + c, code.to(tl.uint8), mask=ok)
 
 
-def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+def unpack(packed: torch.Tensor, bits: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     lcm = math.lcm(bits, 32)
     g, w = lcm // bits, lcm // 32
     lead = packed.shape[:-1]
     p = packed.reshape(-1, packed.shape[-1]).contiguous()
     rows = p.shape[0]
-    out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
+    out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device) if out is None else out.view(rows, n)
     if rows and n:
         block = 256
         _unpack_kernel[(rows, triton.cdiv(n, block))](p, out, rows, n, p.shape[1],

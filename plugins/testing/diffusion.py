@@ -103,9 +103,11 @@ def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32
     fam = _family(family)
     diffusers = importlib.import_module("diffusers")
     torch.manual_seed(seed)
-    transformer = _build(fam.transformer, diffusers).to(dtype).eval()
+    transformer = _build(fam.transformer, diffusers).eval()
+    if dtype != torch.float32:
+        transformer.to(dtype)
     torch.manual_seed(seed + 1)
-    vae = _build(fam.vae, diffusers).to(torch.float32).eval()
+    vae = _build(fam.vae, diffusers).eval()
     scheduler = _build(fam.scheduler, diffusers)
     components = {"transformer": transformer, "vae": vae, "scheduler": scheduler,
                   **{c: None for c in fam.none_components}}

@@ -28,7 +28,6 @@ class _State(BaseState):
         self.calls = 0
         self.last_t: float | None = None
         self.output: Any = None
-        self.computed = 0
 
 
 def _timestep(args: tuple, kwargs: dict) -> float | None:
@@ -45,6 +44,7 @@ class StepCacheHook(ModelHook):
         super().__init__()
         self.cfg = cfg
         self.state_manager = StateManager(_State)
+        self.computed: dict[str, int] = {}  # evaluations since attach, per context (survives resets)
 
     def _state(self) -> _State:
         if self.state_manager._context is None:  # called outside a pipeline's cache_context
@@ -61,7 +61,8 @@ class StepCacheHook(ModelHook):
         st.calls += 1
         if st.output is None or i < self.cfg.warmup or (i - self.cfg.warmup) % self.cfg.interval == 0:
             st.output = self.fn_ref.original_forward(*args, **kwargs)
-            st.computed += 1
+            name = self.state_manager.context.name
+            self.computed[name] = self.computed.get(name, 0) + 1
         return st.output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -75,8 +76,8 @@ class _Attachment:
 
     @property
     def computed(self) -> dict[str, int]:
-        """Denoiser evaluations actually computed so far, per cache context."""
-        return {k: s.computed for k, s in self.hook.state_manager._state_cache.items()}
+        """Denoiser evaluations actually computed since attach, per cache context."""
+        return dict(self.hook.computed)
 
     def detach(self) -> None:
         HookRegistry.check_if_exists_or_initialize(self.module).remove_hook(HOOK_NAME, recurse=False)
