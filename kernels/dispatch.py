@@ -8,9 +8,10 @@ auto        (default) the Triton kernel when the inputs are CUDA tensors and Tri
 torch       always the torch reference
 triton      always the Triton kernel; an error if that is impossible (CPU tensors, no Triton)
 interpret   the real Triton kernels run in Triton's interpreter on CPU tensors. Triton reads
-            ``TRITON_INTERPRET`` when a kernel is *defined*, so overdrive sets it before it first
-            imports its kernel modules; choose this mode before anything in the process imports
-            overdrive's Triton kernels (tests: set it in the environment or a conftest)
+            ``TRITON_INTERPRET`` when a function is *defined*, including its own standard library at
+            ``import triton``: overdrive sets it before importing Triton if nothing has yet;
+            otherwise TRITON_INTERPRET=1 must already be in the environment (the test suite's
+            root conftest sets it on machines without CUDA)
 ==========  ==================================================================================
 
 Importing :mod:`overdrive.kernels` imports no Triton and initialises no CUDA: kernel modules
@@ -92,6 +93,13 @@ def load_triton_module(name: str, interpret: bool) -> Any:
                 f"choose {ENV} before the first kernel call in a process")
         return mod
     if interpret:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            # Triton decorates its own standard-library functions when it is imported: if that
+            # happened without TRITON_INTERPRET, interpreted kernels cannot call them.
+            raise RuntimeError(
+                f"{ENV}=interpret needs TRITON_INTERPRET=1 before Triton is first imported, and Triton "
+                "was already imported in this process without it; set TRITON_INTERPRET=1 in the "
+                "environment (or first thing in the program)")
         os.environ["TRITON_INTERPRET"] = "1"
     elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set, so Triton kernels would be interpreted; "

@@ -42,7 +42,8 @@ class VllmServer:
         self.port = free_port()
         self.args = ["--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                      "--tensor-parallel-size", str(tp), *args]
-        self.env = {**os.environ, **cpu_env(tp), **(env or {})}
+        base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # engines compile
+        self.env = {**base, **cpu_env(tp), **(env or {})}
         self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-{self.port}.log"
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
