@@ -65,8 +65,11 @@ def _trace(framework: str, registered: list[str], skipped: list[str]) -> None:
     path = os.environ.get("OVERDRIVE_TRACE")
     if not path:
         return
+    import multiprocessing
+
     line = json.dumps({"framework": framework, "pid": os.getpid(), "ppid": os.getppid(),
                        "argv0": os.path.basename(sys.argv[0]) if sys.argv else "",
+                       "process": multiprocessing.current_process().name,
                        "time": time.time(), "registered": registered, "skipped": skipped})
     with open(path, "a") as f:  # one short O_APPEND write per process: safe across processes
         f.write(line + "\n")

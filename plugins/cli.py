@@ -142,7 +142,12 @@ def doctor_report(try_register: bool = True) -> dict[str, Any]:
     try:
         from overdrive import kernels
 
-        report["kernel_backend"] = {"cpu": kernels.active_backend("cpu"), "cuda": kernels.active_backend("cuda")}
+        import torch
+
+        report["kernel_backend"] = {
+            "cpu": kernels.active_backend("cpu"),
+            "cuda": kernels.active_backend("cuda") if torch.cuda.is_available() else "no CUDA device",
+        }
     except Exception as e:  # noqa: BLE001
         report["kernel_backend"] = None
         report["problems"].append(f"kernels: {type(e).__name__}: {e}")

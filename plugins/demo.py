@@ -93,7 +93,7 @@ class Demo:
             t1 = time.perf_counter()
             got = [srv.greedy_token_ids(p, 8) for p in PROMPTS]
             gen = time.perf_counter() - t1
-        procs = sorted({(x["pid"], x["argv0"]) for x in map(json.loads, trace.read_text().splitlines())
+        procs = sorted({(x["pid"], x["process"]) for x in map(json.loads, trace.read_text().splitlines())
                         if x["framework"] == "vllm" and x["registered"]})
         print(f"  vLLM server up in {startup:.1f} s; 2 prompts x 8 tokens in {gen:.2f} s")
         print(f"  overdrive registered example_w8 in {len(procs)} vLLM processes: {procs}")
