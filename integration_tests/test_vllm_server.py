@@ -101,3 +101,12 @@ def test_vllm_serves_overdrive_method_inside_engine_processes(quantized, dequant
     assert "example_w8" in log
     want = [transformers_greedy(dequantized, p) for p in PROMPTS]
     assert got == want
+
+
+def test_tensor_parallel_2_gives_the_same_tokens(quantized, dequantized, plugin_env, tmp_path):
+    """Column-parallel shards of qweight/scale (merged qkv, gate/up) and row-parallel shards of qweight
+    (o_proj, down_proj) load through vLLM's own weight loaders from the ParamSpec dims."""
+    with VllmServer(quantized, ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"],
+                    env=plugin_env, log_path=tmp_path / "vllm-tp2.log", tp=2) as srv:
+        got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
+    assert got == [transformers_greedy(dequantized, p) for p in PROMPTS]
