@@ -15,7 +15,10 @@ from typing import Any, Callable
 import torch
 
 from overdrive.contracts.weight_quant import WeightQuantMethod
+from overdrive.kinds import Kind
 from overdrive.spec import MethodSpec
+
+from ._register import keep_intree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +143,39 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
 
 def config_class_name(method: str) -> str:
     return f"Overdrive{_camel(method)}Config"
+
+
+def register_methods(framework: str, api_factory: Callable[[], EngineQuantAPI], is_intree: Callable[[str], bool],
+                     install: Callable[[str, type], None], classes: dict[str, type]) -> tuple[list[str], list[str]]:
+    """Register every weight-quantization method into one engine; returns (registered, skipped).
+
+    ``is_intree(name)``: the engine already has a method of that name that is not ours;
+    ``install(name, cls)``: put the generated config class into the engine's registry;
+    ``classes``: the adapter module's map of generated classes (resolved there when unpickled).
+    The engine is imported (``api_factory``) only if there is a method to register.
+    """
+    import overdrive
+
+    registered: list[str] = []
+    skipped: list[str] = []
+    specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
+    api = api_factory() if specs else None
+    for spec in specs:
+        reason = keep_intree(framework, spec.name, is_intree(spec.name))
+        if reason:
+            skipped.append(reason)
+            continue
+        cls = build_config_class(spec, api)
+        classes[cls.__name__] = cls
+        install(spec.name, cls)
+        registered.append(spec.name)
+    return registered, skipped
+
+
+def resolve_generated(module: str, name: str, classes: dict[str, type], register: Callable[[], None]) -> type:
+    """Module ``__getattr__`` body: find a generated config class by name, registering first."""
+    if name.startswith("Overdrive") and name.endswith("Config"):
+        register()
+        if name in classes:
+            return classes[name]
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")

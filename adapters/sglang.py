@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._register import keep_intree, run_once
+from ._register import run_once
 
 #: generated engine config classes by class name (see __getattr__)
 _classes: dict[str, type] = {}
@@ -20,32 +20,22 @@ def register() -> None:
 
 
 def _register() -> tuple[list[str], list[str]]:
-    import overdrive
-    from overdrive.kinds import Kind
+    from ._weight_quant import register_methods
 
-    registered: list[str] = []
-    skipped: list[str] = []
-    specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
-    if specs:
+    def is_intree(name: str) -> bool:
+        from sglang.srt.layers import quantization as q
+
+        return name in q.QUANTIZATION_METHODS and getattr(q.QUANTIZATION_METHODS[name], "overdrive_method", None) != name
+
+    def install(name: str, cls: type) -> None:
         from sglang.srt.arg_groups.choices import QUANTIZATION_CHOICES, add_quantization_method_choices
         from sglang.srt.layers import quantization as q
 
-        from ._weight_quant import build_config_class
+        q.QUANTIZATION_METHODS[name] = cls
+        if name not in QUANTIZATION_CHOICES:
+            add_quantization_method_choices([name])
 
-        api = _quant_api()
-        for spec in specs:
-            ours = getattr(q.QUANTIZATION_METHODS.get(spec.name), "overdrive_method", None) == spec.name
-            reason = keep_intree("sglang", spec.name, spec.name in q.QUANTIZATION_METHODS and not ours)
-            if reason:
-                skipped.append(reason)
-                continue
-            cls = build_config_class(spec, api)
-            _classes[cls.__name__] = cls
-            q.QUANTIZATION_METHODS[spec.name] = cls
-            if spec.name not in QUANTIZATION_CHOICES:
-                add_quantization_method_choices([spec.name])
-            registered.append(spec.name)
-    return registered, skipped
+    return register_methods("sglang", _quant_api, is_intree, install, _classes)
 
 
 def _quant_api():
@@ -65,10 +55,6 @@ def _quant_api():
 
 
 def __getattr__(name: str) -> Any:
-    # Generated config classes are pickled by reference (module + class name) when the engine sends
-    # its config to worker processes; resolving them here registers first if this process has not.
-    if name.startswith("Overdrive") and name.endswith("Config"):
-        register()
-        if name in _classes:
-            return _classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ._weight_quant import resolve_generated
+
+    return resolve_generated(__name__, name, _classes, register)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._register import keep_intree, run_once
+from ._register import run_once
 
 #: generated engine config classes by class name (see __getattr__)
 _classes: dict[str, type] = {}
@@ -20,29 +20,19 @@ def register() -> None:
 
 
 def _register() -> tuple[list[str], list[str]]:
-    import overdrive
-    from overdrive.kinds import Kind
+    from ._weight_quant import register_methods
 
-    registered: list[str] = []
-    skipped: list[str] = []
-    specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
-    if specs:
+    def is_intree(name: str) -> bool:
         from vllm.model_executor.layers import quantization as q
 
-        api = _quant_api()
-        from ._weight_quant import build_config_class
+        return name in q.QUANTIZATION_METHODS and name not in q._CUSTOMIZED_METHOD_TO_QUANT_CONFIG
 
-        for spec in specs:
-            reason = keep_intree("vllm", spec.name, spec.name in q.QUANTIZATION_METHODS
-                                 and spec.name not in q._CUSTOMIZED_METHOD_TO_QUANT_CONFIG)
-            if reason:
-                skipped.append(reason)
-                continue
-            cls = build_config_class(spec, api)
-            _classes[cls.__name__] = cls
-            q.register_quantization_config(spec.name)(cls)
-            registered.append(spec.name)
-    return registered, skipped
+    def install(name: str, cls: type) -> None:
+        from vllm.model_executor.layers.quantization import register_quantization_config
+
+        register_quantization_config(name)(cls)
+
+    return register_methods("vllm", _quant_api, is_intree, install, _classes)
 
 
 def _quant_api():
@@ -57,10 +47,8 @@ def _quant_api():
 
 
 def __getattr__(name: str) -> Any:
-    # Generated config classes are pickled by reference (module + class name) when the engine sends
-    # its config to worker processes; resolving them here registers first if this process has not.
-    if name.startswith("Overdrive") and name.endswith("Config"):
-        register()
-        if name in _classes:
-            return _classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Generated config classes are pickled by reference when vLLM sends its config to worker
+    # processes; resolving them here registers first if this process has not yet.
+    from ._weight_quant import resolve_generated
+
+    return resolve_generated(__name__, name, _classes, register)

@@ -36,7 +36,11 @@ def _build(out: Path, cfg: dict, dtype: str, seed: int) -> None:
     eos, pad = token_id(out, "<|im_end|>"), token_id(out, "<|endoftext|>")
     config = LlamaConfig(vocab_size=vocab, bos_token_id=None, eos_token_id=eos, pad_token_id=pad, **cfg)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    save_peaked(LlamaForCausalLM(config), out, dtype)
+
+
+def save_peaked(model: torch.nn.Module, out: Path, dtype: str) -> None:
+    """Scale the LM head (peaked logits), cast, and save a freshly initialised model."""
     with torch.no_grad():
         model.lm_head.weight.mul_(LOGIT_SCALE)
     model.to(getattr(torch, dtype))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .cache import cached_build
-from .llm import LOGIT_SCALE
+from .llm import save_peaked
 from .tokenizer import save_tokenizer, token_id
 
 BUILDER_VERSION = 1
@@ -47,12 +47,7 @@ def _build(out: Path, dtype: str, seed: int) -> None:
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(LOGIT_SCALE)
-    model.to(getattr(torch, dtype))
-    model.generation_config.bos_token_id = None
-    model.save_pretrained(out)
+    save_peaked(Qwen2_5_VLForConditionalGeneration(config), out, dtype)
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**PIXELS),
         video_processor=Qwen2VLVideoProcessor(**PIXELS),
