@@ -91,7 +91,7 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43",
                 frozenset({Kind.DIT_CACHE}), "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20",
-                frozenset(), "overdrive.transformers helpers"),
+                frozenset({Kind.WEIGHT_QUANT}), "import overdrive.transformers"),
 )
 
 

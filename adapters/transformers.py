@@ -1,8 +1,165 @@
-"""transformers adapter (explicit API; transformers has no plugin entry points).
+"""transformers adapter (transformers has no plugin entry points: call :func:`register`).
 
-No kind is served through transformers yet: the first methods that need it bring their helpers here
-(weight quantization through ``transformers.quantizers.register_quantizer``; KV-cache methods as a
-``Cache`` passed as ``past_key_values``; see shared/research/frameworks.md §4). ``overdrive list``
-shows this as an empty column until then.
+    import overdrive.transformers            # registers overdrive's methods (idempotent)
+    model = AutoModelForCausalLM.from_pretrained("./model-q")   # quant_method from config.json
+
+Weight-quantization methods are registered with ``transformers.quantizers.register_quantizer`` and
+``register_quantization_config``: before weights load, the quantizer swaps each quantized
+``nn.Linear`` for an :class:`OverdriveLinear` holding the method's parameters (``param_specs``), the
+loader fills them from the checkpoint, and ``process_after_loading`` runs once. The forward is the
+method's ``apply`` — the same code vLLM and SGLang run. Never shadows a built-in quantizer name.
 """
 from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ._register import keep_intree, run_once
+
+_classes: dict[str, type] = {}
+
+
+def register() -> list[str]:
+    """Register overdrive's methods into transformers in this process. Idempotent."""
+    return run_once("transformers", "transformers", _register)
+
+
+class OverdriveLinear(torch.nn.Module):
+    """A linear layer whose weights are a weight-quantization method's parameters."""
+
+    def __init__(self, method: Any, cfg: Any, in_features: int, out_features: int, bias: bool,
+                 act_dtype: torch.dtype, prefix: str = "") -> None:
+        super().__init__()
+        self.method, self.cfg, self.prefix = method, cfg, prefix
+        self.in_features, self.out_features = in_features, out_features
+        method.validate_partition(in_features, [out_features], cfg, prefix=prefix)
+        self.param_names: tuple[str, ...] = ()
+        names = []
+        for ps in method.param_specs(in_features, out_features, cfg):
+            self.register_parameter(ps.name, torch.nn.Parameter(
+                torch.zeros(ps.shape, dtype=ps.resolve_dtype(act_dtype)), requires_grad=False))
+            names.append(ps.name)
+        self.param_names = tuple(names)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=act_dtype), requires_grad=False) if bias else None
+
+    def finish_loading(self) -> None:
+        processed = self.method.process_after_loading({n: getattr(self, n).data for n in self.param_names}, self.cfg)
+        for n in self.param_names:
+            delattr(self, n)
+        for n, t in processed.items():
+            self.register_parameter(n, torch.nn.Parameter(t, requires_grad=False))
+        self.param_names = tuple(processed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(x, {n: getattr(self, n) for n in self.param_names}, self.bias, self.cfg)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, method={self.cfg!r}"
+
+
+def _register() -> tuple[list[str], list[str]]:
+    import overdrive
+    from overdrive.kinds import Kind
+
+    registered: list[str] = []
+    skipped: list[str] = []
+    specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
+    if not specs:
+        return registered, skipped
+    from transformers.quantizers import auto
+
+    for spec in specs:
+        existing = auto.AUTO_QUANTIZER_MAPPING.get(spec.name)
+        if getattr(existing, "overdrive_method", None) == spec.name:
+            continue
+        reason = keep_intree("transformers", spec.name, existing is not None
+                             or spec.name in auto.AUTO_QUANTIZATION_CONFIG_MAPPING)
+        if reason:
+            skipped.append(reason)
+            continue
+        config_cls, quantizer_cls = _build_classes(spec)
+        # the registration functions raise on a duplicate name: we checked above
+        auto.register_quantization_config(spec.name)(config_cls)
+        auto.register_quantizer(spec.name)(quantizer_cls)
+        registered.append(spec.name)
+    return registered, skipped
+
+
+def _build_classes(spec: Any) -> tuple[type, type]:
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    name = spec.name
+
+    @functools.cache
+    def impl() -> Any:
+        from overdrive.contracts.weight_quant import WeightQuantMethod
+
+        m = spec.load_impl()
+        if not isinstance(m, WeightQuantMethod):
+            raise TypeError(f"method {name!r}: impl must be a WeightQuantMethod, got {type(m).__name__}")
+        return m
+
+    class Config(QuantizationConfigMixin):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.pop("quant_method", None)
+            self.__dict__.update(kwargs)
+            self.quant_method = name
+
+        def method_config(self) -> Any:
+            return impl().config_from_checkpoint(self.to_dict())
+
+    class Quantizer(HfQuantizer):
+        requires_calibration = True  # loads checkpoints made by `overdrive quantize`
+        overdrive_method = name
+
+        def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+            cfg = self.quantization_config.method_config()
+            method = impl()
+            dtype = kwargs.get("dtype") or getattr(model, "dtype", torch.float32)
+            for prefix, module in list(model.named_modules()):
+                for child_name, child in list(module.named_children()):
+                    full = f"{prefix}.{child_name}" if prefix else child_name
+                    if type(child) is torch.nn.Linear and method.is_quantized_layer(full, cfg) \
+                            and not _is_output_head(model, child):
+                        setattr(module, child_name, OverdriveLinear(
+                            method, cfg, child.in_features, child.out_features, child.bias is not None,
+                            dtype, prefix=full))
+
+        def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
+            for m in model.modules():
+                if isinstance(m, OverdriveLinear):
+                    m.finish_loading()
+
+        def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+            return False  # pre-quantized: parameters load as stored
+
+        def is_serializable(self) -> bool:
+            return False
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    cname = "".join(p.capitalize() for p in name.split("_"))
+    Config.__name__ = Config.__qualname__ = f"Overdrive{cname}HfConfig"
+    Quantizer.__name__ = Quantizer.__qualname__ = f"Overdrive{cname}HfQuantizer"
+    for cls in (Config, Quantizer):
+        cls.__module__ = __name__
+        _classes[cls.__name__] = cls
+    return Config, Quantizer
+
+
+def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return get is not None and get() is module
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("Overdrive") and (name.endswith("HfConfig") or name.endswith("HfQuantizer")):
+        register()
+        if name in _classes:
+            return _classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

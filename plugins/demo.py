@@ -104,11 +104,18 @@ class Demo:
         for p in PROMPTS:
             ids = tok(p, return_tensors="pt").input_ids
             want.append(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
-        same = got == want
-        print(f"  vLLM tokens {got}\n  transformers (dequantized reference) {want}")
-        if not same:
-            raise AssertionError("vLLM and the transformers reference disagree")
-        return f"vLLM served example_w8 from config.json; greedy tokens equal the reference; {len(procs)} processes registered"
+        import overdrive.transformers  # noqa: F401 - registers the quantizers
+
+        hf_q = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32)
+        via_hf = []
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            via_hf.append(hf_q.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
+        print(f"  vLLM tokens {got}\n  transformers, overdrive quantizer {via_hf}\n  transformers, dequantized reference {want}")
+        if not got == via_hf == want:
+            raise AssertionError("vLLM, transformers and the reference disagree")
+        return (f"vLLM served example_w8 from config.json ({len(procs)} processes registered); "
+                "transformers loaded it through overdrive's quantizer; both equal the reference")
 
     def sglang(self) -> str:
         code = ("import json; from sglang.srt.plugins import load_plugins; load_plugins();"
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             ("registry", "Registry: methods x frameworks (overdrive list)", d.registry),
             ("doctor", "Environment (overdrive doctor)", d.doctor),
             ("kernels", "Kernels: Triton in the interpreter vs float64", d.kernels),
-            ("vllm", "vLLM: quantize, serve, compare with transformers", d.vllm),
+            ("vllm", "vLLM + transformers: quantize, serve, load, compare", d.vllm),
             ("sglang", "SGLang: real plugin loader and registries", d.sglang),
             ("diffusers", "Diffusers: a DiT cache through overdrive.diffusers", d.diffusers),
         ]

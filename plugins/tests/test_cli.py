@@ -23,15 +23,18 @@ def test_list_matrix_is_derived_from_kinds_and_adapters(example_plugin, capsys, 
     rc, out, _ = run_cli(capsys, "list", "--json")
     m = json.loads(out)
     rows = {x["name"]: x["frameworks"] for x in m["methods"]}
-    assert rows["example_w8"] == {"vllm": "yes", "sglang": "yes", "diffusers": "-", "transformers": "-"}
+    assert rows["example_w8"] == {"vllm": "yes", "sglang": "yes", "diffusers": "-", "transformers": "yes"}
     assert rows["example_stepcache"] == {"vllm": "-", "sglang": "-", "diffusers": "yes", "transformers": "-"}
-    # Give the transformers adapter the weight-quant contract: the matrix follows, nothing hand-written.
-    patched = tuple(AdapterInfo(a.framework, a.module, a.distributions, a.tested,
-                                a.kinds | {Kind.WEIGHT_QUANT} if a.framework == "transformers" else a.kinds,
-                                a.surface) for a in ADAPTERS)
+    # Take the weight-quant contract from the transformers adapter and give the DiT one to vLLM:
+    # the matrix follows, nothing in it is hand-written.
+    def kinds(a):
+        return {"transformers": a.kinds - {Kind.WEIGHT_QUANT}, "vllm": a.kinds | {Kind.DIT_CACHE}}.get(a.framework, a.kinds)
+
+    patched = tuple(AdapterInfo(a.framework, a.module, a.distributions, a.tested, kinds(a), a.surface)
+                    for a in ADAPTERS)
     monkeypatch.setattr("overdrive.adapters.ADAPTERS", patched)
-    m2 = cli.methods_matrix()
-    assert {x["name"]: x["frameworks"] for x in m2["methods"]}["example_w8"]["transformers"] == "yes"
+    rows2 = {x["name"]: x["frameworks"] for x in cli.methods_matrix()["methods"]}
+    assert rows2["example_w8"]["transformers"] == "-" and rows2["example_stepcache"]["vllm"] == "yes"
 
 
 def test_list_reports_untested_and_missing_frameworks(example_plugin, monkeypatch):
