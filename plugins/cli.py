@@ -130,11 +130,11 @@ def doctor_report(try_register: bool = True) -> dict[str, Any]:
                                           "reinstall overdrive (pip install -e . or pip install overdrive)")
         if st.state == "untested version":
             report["problems"].append(st.describe())
-        if try_register and st.usable and group is not None:
+        if try_register and st.usable:
             try:
                 mod = importlib.import_module(a.module)
-                names = mod._register()[0] if hasattr(mod, "_register") else []
-                entry["registers"] = names
+                if hasattr(mod, "_register"):  # adapters with a registry to register into
+                    entry["registers"] = mod._register()[0]
             except Exception as e:  # noqa: BLE001 - doctor reports, it does not crash
                 entry["registers"] = None
                 report["problems"].append(f"{a.framework}: registration failed: {type(e).__name__}: {e}")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,17 @@ def test_console_script_is_installed():
     assert script.exists(), "the `overdrive` console script is not installed next to python"
     out = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert out.stdout.strip() == f"overdrive {overdrive.__version__}"
+
+
+def test_doctor_command_registers_into_every_engine(tmp_path):
+    """`overdrive doctor --json` as a user runs it, with a plugin installed: every adapter registers."""
+    from overdrive.testing.distributions import install_example_plugin
+
+    site = install_example_plugin(tmp_path / "site")
+    script = Path(sys.executable).parent / "overdrive"
+    r = subprocess.run([str(script), "doctor", "--json"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(site)})
+    report = json.loads(r.stdout)
+    assert r.returncode == 0, report["problems"]
+    assert {f: e.get("registers") for f, e in report["frameworks"].items()} == {
+        "vllm": ["example_w8"], "sglang": ["example_w8"], "transformers": ["example_w8"], "diffusers": None}
