@@ -96,7 +96,7 @@ def test_vllm_serves_overdrive_method_inside_engine_processes(quantized, dequant
     # registered in the API server process and in at least one other (engine core / worker) process
     assert any(x["pid"] == server_pid for x in vllm_lines), lines
     assert any(x["pid"] != server_pid for x in vllm_lines), lines
-    assert all(x["registered"] == ["example_w8"] for x in vllm_lines), lines
+    assert all("example_w8" in x["registered"] for x in vllm_lines), lines
     # vLLM picked the method from config.json (no --quantization flag given)
     assert "example_w8" in log
     want = [transformers_greedy(dequantized, p) for p in PROMPTS]

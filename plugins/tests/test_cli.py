@@ -130,4 +130,5 @@ def test_doctor_command_registers_into_every_engine(tmp_path):
     report = json.loads(r.stdout)
     assert r.returncode == 0, report["problems"]
     assert {f: e.get("registers") for f, e in report["frameworks"].items()} == {
-        "vllm": ["example_w8"], "sglang": ["example_w8"], "transformers": ["example_w8"], "diffusers": None}
+        "vllm": ["example_w8", "mbq"], "sglang": ["example_w8", "mbq"], "transformers": ["example_w8", "mbq"],
+        "diffusers": None}

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from overdrive import ConfigError
 from overdrive.contracts import ParamSpec, WeightQuantMethod
 from overdrive.contracts.weight_quant import check_quant_method
 from overdrive.kernels import int8_weight_linear
-from overdrive.progress import progress
+from overdrive.checkpoint import rewrite_checkpoint
 
 from .configs import W8Config
 
@@ -74,39 +71,14 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def quantize_checkpoint(model: Path, output: Path, cfg: W8Config) -> Path:
-    model, output = Path(model), Path(output)
-    config_path = model / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{config_path}: not found; --model must be a transformers checkpoint directory")
-    shards = sorted(model.glob("*.safetensors"))
-    if not shards:
-        raise ConfigError(f"{model}: no *.safetensors files (only safetensors checkpoints are read)")
-    if output.exists():
-        raise ConfigError(f"{output}: already exists; choose a new --output directory")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        for f in model.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-        out: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors = load_file(shard)
-            for name, t in progress(tensors.items(), desc=f"{NAME} {shard.name}", total=len(tensors)):
-                prefix = name.removesuffix(".weight")
-                if name.endswith("_proj.weight") and t.dim() == 2 and METHOD.is_quantized_layer(prefix, cfg):
-                    out[f"{prefix}.qweight"], out[f"{prefix}.scale"] = quantize_rtn(t)
-                else:
-                    out[name] = t.contiguous()
-        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        conf = json.loads(config_path.read_text())
-        conf["quantization_config"] = {"quant_method": NAME, **cfg.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+    def transform(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        prefix = name.removesuffix(".weight")
+        if name.endswith("_proj.weight") and t.dim() == 2 and METHOD.is_quantized_layer(prefix, cfg):
+            q, s = quantize_rtn(t)
+            return {f"{prefix}.qweight": q, f"{prefix}.scale": s}
+        return {name: t}
+
+    return rewrite_checkpoint(model, output, transform, {"quant_method": NAME, **cfg.to_dict()}, desc=NAME)
 
 
 def dequantize_checkpoint(quantized: Path, output: Path) -> Path:

@@ -1,0 +1,106 @@
+"""MBQ checkpoints (RTN baseline) served by a real vLLM server and loaded by transformers.
+
+Reference: transformers on a float32 checkpoint whose linear weights are the dequantized MBQ weights
+(computed here from the stored codes in float64).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from overdrive.kernels import dequantize_reference
+from overdrive.mbq.config import MBQConfig
+from overdrive.mbq.quantize import quantize
+from overdrive.testing import tiny_llama
+from overdrive.testing.vllm_server import VllmServer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["the quick brown fox", "hello world, this is"]
+MAX_TOKENS = 8
+SERVE = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
+
+
+@pytest.fixture(scope="module")
+def w3(tmp_path_factory) -> Path:
+    return quantize(tiny_llama(), tmp_path_factory.mktemp("mbq") / "llama-w3g64",
+                    MBQConfig(bits=3, group_size=64, baseline="rtn"))
+
+
+def dequantized_reference(ckpt: Path, out: Path) -> Path:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    t = load_file(ckpt / "model.safetensors")
+    ref = {}
+    for name, v in t.items():
+        if name.endswith(".qweight"):
+            p = name.removesuffix(".qweight")
+            k = v.shape[1] * 32 // qc["bits"]
+            ref[f"{p}.weight"] = dequantize_reference(v, t[f"{p}.scales"].double(), t[f"{p}.zeros"], qc["bits"],
+                                                      qc["group_size"], k).float()
+        elif not name.endswith((".scales", ".zeros")):
+            ref[name] = v
+    out.mkdir()
+    save_file(ref, str(out / "model.safetensors"))
+    for f in ckpt.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+TRANSFORMERS_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    import overdrive.transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = {}
+    for key, path in (("mbq", sys.argv[1]), ("ref", sys.argv[2])):
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        toks = []
+        for p in json.loads(sys.argv[3]):
+            ids = tok(p, return_tensors="pt").input_ids
+            toks.append(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
+        out[key] = toks
+        out[key + "_layer"] = type(model.model.layers[0].mlp.down_proj).__name__
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def transformers_tokens(w3, tmp_path_factory) -> dict:
+    ref = dequantized_reference(w3, tmp_path_factory.mktemp("ref") / "deq")
+    r = subprocess.run([sys.executable, "-c", TRANSFORMERS_PROBE, str(w3), str(ref), json.dumps(PROMPTS)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_transformers_loads_mbq_through_the_registered_quantizer(transformers_tokens):
+    assert transformers_tokens["mbq_layer"] == "OverdriveLinear" and transformers_tokens["ref_layer"] == "Linear"
+    assert transformers_tokens["mbq"] == transformers_tokens["ref"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_serves_mbq_w3_with_the_same_tokens_as_transformers(w3, transformers_tokens, tp, tmp_path):
+    with VllmServer(w3, SERVE, log_path=tmp_path / "vllm.log", tp=tp) as srv:
+        got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
+    assert got == transformers_tokens["mbq"]
+
+
+def test_vllm_rejects_groups_straddling_tp_shards_at_startup(tmp_path):
+    ckpt = quantize(tiny_llama(), tmp_path / "llama-w4g128", MBQConfig(bits=4, group_size=128, baseline="rtn"))
+    with pytest.raises(RuntimeError, match="vLLM server exited"):
+        with VllmServer(ckpt, SERVE, log_path=tmp_path / "vllm.log", tp=2):
+            pass
+    log = (tmp_path / "vllm.log").read_text(errors="replace")
+    assert ("MBQ layer model.layers.0.self_attn.o_proj: 64 input features per tensor-parallel shard is not a "
+            "multiple of the group size 128") in log

@@ -1,0 +1,46 @@
+"""MBQ config: the quantization scheme, as written into a checkpoint's ``quantization_config``."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from overdrive.config import ConfigError, MethodConfig
+
+#: module-name substrings never quantized: MBQ quantizes the language decoder only
+DEFAULT_SKIP = ["visual", "vision", "lm_head", "embed", "merger", "multi_modal_projector"]
+
+
+@dataclasses.dataclass
+class MBQConfig(MethodConfig):
+    """A weight-quantization scheme of MBQ.
+
+    bits             weight bits: 3 or 4 (weight-only, asymmetric, grouped) or 8 (W8A8)
+    group_size       input channels per scale/zero group for weight-only schemes (multiple of 32)
+    act_bits         16: weight-only (W3/W4); 8: int8 per-token dynamic activations (W8A8 / W4A8)
+    zero_point       asymmetric weights with a zero point per group (weight-only schemes)
+    modules_to_not_convert  module-name substrings left in 16 bits (vision tower, LM head, ...)
+    baseline         how scales were chosen: "rtn" (round to nearest), "awq" or "mbq" (recorded only)
+    """
+
+    VERSION = 1
+    bits: Literal[3, 4, 8] = 4
+    group_size: int = 128
+    act_bits: Literal[8, 16] = 16
+    zero_point: bool = True
+    modules_to_not_convert: list = dataclasses.field(default_factory=lambda: list(DEFAULT_SKIP))
+    baseline: Literal["rtn", "awq", "mbq"] = "mbq"
+
+    def validate(self) -> None:
+        if self.act_bits == 16:
+            if self.bits not in (3, 4):
+                raise ConfigError(f"MBQConfig: weight-only schemes use bits 3 or 4, got bits={self.bits}")
+            if self.group_size <= 0 or self.group_size % 32:
+                raise ConfigError(f"MBQConfig.group_size must be a positive multiple of 32, got {self.group_size}")
+            if not self.zero_point:
+                raise ConfigError("MBQConfig: weight-only schemes are asymmetric (zero_point must be true)")
+        elif self.bits not in (4, 8):
+            raise ConfigError(f"MBQConfig: act_bits=8 schemes are W4A8 or W8A8, got bits={self.bits}")
+
+    @property
+    def scheme(self) -> str:
+        return f"W{self.bits}" if self.act_bits == 16 else f"W{self.bits}A{self.act_bits}"

@@ -1,0 +1,64 @@
+"""MBQ's runtime: the weight-quantization contract over overdrive's kernels.
+
+Checkpoint tensors per quantized linear layer ``P`` (weight-only W3/W4; docs/methods/mbq.md):
+
+===============  =========================  ===========================================================
+``P.qweight``    int32 (N, ceil(K/G)*W)     unsigned ``bits``-bit codes along K, packed as in
+                                            overdrive.kernels.packing (3-bit: 32 codes in 3 words)
+``P.scales``     float16 (N, K/group)       per-group scale
+``P.zeros``      uint8 (N, K/group)         per-group zero point (a code)
+===============  =========================  ===========================================================
+
+``W[n, k] = (code[n, k] - zeros[n, k // group]) * scales[n, k // group]``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from overdrive.config import ConfigError
+from overdrive.contracts.weight_quant import ACT_DTYPE, ParamSpec, WeightQuantMethod, check_quant_method
+from overdrive.kernels import group_linear, packed_length
+
+from .config import MBQConfig
+
+NAME = "mbq"
+
+
+class MBQMethod(WeightQuantMethod):
+    def config_from_checkpoint(self, quantization_config: Mapping[str, Any]) -> MBQConfig:
+        check_quant_method(quantization_config, NAME)
+        data = {k: v for k, v in quantization_config.items() if k != "quant_method"}
+        cfg = MBQConfig.from_dict(data, source="config.json quantization_config")
+        if cfg.act_bits != 16:
+            raise ConfigError(f"MBQ {cfg.scheme} checkpoints are not served yet (weight-only W3/W4 are); "
+                              "see docs/methods/mbq.md")
+        return cfg
+
+    def is_quantized_layer(self, prefix: str, cfg: MBQConfig) -> bool:
+        return not any(s in prefix for s in cfg.modules_to_not_convert)
+
+    def validate_partition(self, in_features: int, out_features: list[int], cfg: MBQConfig, prefix: str = "") -> None:
+        if in_features % cfg.group_size:
+            raise ConfigError(
+                f"MBQ layer {prefix or '?'}: {in_features} input features per tensor-parallel shard is not a "
+                f"multiple of the group size {cfg.group_size}, so a quantization group would straddle the shard "
+                "boundary; use a smaller tensor-parallel size, or re-quantize with a --group-size that divides "
+                "the per-shard input features")
+
+    def param_specs(self, in_features: int, out_features: int, cfg: MBQConfig) -> list[ParamSpec]:
+        groups = in_features // cfg.group_size
+        return [
+            ParamSpec("qweight", (out_features, packed_length(in_features, cfg.bits)), torch.int32,
+                      output_dim=0, input_dim=1),
+            ParamSpec("scales", (out_features, groups), ACT_DTYPE, output_dim=0, input_dim=1),
+            ParamSpec("zeros", (out_features, groups), torch.uint8, output_dim=0, input_dim=1),
+        ]
+
+    def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
+              cfg: MBQConfig) -> torch.Tensor:
+        return group_linear(x, params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size, bias)
+
+
+METHOD = MBQMethod()
