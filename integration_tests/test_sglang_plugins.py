@@ -38,7 +38,25 @@ PROBE = textwrap.dedent("""
     bias = torch.randn(24, generator=g)
     y = method.apply(layer, x, bias)
     ref = (x.double() @ (qw.double() * scale.double()[:, None]).T + bias.double())
+
+    # MBQ (built in): W3 group 32 through the same generic linear method on SGLang's classes
+    from overdrive.kernels import dequantize_reference
+    from overdrive.mbq.quantize import rtn_group_asymmetric
+    mcfg = q.QUANTIZATION_METHODS["mbq"].from_config({"quant_method": "mbq", "bits": 3, "group_size": 32})
+    mlayer = LinearBase.__new__(LinearBase)
+    torch.nn.Module.__init__(mlayer)
+    mmethod = mcfg.get_quant_method(mlayer, prefix="model.layers.0.mlp.down_proj")
+    mmethod.create_weights(mlayer, 64, [24], 64, 24, torch.float32, weight_loader=None)
+    packed = rtn_group_asymmetric(torch.randn(24, 64, generator=g), 3, 32)
+    for name, t in packed.items():
+        getattr(mlayer, name).data.copy_(t)
+    mmethod.process_weights_after_loading(mlayer)
+    xm = torch.randn(5, 64, generator=g)
+    ym = mmethod.apply(mlayer, xm, None)
+    wm = dequantize_reference(packed["qweight"], packed["scales"].double(), packed["zeros"], 3, 32, 64)
+    mbq_err = (ym.double() - xm.double() @ wm.double().T).abs().max().item()
     print(json.dumps({
+        "mbq_err": mbq_err, "mbq_choice": "mbq" in QUANTIZATION_CHOICES,
         "in_registry": "example_w8" in q.QUANTIZATION_METHODS,
         "in_choices": QUANTIZATION_CHOICES.count("example_w8"),
         "err": (y.double() - ref).abs().max().item(),
@@ -55,6 +73,7 @@ def test_sglang_load_plugins_registers_overdrive_methods(plugin_env, tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["in_registry"] and out["in_choices"] == 1
     assert out["err"] < 1e-4
+    assert out["mbq_err"] < 1e-4 and out["mbq_choice"]
     assert out["skipped"] == "UnquantizedLinearMethod"
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert [x["registered"] for x in lines if x["framework"] == "sglang"] == [["example_w8", "mbq"]]
