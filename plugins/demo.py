@@ -1,9 +1,9 @@
 """``./run demo``: overdrive end to end on embedded tiny models through the real engines.
 
-No research method has landed yet, so the demo drives the plugin surfaces with the example
-third-party plugin (examples/third_party_plugin, installed into a temporary folder exactly as pip
-would): every registration path, a real vLLM server, SGLang's real registries, a diffusers pipeline
-and the kernels. Each step prints what it did and what it measured; the exit code is non-zero if any
+The plugin surfaces are driven with the example third-party plugin (examples/third_party_plugin,
+installed into a temporary folder exactly as pip would): every registration path, a real vLLM server,
+SGLang's real registries, a diffusers pipeline and the kernels; then each built-in method end to end
+(MBQ: W3 checkpoint served by vLLM and loaded by transformers). Each step prints what it did and what it measured; the exit code is non-zero if any
 step failed. Methods add their own steps here as they land.
 """
 from __future__ import annotations
@@ -70,52 +70,74 @@ class Demo:
             raise RuntimeError("doctor found problems: " + "; ".join(r["problems"]))
         return "no problems"
 
-    def vllm(self) -> str:
+    def _vllm_tokens(self, ckpt: Path, trace: Path | None = None) -> tuple[list[list[int]], float]:
+        from overdrive.testing.vllm_server import VllmServer
+
+        env = {"PYTHONPATH": self.env["PYTHONPATH"], **({"OVERDRIVE_TRACE": str(trace)} if trace else {})}
+        t0 = time.perf_counter()
+        with VllmServer(ckpt, ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"],
+                        env=env, log_path=self.work / f"vllm-{ckpt.name}.log") as srv:
+            startup = time.perf_counter() - t0
+            return [srv.greedy_token_ids(p, 8) for p in PROMPTS], startup
+
+    @staticmethod
+    def _hf_tokens(path: Path) -> list[list[int]]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        import overdrive.transformers  # noqa: F401 - registers overdrive's quantizers
+
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        out = []
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            out.append(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
+        return out
+
+    @staticmethod
+    def _size_mb(d: Path) -> float:
+        return sum(f.stat().st_size for f in d.glob("*.safetensors")) / 1e6
+
+    def vllm(self) -> str:
         from overdrive.testing import tiny_llama
-        from overdrive.testing.vllm_server import VllmServer
         from overdrive_example.w8 import dequantize_checkpoint
 
         base = tiny_llama()
         q = self.work / "llama-example_w8"
         subprocess.run([sys.executable, "-m", "overdrive.cli", "quantize", "--method", "example_w8",
                         "--model", str(base), "--output", str(q)], env=self.env, check=True)
-        size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
-        print(f"  quantized {base.name}: {size(base) / 1e6:.2f} MB -> {size(q) / 1e6:.2f} MB")
+        print(f"  quantized {base.name}: {self._size_mb(base):.2f} MB -> {self._size_mb(q):.2f} MB")
         trace = self.work / "trace.jsonl"
-        t0 = time.perf_counter()
-        with VllmServer(q, ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"],
-                        env={"PYTHONPATH": self.env["PYTHONPATH"], "OVERDRIVE_TRACE": str(trace)},
-                        log_path=self.work / "vllm.log") as srv:
-            startup = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            got = [srv.greedy_token_ids(p, 8) for p in PROMPTS]
-            gen = time.perf_counter() - t1
+        got, startup = self._vllm_tokens(q, trace)
         procs = sorted({(x["pid"], x["process"]) for x in map(json.loads, trace.read_text().splitlines())
                         if x["framework"] == "vllm" and x["registered"]})
-        print(f"  vLLM server up in {startup:.1f} s; 2 prompts x 8 tokens in {gen:.2f} s")
-        print(f"  overdrive registered example_w8 in {len(procs)} vLLM processes: {procs}")
-        ref_dir = dequantize_checkpoint(q, self.work / "llama-dequantized")
-        tok = AutoTokenizer.from_pretrained(ref_dir)
-        model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
-        want = []
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            want.append(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
-        import overdrive.transformers  # noqa: F401 - registers the quantizers
-
-        hf_q = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32)
-        via_hf = []
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            via_hf.append(hf_q.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
+        print(f"  vLLM server up in {startup:.1f} s; overdrive registered in {len(procs)} vLLM processes: {procs}")
+        via_hf = self._hf_tokens(q)
+        want = self._hf_tokens(dequantize_checkpoint(q, self.work / "llama-dequantized"))
         print(f"  vLLM tokens {got}\n  transformers, overdrive quantizer {via_hf}\n  transformers, dequantized reference {want}")
         if not got == via_hf == want:
             raise AssertionError("vLLM, transformers and the reference disagree")
         return (f"vLLM served example_w8 from config.json ({len(procs)} processes registered); "
                 "transformers loaded it through overdrive's quantizer; both equal the reference")
+
+    def mbq(self) -> str:
+        from overdrive.testing import tiny_llama
+
+        base = tiny_llama()
+        q = self.work / "llama-mbq-w3"
+        subprocess.run([sys.executable, "-m", "overdrive.cli", "quantize", "--method", "mbq", "--bits", "3",
+                        "--group-size", "64", "--baseline", "rtn", "--model", str(base), "--output", str(q)],
+                       env=self.env, check=True)
+        print(f"  MBQ W3 g64 (RTN baseline; calibration not implemented yet): "
+              f"{self._size_mb(base):.2f} MB -> {self._size_mb(q):.2f} MB")
+        got, startup = self._vllm_tokens(q)
+        via_hf = self._hf_tokens(q)
+        print(f"  vLLM tokens {got}\n  transformers tokens {via_hf}")
+        if got != via_hf:
+            raise AssertionError("vLLM and transformers disagree on the MBQ checkpoint")
+        n = sum(len(t) for t in got)
+        return f"vllm serve of an MBQ W3 checkpoint (up in {startup:.0f} s) and transformers give the same {n} greedy tokens"
 
     def sglang(self) -> str:
         code = ("import json; from sglang.srt.plugins import load_plugins; load_plugins();"
@@ -172,7 +194,7 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m overdrive.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: registry doctor vllm sglang diffusers kernels")
+    ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: registry doctor kernels vllm mbq sglang diffusers")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="overdrive-demo-") as tmp:
         d = Demo(Path(tmp))
@@ -181,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             ("doctor", "Environment (overdrive doctor)", d.doctor),
             ("kernels", "Kernels: Triton in the interpreter vs float64", d.kernels),
             ("vllm", "vLLM + transformers: quantize, serve, load, compare", d.vllm),
+            ("mbq", "MBQ: W3 checkpoint served by vLLM and loaded by transformers", d.mbq),
             ("sglang", "SGLang: real plugin loader and registries", d.sglang),
             ("diffusers", "Diffusers: a DiT cache through overdrive.diffusers", d.diffusers),
         ]
