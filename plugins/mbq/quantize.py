@@ -7,11 +7,12 @@ yet; asking for them is an error that says so, rather than silently writing RTN.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
 
-from overdrive.checkpoint import check_finite, rewrite_checkpoint
+from overdrive.checkpoint import check_finite, checkpoint_shards, rewrite_checkpoint
 from overdrive.config import ConfigError
 from overdrive.kernels import pack
 
@@ -19,8 +20,12 @@ from .config import MBQConfig
 from .method import METHOD, NAME
 
 
-def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """Round-to-nearest asymmetric group quantization of a (N, K) weight -> qweight/scales/zeros."""
+def rtn_codes(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric group quantization of a (N, K) weight.
+
+    Returns float32 (codes (N, K/g, g), scales (N, K/g), zeros (N, K/g)) with
+    ``W ~ (codes - zeros) * scales`` per group.
+    """
     n, k = w.shape
     if k % group_size:
         raise ConfigError(f"{k} input features are not a multiple of group size {group_size}")
@@ -30,19 +35,54 @@ def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[st
     wmax = g.amax(dim=2).clamp(min=0.0)
     scales = ((wmax - wmin) / qmax).clamp(min=1e-8)
     zeros = torch.round(-wmin / scales).clamp(0, qmax)
-    codes = torch.clamp(torch.round(g / scales[..., None]) + zeros[..., None], 0, qmax).reshape(n, k)
-    return {"qweight": pack(codes.to(torch.int64), bits), "scales": scales.to(torch.float16),
+    codes = torch.clamp(torch.round(g / scales[..., None]) + zeros[..., None], 0, qmax)
+    return codes, scales, zeros
+
+
+def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """RTN of a (N, K) weight into the checkpoint tensors qweight/scales/zeros."""
+    codes, scales, zeros = rtn_codes(w, bits, group_size)
+    return {"qweight": pack(codes.reshape(w.shape).to(torch.int64), bits), "scales": scales.to(torch.float16),
             "zeros": zeros.to(torch.uint8)}
 
 
-def quantize(model: Path, output: Path, cfg: MBQConfig) -> Path:
-    """Quantize a transformers checkpoint's language-decoder linear layers into ``output``."""
-    if cfg.baseline != "rtn":
-        raise ConfigError(f"--baseline {cfg.baseline}: calibrated MBQ/AWQ scale search is not implemented in "
-                          "this version of overdrive; --baseline rtn writes the same format without calibration")
+def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None = None,
+             loss_mode: str = "mae", distort: bool = False) -> Path:
+    """Quantize a transformers checkpoint's language-decoder linear layers into ``output``.
+
+    ``cfg.baseline``: "rtn" writes round-to-nearest codes directly; "awq" / "mbq" first calibrate
+    (search and fold scales on the float model, see :mod:`.calibrate`), then round to nearest.
+    """
     if cfg.act_bits != 16:
         raise ConfigError(f"{cfg.scheme} is not implemented yet; weight-only --bits 3 or 4 is")
+    if cfg.baseline != "rtn":
+        with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=Path(output).parent) as tmp:
+            _calibrated_copy(Path(model), Path(tmp), cfg, calib_data, loss_mode, distort)
+            return _write(Path(tmp), Path(output), cfg)
+    return _write(Path(model), Path(output), cfg)
 
+
+def _calibrated_copy(model_dir: Path, out: Path, cfg: MBQConfig, calib_data: Path | None, loss_mode: str,
+                     distort: bool) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    from .calibrate import calibrate
+    from .data import build_samples, builtin_records, load_jsonl
+
+    checkpoint_shards(model_dir)  # clear error for a folder that is not a safetensors checkpoint
+    conf = AutoConfig.from_pretrained(model_dir)
+    is_vlm = hasattr(conf, "vision_config")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, dtype=torch.float32)
+    records = load_jsonl(calib_data) if calib_data is not None else builtin_records(with_images=is_vlm)
+    vision_ids = [getattr(conf, k) for k in ("image_token_id", "video_token_id") if getattr(conf, k, None) is not None]
+    samples = build_samples(processor, records, vision_ids)
+    calibrate(model, samples, cfg, loss_mode=loss_mode, distort=distort)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+def _write(model: Path, output: Path, cfg: MBQConfig) -> Path:
     def transform(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
         prefix = name.removesuffix(".weight")
         if not (name.endswith("_proj.weight") and t.dim() == 2 and METHOD.is_quantized_layer(prefix, cfg)):
@@ -65,12 +105,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16)
     p.add_argument("--baseline", choices=("rtn", "awq"), default=None,
                    help="rtn: round to nearest (no calibration); awq: uniform token weighting. Default: MBQ")
-    p.add_argument("--calib-data", type=Path, default=None, help="image-text pairs or a jsonl of conversations")
+    p.add_argument("--calib-data", type=Path, default=None,
+                   help='jsonl of {"image": path|null, "prompt": ..., "answer": ...}; default: a small built-in sample')
+    p.add_argument("--loss", choices=("mae", "mse"), default="mae", help="reconstruction loss of the scale search")
+    p.add_argument("--distort", action="store_true", help="calibrate each block on the quantized earlier blocks")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits,
                     baseline=args.baseline or "mbq")
-    out = quantize(args.model, args.output, cfg)
+    out = quantize(args.model, args.output, cfg, calib_data=args.calib_data, loss_mode=args.loss,
+                   distort=args.distort)
     print(f"wrote {out} (mbq {cfg.scheme}, group {cfg.group_size}, {cfg.baseline})")
     return 0

@@ -96,12 +96,14 @@ def test_bad_inputs_write_nothing(tmp_path):
     tensors = load_file(base / "model.safetensors")
     tensors["model.layers.1.self_attn.o_proj.weight"][3, 7] = float("nan")
     save_file(tensors, str(src / "model.safetensors"))
-    (src / "config.json").write_text((base / "config.json").read_text())
+    for f in base.iterdir():
+        if f.suffix != ".safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"'model.layers.1.self_attn.o_proj.weight' \(128, 128\) has 1 NaN/inf"):
         quantize(src, out, MBQConfig(bits=4, baseline="rtn"))
-    with pytest.raises(ConfigError, match="calibrated MBQ/AWQ scale search is not implemented"):
-        quantize(base, out, MBQConfig(bits=4))
+    with pytest.raises(ConfigError, match="NaN/inf activations at decoder layer 1 .* on calibration sample 0"):
+        quantize(src, out, MBQConfig(bits=4, group_size=64, baseline="awq"))
     with pytest.raises(ConfigError, match="no such|config.json: not found"):
         quantize(tmp_path / "missing", out, MBQConfig(bits=4, baseline="rtn"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary folder

@@ -1,0 +1,308 @@
+"""MBQ calibration: modality-weighted, gradient-reweighted AWQ-style scale search (and AWQ, RTN).
+
+Pipeline (``calibrate(model, samples, cfg)``), on a transformers (vision-)language model:
+
+1. **Modality masks** per sample: vision tokens (image/video placeholders) and caption tokens (the
+   assistant's answer); other prompt tokens get weight 0 in MBQ's loss.
+2. **Gradient reweighting** (MBQ only): one backward pass of the loss on caption tokens; for each
+   decoder layer, r = mean|dL/d out| over vision tokens / the same over caption tokens, at the
+   attention output projection and at the MLP down projection; r is clamped from below by its median
+   over layers.
+3. **Scale search**, block by block, for the groups (input norm -> q,k,v), (v -> o, when shapes allow),
+   (post-attention norm -> gate, up), (up -> down): s = mean|x|^rho over the group's input channels,
+   rho in {0, 0.05, ..., 0.95}, normalised by sqrt(max * min); the loss is the token-weighted mean
+   absolute (or squared) error of the group's outputs with weights quantized as Q(W * s) / s. Token
+   weights: MBQ caption 1, vision r, others 0; AWQ every token 1. rho = 0 is plain RTN, so the chosen
+   scales never do worse than RTN on the calibration data. The best s is folded into the preceding
+   norm or linear (the float model's function is unchanged by folding).
+4. ``distort``: each block is calibrated on the outputs of the already-quantized earlier blocks.
+
+The loss is measured on the outputs of the group's linear layers (AWQ measures it on the output of
+the enclosing module for q,k,v and gate,up); see docs/methods/mbq.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from overdrive.config import ConfigError
+from overdrive.progress import progress
+
+from .config import MBQConfig
+
+GRID = [i / 20 for i in range(20)]  # rho in {0, 0.05, ..., 0.95}
+
+
+@dataclasses.dataclass
+class CalibSample:
+    """One calibration sample: model inputs and its modality masks (1-D bool over tokens)."""
+
+    inputs: dict[str, torch.Tensor]
+    vision_mask: torch.Tensor
+    caption_mask: torch.Tensor
+
+
+@dataclasses.dataclass
+class GroupResult:
+    layer: int
+    group: str
+    rho: float
+    loss: float
+    rtn_loss: float
+
+
+# ------------------------------------------------------------------------------ quantization
+def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Round-to-nearest group-asymmetric quantize-dequantize of a (N, K) weight (float32 math)."""
+    from .quantize import rtn_codes
+
+    codes, scales, zeros = rtn_codes(w, bits, group_size)
+    n, k = w.shape
+    return ((codes - zeros[..., None]) * scales[..., None]).reshape(n, k).to(w.dtype)
+
+
+# ---------------------------------------------------------------------------- model structure
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The language decoder's layer list (skips vision towers)."""
+    for name, mod in model.named_modules():
+        if name.endswith("layers") and isinstance(mod, torch.nn.ModuleList) and len(mod) \
+                and hasattr(mod[0], "self_attn") and hasattr(mod[0], "mlp") and "visual" not in name:
+            return mod
+    raise ConfigError(f"{type(model).__name__}: no decoder layer list with self_attn and mlp found; MBQ "
+                      "calibration supports Llama/Qwen2-style decoders")
+
+
+@dataclasses.dataclass
+class Group:
+    name: str
+    prev: torch.nn.Module  # norm (has .weight) or linear whose output channels feed the group
+    linears: list[torch.nn.Linear]
+    branch: str  # "attn" or "mlp": which reweighting ratio applies
+
+
+def layer_groups(layer: torch.nn.Module) -> list[Group]:
+    a, m = layer.self_attn, layer.mlp
+    groups = [Group("qkv", layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj], "attn")]
+    if a.v_proj.out_features == a.o_proj.in_features:  # with grouped KV heads the shapes do not allow it
+        groups.append(Group("o", a.v_proj, [a.o_proj], "attn"))
+    groups.append(Group("gate_up", layer.post_attention_layernorm, [m.gate_proj, m.up_proj], "mlp"))
+    groups.append(Group("down", m.up_proj, [m.down_proj], "mlp"))
+    return groups
+
+
+@torch.no_grad()
+def fold_scales(group: Group, s: torch.Tensor) -> None:
+    """W_linear[:, c] *= s[c]; prev output channel c /= s[c]. Function-preserving in float."""
+    s = s.to(torch.float32)
+    prev = group.prev
+    if isinstance(prev, torch.nn.Linear):
+        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    else:
+        prev.weight.div_(s.to(prev.weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    for lin in group.linears:
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+
+
+# -------------------------------------------------------------------------- reweighting (MBQ)
+def gradient_ratios(model: torch.nn.Module, samples: Sequence[CalibSample]) -> list[dict[str, float]]:
+    """Per decoder layer {"attn": r, "mlp": r}: mean |dL/dout| over vision / over caption tokens."""
+    layers = decoder_layers(model)
+    sums = [{(b, k): 0.0 for b in ("attn", "mlp") for k in ("vis", "cap")} for _ in layers]
+    counts = {"vis": 0, "cap": 0}
+    masks: dict[str, torch.Tensor] = {}
+
+    def hook_for(i: int, branch: str):
+        def fwd(_mod, _inp, out):
+            def grad_hook(g: torch.Tensor) -> None:
+                a = g.detach().abs().float().mean(dim=-1).reshape(-1)  # per token
+                sums[i][(branch, "vis")] += float(a[masks["vis"]].sum())
+                sums[i][(branch, "cap")] += float(a[masks["cap"]].sum())
+            out.register_hook(grad_hook)
+        return fwd
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.o_proj.register_forward_hook(hook_for(i, "attn")))
+        handles.append(layer.mlp.down_proj.register_forward_hook(hook_for(i, "mlp")))
+    was_training = model.training
+    model.eval()
+    try:
+        for smp in samples:
+            masks["vis"], masks["cap"] = smp.vision_mask.reshape(-1), smp.caption_mask.reshape(-1)
+            counts["vis"] += int(masks["vis"].sum())
+            counts["cap"] += int(masks["cap"].sum())
+            model.zero_grad(set_to_none=True)
+            ids = smp.inputs["input_ids"]
+            labels = torch.full_like(ids, -100)
+            labels[0, smp.caption_mask] = ids[0, smp.caption_mask]
+            out = model(**smp.inputs, labels=labels)
+            if not torch.isfinite(out.loss):
+                raise ConfigError(f"calibration loss is {out.loss.item()} on a sample; check the model and data")
+            out.loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if counts["vis"] == 0 or counts["cap"] == 0:
+        return [{"attn": 1.0, "mlp": 1.0} for _ in layers]
+    ratios = [{b: (s[(b, "vis")] / counts["vis"]) / max(s[(b, "cap")] / counts["cap"], 1e-30)
+               for b in ("attn", "mlp")} for s in sums]
+    for b in ("attn", "mlp"):
+        med = float(torch.tensor([r[b] for r in ratios]).median())
+        for r in ratios:
+            r[b] = max(r[b], med)
+    return ratios
+
+
+# --------------------------------------------------------------------------------- the search
+def _loss(out: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, mode: str) -> float:
+    d = (out - ref).abs() if mode == "mae" else (out - ref) ** 2
+    return float((d.mean(dim=-1) * w).sum() / w.sum().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def search_group(x: torch.Tensor, group: Group, tok_w: torch.Tensor, cfg: MBQConfig, mode: str,
+                 ) -> tuple[torch.Tensor, float, float, float]:
+    """Best scales for one group: (s, rho, loss, loss at rho=0 i.e. RTN)."""
+    x = x.to(torch.float32)
+    ref = torch.cat([torch.nn.functional.linear(x, l.weight.float(), None) for l in group.linears], dim=-1)
+    x_mean = x.abs().mean(dim=0).clamp_min(1e-6)
+    best = (None, 0.0, math.inf)
+    rtn_loss = math.inf
+    for rho in GRID:
+        s = x_mean.pow(rho)
+        s = s / (s.max() * s.min()).sqrt()
+        outs = []
+        for l in group.linears:
+            wq = rtn_fake_quant(l.weight.float() * s[None, :], cfg.bits, cfg.group_size) / s[None, :]
+            outs.append(torch.nn.functional.linear(x, wq, None))
+        loss = _loss(torch.cat(outs, dim=-1), ref, tok_w, mode)
+        if rho == 0.0:
+            rtn_loss = loss
+        if loss < best[2]:
+            best = (s, rho, loss)
+    return best[0], best[1], best[2], rtn_loss
+
+
+def _capture_layer0_inputs(model: torch.nn.Module, samples: Sequence[CalibSample]) -> list[tuple[tuple, dict]]:
+    layers = decoder_layers(model)
+    captured: list[tuple[tuple, dict]] = []
+
+    class _Stop(Exception):
+        pass
+
+    def pre(_mod, args, kwargs):
+        captured.append((args, dict(kwargs)))
+        raise _Stop
+
+    h = layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for smp in samples:
+                try:
+                    model(**smp.inputs)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return captured
+
+
+def _layer_out(layer: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = layer(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def search_and_fold(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
+                    ratios: list[dict[str, float]] | None, loss_mode: str = "mae", distort: bool = False,
+                    ) -> list[GroupResult]:
+    """Run the block-wise scale search and fold the chosen scales into ``model`` in place."""
+    layers = decoder_layers(model)
+    inputs = _capture_layer0_inputs(model, samples)
+    results: list[GroupResult] = []
+    for i, layer in enumerate(progress(layers, desc=f"mbq search ({cfg.baseline})", total=len(layers), unit="block")):
+        feats: dict[str, list[torch.Tensor]] = {}
+
+        def grab(name: str):
+            def hook(_m, inp, _out):
+                feats.setdefault(name, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
+            return hook
+
+        groups = layer_groups(layer)
+        hs = [g.linears[0].register_forward_hook(grab(g.name)) for g in groups]
+        try:
+            for j, (args, kwargs) in enumerate(inputs):
+                _layer_out(layer, args, kwargs)
+                for g in groups:
+                    if not torch.isfinite(feats[g.name][-1]).all():
+                        raise ConfigError(f"NaN/inf activations at decoder layer {i} (input of {g.name}) on "
+                                          f"calibration sample {j}; nothing was written")
+        finally:
+            for h in hs:
+                h.remove()
+        for g in groups:
+            x = torch.cat(feats[g.name])
+            tok_w = _token_weights(samples, g.branch, ratios[i] if ratios else None)
+            s, rho, loss, rtn_loss = search_group(x, g, tok_w, cfg, loss_mode)
+            fold_scales(g, s)
+            results.append(GroupResult(i, g.name, rho, loss, rtn_loss))
+        if distort:
+            saved = {n: p.detach().clone() for n, p in layer.named_parameters()}
+            _fake_quantize_layer(layer, cfg)
+            inputs = [((_layer_out(layer, a, k), *a[1:]), k) for a, k in inputs]
+            for n, p in layer.named_parameters():
+                p.copy_(saved[n])
+        else:
+            inputs = [((_layer_out(layer, a, k), *a[1:]), k) for a, k in inputs]
+    return results
+
+
+def _fake_quantize_layer(layer: torch.nn.Module, cfg: MBQConfig) -> None:
+    for g in layer_groups(layer):
+        for l in g.linears:
+            l.weight.copy_(rtn_fake_quant(l.weight, cfg.bits, cfg.group_size))
+
+
+def _token_weights(samples: Sequence[CalibSample], branch: str, ratio: dict[str, float] | None) -> torch.Tensor:
+    ws = []
+    for smp in samples:
+        if ratio is None:  # AWQ: uniform token weighting
+            ws.append(torch.ones(smp.vision_mask.numel()))
+        else:
+            w = smp.caption_mask.float().reshape(-1).clone()
+            w[smp.vision_mask.reshape(-1)] = ratio[branch]
+            ws.append(w)
+    return torch.cat(ws)
+
+
+def calibrate(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
+              loss_mode: str = "mae", distort: bool = False) -> list[GroupResult]:
+    """Search and fold scales into ``model`` per ``cfg.baseline`` ("mbq" or "awq"); returns per-group results."""
+    if cfg.baseline == "rtn":
+        return []
+    if loss_mode not in ("mae", "mse"):
+        raise ConfigError(f"loss mode must be 'mae' or 'mse', got {loss_mode!r}")
+    if not samples:
+        raise ConfigError("no calibration samples")
+    ratios = None
+    if cfg.baseline == "mbq":
+        if not any(bool(s.vision_mask.any()) for s in samples):
+            warnings.warn("MBQ calibration data has no vision tokens: running as AWQ (uniform token weights)",
+                          stacklevel=2)
+        else:
+            ratios = gradient_ratios(model, samples)
+    return search_and_fold(model, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort)
+
+
+def iter_finite(results: Iterable[GroupResult]) -> bool:
+    return all(math.isfinite(r.loss) for r in results)
