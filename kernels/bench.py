@@ -102,6 +102,36 @@ def int8_linear_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+def group_linear_cases(device: torch.device, quick: bool) -> list[Case]:
+    """MBQ W3/W4 group-128 dequant GEMV/GEMM at 7B-class layer shapes vs a 16-bit matmul."""
+    from . import group_linear
+    from .packing import packed_length
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        layer_shapes = [(4096, 4096), (4096, 11008), (4096, 14336), (11008, 4096), (14336, 4096)]
+        ms = (1, 4, 16, 256)
+    else:  # CPU: the reference path at reduced sizes (a correctness fallback, see docs/benchmarks)
+        layer_shapes = [(1024, 1024)] if quick else [(2048, 2048)]
+        ms = (1, 16)
+    cases = []
+    for bits in (3, 4):
+        for k, n in layer_shapes:
+            qw = torch.randint(-2**31, 2**31 - 1, (n, packed_length(k, bits)), dtype=torch.int32, device=device)
+            sc = (torch.rand(n, k // 128, device=device) / 50).to(dtype)
+            zr = torch.randint(0, 1 << bits, (n, k // 128), dtype=torch.uint8, device=device)
+            w16 = torch.randn(n, k, device=device, dtype=dtype)
+            for m in ms:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                weight_bytes = qw.numel() * 4 + sc.numel() * sc.element_size() + zr.numel()
+                cases.append(Case(
+                    "group_linear", f"W{bits} M={m} K={k} N={n}",
+                    lambda x=x, qw=qw, sc=sc, zr=zr, bits=bits: group_linear(x, qw, sc, zr, bits, 128),
+                    {f"{str(dtype).removeprefix('torch.')} matmul": lambda x=x, w=w16: x @ w.T},
+                    bytes_moved=weight_bytes + (m * k + m * n) * x.element_size(), flops=2 * m * n * k))
+    return cases
+
+
 def unpack_cases(device: torch.device, quick: bool) -> list[Case]:
     rows, cols = (4096, 4096) if device.type == "cuda" else ((256, 2048) if quick else (1024, 4096))
     cases = []
@@ -118,7 +148,7 @@ def unpack_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
-CASES = {"int8_weight_linear": int8_linear_cases, "unpack": unpack_cases}
+CASES = {"group_linear": group_linear_cases, "int8_weight_linear": int8_linear_cases, "unpack": unpack_cases}
 
 
 def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, Any]:
