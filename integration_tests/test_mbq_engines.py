@@ -6,14 +6,12 @@ Reference: transformers on a float32 checkpoint whose linear weights are the deq
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from overdrive.kernels import dequantize_reference
@@ -106,39 +104,11 @@ def test_vllm_rejects_groups_straddling_tp_shards_at_startup(tmp_path):
             "multiple of the group size 128") in log
 
 
-VLM_PROBE = textwrap.dedent("""
-    import json, sys, torch
-    import overdrive.transformers
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from overdrive.testing import sample_video
-    path = sys.argv[1]
-    proc = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "describe the video."}]}]
-    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
-    inputs = proc(text=[prompt], videos=[sample_video(0)], return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    layer = model.model.language_model.layers[0].mlp.down_proj
-    print(json.dumps({"prompt": prompt, "tokens": out[0, inputs.input_ids.shape[1]:].tolist(),
-                      "layer": type(layer).__name__, "vision_layer": type(model.model.visual.blocks[0].mlp.down_proj).__name__}))
-""")
-
-
 def test_mbq_calibrated_vlm_served_by_vllm_matches_transformers_on_video(tmp_path):
     from overdrive.testing import tiny_qwen2_vl
+    from overdrive.testing.answers import transformers_video_answer, vllm_video_answer
 
     ckpt = quantize(tiny_qwen2_vl(), tmp_path / "vlm-mbq-w3", MBQConfig(bits=3, group_size=64, baseline="mbq"))
-    r = subprocess.run([sys.executable, "-c", VLM_PROBE, str(ckpt)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    hf = json.loads(r.stdout.strip().splitlines()[-1])
-    assert hf["layer"] == "OverdriveLinear" and hf["vision_layer"] == "Linear"  # the vision tower stays 16-bit
-    from overdrive.testing.vllm_generate import RESULT_PREFIX
-
-    spec = {"model": str(ckpt), "prompts": [hf["prompt"]], "video": True, "max_tokens": 6,
-            "llm_args": {"limit_mm_per_prompt": {"video": 1, "image": 1}}}
-    v = subprocess.run([sys.executable, "-m", "overdrive.testing.vllm_generate", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=600,
-                       env={k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"})
-    assert v.returncode == 0, v.stderr[-4000:]
-    got = json.loads(next(x for x in v.stdout.splitlines() if x.startswith(RESULT_PREFIX))[len(RESULT_PREFIX):])
-    assert got["tokens"] == [hf["tokens"]]
+    hf = transformers_video_answer(ckpt)
+    assert hf["decoder_layer"] == "OverdriveLinear" and hf["vision_layer"] == "Linear"  # vision tower stays 16-bit
+    assert vllm_video_answer(ckpt, hf["prompt"]) == hf["tokens"]

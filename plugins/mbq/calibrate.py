@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 

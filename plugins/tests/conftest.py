@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 import overdrive
-from overdrive.testing.distributions import install_broken_plugin, install_example_plugin
+from overdrive.testing.distributions import install_example_plugin
 
 
 @pytest.fixture
