@@ -2,12 +2,14 @@
 
 Importing this package imports no Triton and initialises no CUDA (see :mod:`.dispatch`).
 """
+from .act8_linear import act8_linear, act8_linear_reference
 from .dispatch import ENV, MODES, active_backend, backend_for, get_op, list_ops, mode
 from .group_linear import dequantize_reference, group_linear, group_linear_reference
 from .int8_linear import int8_weight_linear, int8_weight_linear_reference
 from .packing import group_shape, pack, pack_reference, packed_length, unpack, unpack_reference
 
 __all__ = [
+    "act8_linear", "act8_linear_reference",
     "ENV", "MODES", "active_backend", "backend_for", "dequantize_reference", "get_op", "group_linear",
     "group_linear_reference", "group_shape", "int8_weight_linear",
     "int8_weight_linear_reference", "list_ops", "mode", "pack", "pack_reference", "packed_length", "unpack",

@@ -1,0 +1,71 @@
+"""W8A8 / W4A8 linear: int8 GEMM with per-token dynamic activation quantization fused in.
+
+Weights are symmetric per output channel: ``W[n, :] = q[n, :] * w_scales[n]`` with ``q`` int8 in
+[-127, 127] (``wbits=8``, stored as int8 (N, K)) or int4 in [-7, 7] (``wbits=4``, stored as
+unsigned codes ``q + 8`` packed 8 per int32 word, overdrive.kernels.packing). Activations are
+quantized per token on the fly: ``sx[m] = max|x[m, :]| / 127``, ``xq = round(x / sx)`` (half away from
+zero). ``y = (xq @ q.T) * sx[:, None] * w_scales[None, :] + bias`` with exact integer accumulation.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import Op, register_op
+from .packing import packed_length, unpack_reference
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def round_half_away(v: torch.Tensor) -> torch.Tensor:
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes as float64, per-token scales float64) of a (M, K) activation."""
+    xd = x.to(torch.float64)
+    sx = xd.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    return round_half_away(xd / sx[:, None]).clamp(-127, 127), sx
+
+
+def weight_codes(qweight: torch.Tensor, wbits: int, k: int) -> torch.Tensor:
+    """Signed integer weight codes (N, K) as float64."""
+    if wbits == 8:
+        return qweight.to(torch.float64)
+    return unpack_reference(qweight, 4, k).to(torch.float64) - 8.0
+
+
+def act8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, wbits: int,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    xq, sx = quantize_per_token(x2)
+    acc = xq @ weight_codes(qweight, wbits, k).T  # exact: |terms| <= 127*127*K < 2**53
+    y = acc * sx[:, None] * w_scales.to(torch.float64)[None, :]
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+_OP = register_op(Op("act8_linear", act8_linear_reference, "act8_linear:act8_linear",
+                     "int8 GEMM with fused per-token activation quantization (W8A8 / W4A8)"))
+
+
+def act8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, wbits: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = Qa(x) @ W.T + bias`` for W8A8 (``wbits=8``) or W4A8 (``wbits=4``); format in the module doc."""
+    if wbits not in (4, 8):
+        raise ValueError(f"act8_linear: wbits={wbits} is not supported; use 4 or 8")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"act8_linear: x must be float16/bfloat16/float32, got {x.dtype}")
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    shape, dtype = ((n, k), torch.int8) if wbits == 8 else ((n, packed_length(k, 4)), torch.int32)
+    if tuple(qweight.shape) != shape or qweight.dtype != dtype:
+        raise ValueError(f"act8_linear: qweight has shape {tuple(qweight.shape)} and dtype {qweight.dtype}, "
+                         f"expected {shape} and {dtype} for K={k}, wbits={wbits}")
+    if tuple(w_scales.shape) != (n,) or not w_scales.dtype.is_floating_point:
+        raise ValueError(f"act8_linear: w_scales must be a floating ({n},) tensor, got {w_scales.dtype} "
+                         f"{tuple(w_scales.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"act8_linear: bias has shape {tuple(bias.shape)}, expected ({n},)")
+    return _OP(x, qweight, w_scales, wbits, bias, device=x.device)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from overdrive.kernels import act8_linear, act8_linear_reference, pack
+from overdrive.kernels.act8_linear import quantize_per_token, round_half_away
+
+from .conftest import needs_cuda
+
+SHAPES = [(1, 70, 33), (5, 128, 64), (17, 200, 65), (3, 8, 5), (16, 96, 130), (33, 64, 17)]
+
+
+def _inputs(m, k, n, wbits, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    if wbits == 8:
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        codes = q.double()
+    else:
+        c = torch.randint(1, 16, (n, k), generator=g)  # int4 in [-7, 7] stored as code + 8
+        q, codes = pack(c, 4), c.double() - 8
+    return x, q, codes, torch.rand(n, generator=g) / 50 + 1e-3, torch.randn(n, generator=g)
+
+
+def _float64(x, codes, ws, bias):
+    xd = x.double()
+    sx = xd.abs().amax(-1) / 127
+    xq = torch.clamp(torch.sign(xd / sx[:, None]) * torch.floor((xd / sx[:, None]).abs() + 0.5), -127, 127)
+    return (xq @ codes.T) * sx[:, None] * ws.double()[None, :] + bias.double()
+
+
+def test_per_token_quantization_closed_form():
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [-2.0, 1.0, 0.003, 0.999]])
+    xq, sx = quantize_per_token(x)
+    assert sx.tolist() == pytest.approx([1 / 127, 2 / 127])
+    assert xq[0].tolist() == [127, -64, 32, 0]  # -63.5 and 31.75 round away from zero / to nearest
+    assert round_half_away(torch.tensor([0.5, -0.5, 1.5, -2.5])).tolist() == [1, -1, 2, -3]
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_reference_against_float64(wbits, m, k, n):
+    x, q, codes, ws, b = _inputs(m, k, n, wbits)
+    torch.testing.assert_close(act8_linear_reference(x, q, ws, wbits, b).double(), _float64(x, codes, ws, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_triton_kernel_in_interpreter(interpret, wbits, m, k, n):
+    mod = interpret("act8_linear")
+    x, q, codes, ws, b = _inputs(m, k, n, wbits, seed=m * k + n)
+    out = torch.full((m, n), float("nan"))
+    got = mod.act8_linear(x, q, ws, wbits, b, out=out)
+    # fp32 vs float64 rounding of x / sx can move a code by one at an exact .5: allow one step
+    step = (x.abs().amax(-1, keepdim=True).double() / 127) * ws.double()[None, :] * (127 if wbits == 8 else 7)
+    assert ((got.double() - _float64(x, codes, ws, b)).abs() <= step + 1e-4).all()
+    torch.testing.assert_close(got.double(), _float64(x, codes, ws, b), rtol=1e-3, atol=1e-3)
+
+
+def test_bad_input_names_the_tensor():
+    x, q, codes, ws, b = _inputs(2, 16, 4, 8)
+    with pytest.raises(ValueError, match=r"qweight has shape \(4, 16\) and dtype torch.int8, expected \(4, 2\)"):
+        act8_linear(x, q, ws, 4)
+    with pytest.raises(ValueError, match=r"w_scales must be a floating \(4,\)"):
+        act8_linear(x, q, ws[:3], 8)
+    with pytest.raises(ValueError, match="wbits=3"):
+        act8_linear(x, q, ws, 3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (256, 4096, 11008)])
+def test_triton_kernel_on_gpu(wbits, m, k, n):
+    x, q, codes, ws, b = _inputs(m, k, n, wbits, torch.float16)
+    got = act8_linear(x.cuda(), q.cuda(), ws.cuda(), wbits, b.cuda())
+    torch.testing.assert_close(got.double().cpu(), _float64(x, codes, ws, b), rtol=2e-2, atol=5e-2)

@@ -1,0 +1,64 @@
+"""Triton W8A8/W4A8 GEMM: per-token int8 activation quantization fused into the int8 GEMM."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _act8_kernel(x_ptr, q_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_words, sxm, sxk, sym, syn,
+                 WBITS: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok = rm < M
+    n_ok = rn < N
+    # pass 1: per-token absolute maximum over K (the activation scale)
+    amax = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    sx = tl.maximum(amax, 1e-12) / 127.0
+    # pass 2: quantize x tiles on the fly, int8 x int8 -> int32
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        v = x.to(tl.float32) / sx[:, None]
+        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
+        xq = tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+        mask2 = k_ok[:, None] & n_ok[None, :]
+        if WBITS == 8:
+            w = tl.load(q_ptr + rn[None, :] * K + kk[:, None], mask=mask2, other=0)
+        else:
+            word = tl.load(q_ptr + rn[None, :] * n_words + (kk // 8)[:, None], mask=mask2, other=0)
+            code = (word.to(tl.uint32, bitcast=True) >> ((kk % 8) * 4).to(tl.uint32)[:, None]) & 15
+            w = tl.where(mask2, code.to(tl.int32) - 8, 0).to(tl.int8)
+        acc += tl.dot(xq, w)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * sx[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def act8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, wbits: int,
+                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    K = x.shape[-1]
+    N = qweight.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
+    if M and N:
+        q = qweight.contiguous()
+        bm = 16 if M <= 16 else 64
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, 64))
+        _act8_kernel[grid](x2, q, w_scales, bias if bias is not None else w_scales, y, M, N, K, q.shape[1],
+                           x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+                           WBITS=wbits, HAS_BIAS=bias is not None, BM=bm, BN=64, BK=64)
+    return y.reshape(*x.shape[:-1], N)
