@@ -8,14 +8,16 @@ Pipeline (``calibrate(model, samples, cfg)``), on a transformers (vision-)langua
    decoder layer, r = mean|dL/d out| over vision tokens / the same over caption tokens, at the
    attention output projection and at the MLP down projection; r is clamped from below by its median
    over layers.
-3. **Scale search**, block by block, for the groups (input norm -> q,k,v), (v -> o, when shapes allow),
+3. **Scale search** (W4A8/W8A8: weights per-channel symmetric and activations per-token int8, both
+   quantized inside the loop), block by block, for the groups (input norm -> q,k,v), (v -> o, when shapes allow),
    (post-attention norm -> gate, up), (up -> down): s = mean|x|^rho over the group's input channels,
    rho in {0, 0.05, ..., 0.95}, normalised by sqrt(max * min); the loss is the token-weighted mean
    absolute (or squared) error of the group's outputs with weights quantized as Q(W * s) / s. Token
    weights: MBQ caption 1, vision r, others 0; AWQ every token 1. rho = 0 is plain RTN, so the chosen
    scales never do worse than RTN on the calibration data. The best s is folded into the preceding
    norm or linear (the float model's function is unchanged by folding).
-4. ``distort``: each block is calibrated on the outputs of the already-quantized earlier blocks.
+4. ``distort``: each block is calibrated on the outputs of the already-quantized earlier blocks
+   (their weights quantized; for W4A8/W8A8 their activations are not).
 
 The loss is measured on the outputs of the group's linear layers (AWQ measures it on the output of
 the enclosing module for q,k,v and gate,up); see docs/methods/mbq.md.
@@ -63,6 +65,24 @@ def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     codes, scales, zeros = rtn_codes(w, bits, group_size)
     n, k = w.shape
     return ((codes - zeros[..., None]) * scales[..., None]).reshape(n, k).to(w.dtype)
+
+
+def fake_quant_weight(w: torch.Tensor, cfg: MBQConfig) -> torch.Tensor:
+    """Quantize-dequantize a weight with the scheme's weight format."""
+    if cfg.act_bits == 8:
+        from .quantize import rtn_per_channel_symmetric
+
+        codes, scales = rtn_per_channel_symmetric(w, cfg.bits)
+        return (codes * scales[:, None]).to(w.dtype)
+    return rtn_fake_quant(w, cfg.bits, cfg.group_size)
+
+
+def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
+    """Per-token symmetric int8 quantize-dequantize (W4A8/W8A8 activations)."""
+    from overdrive.kernels.act8_linear import quantize_per_token
+
+    xq, sx = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    return (xq * sx[:, None]).to(x.dtype).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------- model structure
@@ -181,10 +201,11 @@ def search_group(x: torch.Tensor, group: Group, tok_w: torch.Tensor, cfg: MBQCon
     for rho in GRID:
         s = x_mean.pow(rho)
         s = s / (s.max() * s.min()).sqrt()
-        outs = []
-        for l in group.linears:
-            wq = rtn_fake_quant(l.weight.float() * s[None, :], cfg.bits, cfg.group_size) / s[None, :]
-            outs.append(torch.nn.functional.linear(x, wq, None))
+        xs = x / s[None, :]
+        if cfg.act_bits == 8:
+            xs = fake_quant_act(xs)
+        outs = [torch.nn.functional.linear(xs, fake_quant_weight(l.weight.float() * s[None, :], cfg), None)
+                for l in group.linears]
         loss = _loss(torch.cat(outs, dim=-1), ref, tok_w, mode)
         if rho == 0.0:
             rtn_loss = loss
@@ -270,7 +291,7 @@ def search_and_fold(model: torch.nn.Module, samples: Sequence[CalibSample], cfg:
 def _fake_quantize_layer(layer: torch.nn.Module, cfg: MBQConfig) -> None:
     for g in layer_groups(layer):
         for l in g.linears:
-            l.weight.copy_(rtn_fake_quant(l.weight, cfg.bits, cfg.group_size))
+            l.weight.copy_(fake_quant_weight(l.weight, cfg))
 
 
 def _token_weights(samples: Sequence[CalibSample], branch: str, ratio: dict[str, float] | None) -> torch.Tensor:

@@ -15,9 +15,10 @@ class MBQConfig(MethodConfig):
     """A weight-quantization scheme of MBQ.
 
     bits             weight bits: 3 or 4 (weight-only, asymmetric, grouped) or 8 (W8A8)
-    group_size       input channels per scale/zero group for weight-only schemes (multiple of 32)
+    group_size       input channels per scale/zero group for weight-only schemes (multiple of 32);
+                     unused by W4A8/W8A8, whose weights have one scale per output channel
     act_bits         16: weight-only (W3/W4); 8: int8 per-token dynamic activations (W8A8 / W4A8)
-    zero_point       asymmetric weights with a zero point per group (weight-only schemes)
+    zero_point       weight-only schemes are asymmetric (true); W4A8/W8A8 symmetric (false)
     modules_to_not_convert  module-name substrings left in 16 bits (vision tower, LM head, ...)
     baseline         how scales were chosen: "rtn" (round to nearest), "awq" or "mbq" (recorded only)
     """
@@ -26,11 +27,15 @@ class MBQConfig(MethodConfig):
     bits: Literal[3, 4, 8] = 4
     group_size: int = 128
     act_bits: Literal[8, 16] = 16
-    zero_point: bool = True
+    zero_point: bool | None = None  # None: the scheme's own (weight-only asymmetric, A8 symmetric)
     modules_to_not_convert: list = dataclasses.field(default_factory=lambda: list(DEFAULT_SKIP))
     baseline: Literal["rtn", "awq", "mbq"] = "mbq"
 
     def validate(self) -> None:
+        if self.zero_point is None:
+            self.zero_point = self.act_bits == 16
+        if self.act_bits == 8 and self.zero_point:
+            raise ConfigError("MBQConfig: W4A8/W8A8 weights are symmetric per output channel (zero_point must be false)")
         if self.act_bits == 16:
             if self.bits not in (3, 4):
                 raise ConfigError(f"MBQConfig: weight-only schemes use bits 3 or 4, got bits={self.bits}")

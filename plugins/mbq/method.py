@@ -1,6 +1,8 @@
 """MBQ's runtime: the weight-quantization contract over overdrive's kernels.
 
-Checkpoint tensors per quantized linear layer ``P`` (weight-only W3/W4; docs/methods/mbq.md):
+W4A8/W8A8 layers hold ``P.qweight`` (int8 (N, K), or int4 codes + 8 packed 8 per int32 word) and
+``P.scales`` (N,) and run overdrive.kernels.act8_linear. Weight-only W3/W4 tensors per quantized
+linear layer ``P`` (docs/methods/mbq.md):
 
 ===============  =========================  ===========================================================
 ``P.qweight``    int32 (N, ceil(K/G)*W)     unsigned ``bits``-bit codes along K, packed as in
@@ -19,7 +21,7 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import ACT_DTYPE, ParamSpec, WeightQuantMethod, check_quant_method
-from overdrive.kernels import group_linear, packed_length
+from overdrive.kernels import act8_linear, group_linear, packed_length
 
 from .config import MBQConfig
 
@@ -30,16 +32,17 @@ class MBQMethod(WeightQuantMethod):
     def config_from_checkpoint(self, quantization_config: Mapping[str, Any]) -> MBQConfig:
         check_quant_method(quantization_config, NAME)
         data = {k: v for k, v in quantization_config.items() if k != "quant_method"}
-        cfg = MBQConfig.from_dict(data, source="config.json quantization_config")
-        if cfg.act_bits != 16:
-            raise ConfigError(f"MBQ {cfg.scheme} checkpoints are not served yet (weight-only W3/W4 are); "
-                              "see docs/methods/mbq.md")
-        return cfg
+        return MBQConfig.from_dict(data, source="config.json quantization_config")
 
     def is_quantized_layer(self, prefix: str, cfg: MBQConfig) -> bool:
         return not any(s in prefix for s in cfg.modules_to_not_convert)
 
     def validate_partition(self, in_features: int, out_features: list[int], cfg: MBQConfig, prefix: str = "") -> None:
+        if cfg.act_bits == 8:
+            if cfg.bits == 4 and in_features % 8:
+                raise ConfigError(f"MBQ W4A8 layer {prefix or '?'}: {in_features} input features per tensor-parallel "
+                                  "shard is not a multiple of 8 (8 int4 codes per packed word)")
+            return
         if in_features % cfg.group_size:
             raise ConfigError(
                 f"MBQ layer {prefix or '?'}: {in_features} input features per tensor-parallel shard is not a "
@@ -48,6 +51,12 @@ class MBQMethod(WeightQuantMethod):
                 "the per-shard input features")
 
     def param_specs(self, in_features: int, out_features: int, cfg: MBQConfig) -> list[ParamSpec]:
+        if cfg.act_bits == 8:
+            q = (ParamSpec("qweight", (out_features, in_features), torch.int8, output_dim=0, input_dim=1)
+                 if cfg.bits == 8 else
+                 ParamSpec("qweight", (out_features, packed_length(in_features, 4)), torch.int32,
+                           output_dim=0, input_dim=1))
+            return [q, ParamSpec("scales", (out_features,), ACT_DTYPE, output_dim=0)]
         groups = in_features // cfg.group_size
         return [
             ParamSpec("qweight", (out_features, packed_length(in_features, cfg.bits)), torch.int32,
@@ -58,6 +67,8 @@ class MBQMethod(WeightQuantMethod):
 
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: MBQConfig) -> torch.Tensor:
+        if cfg.act_bits == 8:
+            return act8_linear(x, params["qweight"], params["scales"], cfg.bits, bias)
         return group_linear(x, params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size, bias)
 
 

@@ -2,7 +2,7 @@
 
     python -m overdrive.mbq.quality [--model DIR] [--json OUT]
 
-For each scheme (W3, W4) and baseline (rtn, awq, mbq): calibrate a copy of the float model on the
+For each scheme (W3, W4, W4A8, W8A8) and baseline (rtn, awq, mbq): calibrate a copy of the float model on the
 calibration records, fake-quantize its decoder linears (round to nearest after folding the scales),
 and compare with the float model on held-out records: relative error of the last decoder hidden
 states on vision tokens and on answer (text) tokens, mean |logit error| on answer tokens, and how
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import calibrate, decoder_layers, layer_groups, rtn_fake_quant
+from .calibrate import calibrate, decoder_layers, fake_quant_act, fake_quant_weight, layer_groups
 from .config import MBQConfig
 from .data import build_samples, builtin_records
 
@@ -33,7 +33,9 @@ def _fake_quantize(model: torch.nn.Module, cfg: MBQConfig) -> None:
     for layer in decoder_layers(model):
         for g in layer_groups(layer):
             for lin in g.linears:
-                lin.weight.copy_(rtn_fake_quant(lin.weight, cfg.bits, cfg.group_size))
+                lin.weight.copy_(fake_quant_weight(lin.weight, cfg))
+                if cfg.act_bits == 8:
+                    lin.register_forward_pre_hook(lambda _m, args: (fake_quant_act(args[0]), *args[1:]))
 
 
 @torch.no_grad()
@@ -59,9 +61,9 @@ def evaluate(model_dir: Path, group_size: int = 64, n_calib: int = 6) -> dict[st
     evals = build_samples(proc, held, vision_ids)
     ref = _outputs(fp, evals)
     rows = []
-    for bits in (3, 4):
+    for bits, act_bits in ((3, 16), (4, 16), (4, 8), (8, 8)):
         for baseline in ("rtn", "awq", "mbq"):
-            cfg = MBQConfig(bits=bits, group_size=group_size, baseline=baseline)
+            cfg = MBQConfig(bits=bits, group_size=group_size, act_bits=act_bits, baseline=baseline)
             model = copy.deepcopy(fp)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -39,6 +39,22 @@ def rtn_codes(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor
     return codes, scales, zeros
 
 
+def rtn_per_channel_symmetric(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel RTN: (signed codes float32 (N, K), scales float32 (N,))."""
+    qmax = (1 << (bits - 1)) - 1  # 127 for 8 bits, 7 for 4 bits
+    w32 = w.detach().to(torch.float32)
+    scales = (w32.abs().amax(dim=1) / qmax).clamp(min=1e-8)
+    codes = torch.clamp(torch.round(w32 / scales[:, None]), -qmax, qmax)
+    return codes, scales
+
+
+def rtn_act8_tensors(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """W8A8/W4A8 checkpoint tensors of a (N, K) weight."""
+    codes, scales = rtn_per_channel_symmetric(w, bits)
+    q = codes.to(torch.int8) if bits == 8 else pack((codes + 8).to(torch.int64), 4)
+    return {"qweight": q, "scales": scales.to(torch.float16)}
+
+
 def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
     """RTN of a (N, K) weight into the checkpoint tensors qweight/scales/zeros."""
     codes, scales, zeros = rtn_codes(w, bits, group_size)
@@ -53,8 +69,6 @@ def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None 
     ``cfg.baseline``: "rtn" writes round-to-nearest codes directly; "awq" / "mbq" first calibrate
     (search and fold scales on the float model, see :mod:`.calibrate`), then round to nearest.
     """
-    if cfg.act_bits != 16:
-        raise ConfigError(f"{cfg.scheme} is not implemented yet; weight-only --bits 3 or 4 is")
     if cfg.baseline != "rtn":
         with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=Path(output).parent) as tmp:
             _calibrated_copy(Path(model), Path(tmp), cfg, calib_data, loss_mode, distort)
@@ -88,6 +102,8 @@ def _write(model: Path, output: Path, cfg: MBQConfig) -> Path:
         if not (name.endswith("_proj.weight") and t.dim() == 2 and METHOD.is_quantized_layer(prefix, cfg)):
             return {name: t}
         check_finite(name, t)
+        if cfg.act_bits == 8:
+            return {f"{prefix}.{k}": v for k, v in rtn_act8_tensors(t, cfg.bits).items()}
         if t.shape[1] % cfg.group_size:
             raise ConfigError(f"tensor {name!r} {tuple(t.shape)}: {t.shape[1]} input features are not a multiple "
                               f"of --group-size {cfg.group_size}")

@@ -122,11 +122,14 @@ def test_search_objective_uses_the_token_weights(vlm):
     assert loss_mbq <= loss_awq_under_mbq + 1e-12
 
 
-@pytest.mark.parametrize("baseline,distort", [("mbq", False), ("awq", False), ("mbq", True)])
-def test_calibration_never_does_worse_than_rtn_and_keeps_the_model_finite(vlm, baseline, distort):
+@pytest.mark.parametrize("baseline,distort,bits,act_bits", [("mbq", False, 3, 16), ("awq", False, 3, 16),
+                                                          ("mbq", True, 3, 16), ("mbq", False, 4, 8),
+                                                          ("awq", False, 8, 8)])
+def test_calibration_never_does_worse_than_rtn_and_keeps_the_model_finite(vlm, baseline, distort, bits, act_bits):
     model, samples = vlm
     model = copy.deepcopy(model)
-    results = calibrate(model, samples, MBQConfig(bits=3, group_size=64, baseline=baseline), distort=distort)
+    cfg = MBQConfig(bits=bits, group_size=64, act_bits=act_bits, baseline=baseline)
+    results = calibrate(model, samples, cfg, distort=distort)
     n_layers = len(decoder_layers(model))
     assert {r.layer for r in results} == set(range(n_layers))
     assert all(r.loss <= r.rtn_loss + 1e-12 for r in results)

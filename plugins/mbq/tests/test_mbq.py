@@ -107,3 +107,36 @@ def test_bad_inputs_write_nothing(tmp_path):
     with pytest.raises(ConfigError, match="no such|config.json: not found"):
         quantize(tmp_path / "missing", out, MBQConfig(bits=4, baseline="rtn"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary folder
+
+
+def test_per_channel_symmetric_closed_form():
+    from overdrive.mbq.quantize import rtn_act8_tensors, rtn_per_channel_symmetric
+
+    w = torch.tensor([[0.7, -0.33, 0.1], [-2.0, 0.9, 0.5]])
+    codes, scales = rtn_per_channel_symmetric(w, 4)
+    assert scales.tolist() == pytest.approx([0.1, 2 / 7])
+    assert codes.tolist() == [[7, -3, 1], [-7, 3, 2]]  # w / scale = -3.3, 3.15, 1.75
+    t = rtn_act8_tensors(torch.randn(5, 16), 4)
+    assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (5, 2) and t["scales"].shape == (5,)
+    assert rtn_act8_tensors(torch.randn(5, 16), 8)["qweight"].dtype == torch.int8
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act8_method_matches_float64(bits):
+    from overdrive.kernels import unpack
+    from overdrive.mbq.quantize import rtn_act8_tensors
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(24, 64, generator=g)
+    cfg = MBQConfig(bits=bits, act_bits=8, baseline="rtn")
+    p = rtn_act8_tensors(w, bits)
+    assert [tuple(p[s.name].shape) for s in METHOD.param_specs(64, 24, cfg)] == [tuple(p["qweight"].shape), (24,)]
+    codes = p["qweight"].double() if bits == 8 else unpack(p["qweight"], 4, 64).double() - 8
+    x = torch.randn(3, 64, generator=g, dtype=torch.float64)
+    sx = x.abs().amax(-1) / 127
+    xq = torch.clamp(torch.sign(x / sx[:, None]) * torch.floor((x / sx[:, None]).abs() + 0.5), -127, 127)
+    ref = (xq @ codes.T) * sx[:, None] * p["scales"].double()[None, :]
+    torch.testing.assert_close(METHOD.apply(x.float(), p, None, cfg).double(), ref, rtol=1e-4, atol=1e-4)
+    assert MBQConfig(bits=bits, act_bits=8).zero_point is False
+    with pytest.raises(ConfigError, match="symmetric"):
+        MBQConfig(bits=bits, act_bits=8, zero_point=True)
