@@ -27,10 +27,30 @@ MAX_TOKENS = 8
 SERVE = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
 
 
+#: scheme -> MBQConfig options (the tiny Llama fixture: hidden 128, intermediate 256)
+SCHEMES = {
+    "w3g64": dict(bits=3, group_size=64, baseline="rtn"),
+    "w4a8": dict(bits=4, act_bits=8, baseline="awq"),
+    "w8a8": dict(bits=8, act_bits=8, baseline="rtn"),
+}
+
+
 @pytest.fixture(scope="module")
-def w3(tmp_path_factory) -> Path:
-    return quantize(tiny_llama(), tmp_path_factory.mktemp("mbq") / "llama-w3g64",
-                    MBQConfig(bits=3, group_size=64, baseline="rtn"))
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mbq")
+    made: dict[str, Path] = {}
+
+    def get(scheme: str) -> Path:
+        if scheme not in made:
+            made[scheme] = quantize(tiny_llama(), root / f"llama-{scheme}", MBQConfig(**SCHEMES[scheme]))
+        return made[scheme]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def w3(checkpoints) -> Path:
+    return checkpoints("w3g64")
 
 
 def dequantized_reference(ckpt: Path, out: Path) -> Path:
@@ -60,7 +80,7 @@ TRANSFORMERS_PROBE = textwrap.dedent("""
     import overdrive.transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = {}
-    for key, path in (("mbq", sys.argv[1]), ("ref", sys.argv[2])):
+    for key, path in [("mbq", sys.argv[1])] + ([("ref", sys.argv[2])] if sys.argv[2] != "-" else []):
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         toks = []
@@ -92,6 +112,21 @@ def test_vllm_serves_mbq_w3_with_the_same_tokens_as_transformers(w3, transformer
     with VllmServer(w3, SERVE, log_path=tmp_path / "vllm.log", tp=tp) as srv:
         got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
     assert got == transformers_tokens["mbq"]
+
+
+@pytest.mark.parametrize("scheme,tp", [("w4a8", 1), ("w8a8", 1)])
+def test_vllm_serves_act8_schemes_with_the_same_tokens_as_transformers(checkpoints, scheme, tp, tmp_path):
+    """At TP > 1 a row-parallel shard quantizes its own slice of each token (per-shard activation
+    scales, as vLLM's own int8 W8A8 does), so tokens are compared with transformers at TP 1 only."""
+    ckpt = checkpoints(scheme)
+    r = subprocess.run([sys.executable, "-c", TRANSFORMERS_PROBE, str(ckpt), "-", json.dumps(PROMPTS)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    hf = json.loads(r.stdout.strip().splitlines()[-1])
+    assert hf["mbq_layer"] == "OverdriveLinear"
+    with VllmServer(ckpt, SERVE, log_path=tmp_path / "vllm.log", tp=tp) as srv:
+        got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
+    assert got == hf["mbq"]
 
 
 def test_vllm_rejects_groups_straddling_tp_shards_at_startup(tmp_path):
