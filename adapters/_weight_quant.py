@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import WeightQuantMethod
 from overdrive.kinds import Kind
 from overdrive.spec import MethodSpec
@@ -52,17 +53,49 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
             self.method.validate_partition(input_size_per_partition, list(output_partition_sizes),
                                            self.cfg, prefix=self.prefix)
             names = []
+            loaded: set[str] = set()
+            checked = False
             for ps in self.method.param_specs(input_size_per_partition, sum(output_partition_sizes), self.cfg):
                 p = torch.nn.Parameter(torch.empty(ps.shape, dtype=ps.resolve_dtype(params_dtype)),
                                        requires_grad=False)
                 api.set_weight_attrs(p, ps.weight_attrs())
-                api.set_weight_attrs(p, extra_weight_attrs)
+                attrs = dict(extra_weight_attrs)
+                if attrs.get("weight_loader") is not None:
+                    attrs["weight_loader"] = self._checked_loader(attrs["weight_loader"], ps.name, loaded)
+                    checked = True
+                api.set_weight_attrs(p, attrs)
                 layer.register_parameter(ps.name, p)
                 names.append(ps.name)
             # per-instance bookkeeping on the layer object (never on its class)
             layer.overdrive_param_names = tuple(names)
+            layer.overdrive_loaded = loaded if checked else None  # None: filled by the caller, not tracked
+
+        def _checked_loader(self, loader: Callable[..., Any], name: str, loaded: set[str]) -> Callable[..., Any]:
+            """The engine's loader, with errors that name the tensor and the expected shape."""
+            where = f"{self.prefix}.{name}" if self.prefix else name
+
+            def load(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    out = loader(param, loaded_weight, *args, **kwargs)
+                except (AssertionError, RuntimeError, ValueError) as e:
+                    raise ConfigError(
+                        f"{where}: checkpoint tensor of shape {tuple(loaded_weight.shape)} ({loaded_weight.dtype}) "
+                        f"does not fit the {self.spec.name} parameter of shape {tuple(param.shape)} ({param.dtype}) "
+                        f"per tensor-parallel shard{' for shard ' + repr(args[0]) if args else ''}; was the "
+                        f"checkpoint written by `overdrive quantize --method {self.spec.name}` with this config? "
+                        f"({type(e).__name__}: {e})") from e
+                loaded.add(name)
+                return out
+
+            return load
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            tracked = getattr(layer, "overdrive_loaded", None)
+            missing = [n for n in layer.overdrive_param_names if tracked is not None and n not in tracked]
+            if missing:
+                raise ConfigError(f"{self.prefix}: the checkpoint has no {', '.join(missing)} for this "
+                                  f"{self.spec.name}-quantized layer (expected tensors "
+                                  f"{', '.join(self.prefix + '.' + n for n in layer.overdrive_param_names)})")
             loaded = {n: getattr(layer, n).data for n in layer.overdrive_param_names}
             processed = self.method.process_after_loading(loaded, self.cfg)
             for n in layer.overdrive_param_names:

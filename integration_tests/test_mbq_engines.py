@@ -147,3 +147,36 @@ def test_mbq_calibrated_vlm_served_by_vllm_matches_transformers_on_video(tmp_pat
     hf = transformers_video_answer(ckpt)
     assert hf["decoder_layer"] == "OverdriveLinear" and hf["vision_layer"] == "Linear"  # vision tower stays 16-bit
     assert vllm_video_answer(ckpt, hf["prompt"]) == hf["tokens"]
+
+
+def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    t = load_file(src / "model.safetensors")
+    edit(t)
+    save_file(t, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("misshaped", "model.layers.1.mlp.down_proj.scales: checkpoint tensor of shape (128, 3)"),
+    ("missing", "the checkpoint has no zeros for this mbq-quantized layer"),
+    ("unquantized", "quantization 'mbq' needs a checkpoint made by `overdrive quantize --method mbq`"),
+])
+def test_bad_checkpoints_fail_at_startup_with_a_message_naming_the_tensor(w3, tmp_path, case, expected):
+    def misshape(t):
+        t["model.layers.1.mlp.down_proj.scales"] = t["model.layers.1.mlp.down_proj.scales"][:, :3].clone()
+
+    def drop(t):
+        del t["model.layers.0.mlp.down_proj.zeros"]
+
+    if case == "unquantized":
+        ckpt, extra = tiny_llama(), ["--quantization", "mbq"]
+    else:
+        ckpt, extra = _edit_checkpoint(w3, tmp_path / case, misshape if case == "misshaped" else drop), []
+    with pytest.raises(RuntimeError, match="vLLM server exited"):
+        with VllmServer(ckpt, SERVE + extra, log_path=tmp_path / "vllm.log"):
+            pass
+    assert expected in (tmp_path / "vllm.log").read_text(errors="replace")
