@@ -163,7 +163,7 @@ def gradient_ratios(model: torch.nn.Module, samples: Sequence[CalibSample]) -> l
             ids = smp.inputs["input_ids"]
             labels = torch.full_like(ids, -100)
             labels[0, smp.caption_mask] = ids[0, smp.caption_mask]
-            out = model(**smp.inputs, labels=labels)
+            out = model(**smp.inputs, labels=labels, use_cache=False)
             if not torch.isfinite(out.loss):
                 raise ConfigError(f"calibration loss is {out.loss.item()} on a sample; check the model and data")
             out.loss.backward()
@@ -222,7 +222,13 @@ def _capture_layer0_inputs(model: torch.nn.Module, samples: Sequence[CalibSample
         pass
 
     def pre(_mod, args, kwargs):
-        captured.append((args, dict(kwargs)))
+        kw = dict(kwargs)
+        # the block is re-run many times during the search: it must not append to a KV cache
+        for k in ("past_key_values", "past_key_value"):
+            if k in kw:
+                kw[k] = None
+        kw["use_cache"] = False
+        captured.append((args, kw))
         raise _Stop
 
     h = layers[0].register_forward_pre_hook(pre, with_kwargs=True)
@@ -230,7 +236,7 @@ def _capture_layer0_inputs(model: torch.nn.Module, samples: Sequence[CalibSample
         with torch.no_grad():
             for smp in samples:
                 try:
-                    model(**smp.inputs)
+                    model(**smp.inputs, use_cache=False)
                 except _Stop:
                     pass
     finally:

@@ -3,7 +3,7 @@
     python -m overdrive.mbq.quality [--model DIR] [--json OUT]
 
 For each scheme (W3, W4, W4A8, W8A8) and baseline (rtn, awq, mbq): calibrate a copy of the float model on the
-calibration records, fake-quantize its decoder linears (round to nearest after folding the scales),
+calibration records, report MBQ's vision-weighted calibration objective for the chosen scales, fake-quantize its decoder linears (round to nearest after folding the scales),
 and compare with the float model on held-out records: relative error of the last decoder hidden
 states on vision tokens and on answer (text) tokens, mean |logit error| on answer tokens, and how
 often the argmax next token agrees. Default model: the tiny random-weight Qwen2.5-VL fixture, which
@@ -39,6 +39,39 @@ def _fake_quantize(model: torch.nn.Module, cfg: MBQConfig) -> None:
 
 
 @torch.no_grad()
+def vision_weighted_objective(model: torch.nn.Module, samples, cfg: MBQConfig, ratios) -> float:
+    """MBQ's calibration objective summed over all groups, for the scales folded into ``model``.
+
+    Folding is function-preserving in float, so every baseline's folded model sees the same block
+    inputs; each group's quantized output error is weighted per token as MBQ weighs it (caption 1,
+    vision r, others 0).
+    """
+    from .calibrate import _loss, _token_weights
+
+    total = 0.0
+    for i, layer in enumerate(decoder_layers(model)):
+        groups = layer_groups(layer)
+        feats: dict[str, list[torch.Tensor]] = {}
+        hs = [g.linears[0].register_forward_hook(
+            lambda m, inp, out, name=g.name: feats.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
+            for g in groups]
+        for smp in samples:
+            model(**smp.inputs, use_cache=False)
+        for h in hs:
+            h.remove()
+        for g in groups:
+            x = torch.cat(feats[g.name]).float()
+            if cfg.act_bits == 8:
+                xq = fake_quant_act(x)
+            else:
+                xq = x
+            ref = torch.cat([torch.nn.functional.linear(x, l.weight.float()) for l in g.linears], -1)
+            out = torch.cat([torch.nn.functional.linear(xq, fake_quant_weight(l.weight.float(), cfg)) for l in g.linears], -1)
+            total += _loss(out, ref, _token_weights(samples, g.branch, ratios[i]), "mae")
+    return total
+
+
+@torch.no_grad()
 def _outputs(model: torch.nn.Module, samples) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for s in samples:
@@ -60,6 +93,9 @@ def evaluate(model_dir: Path, group_size: int = 64, n_calib: int = 6) -> dict[st
     held = [dict(r, image=sample_image(seed=100 + i)) for i, r in enumerate(records[n_calib:] + records[:2])]
     evals = build_samples(proc, held, vision_ids)
     ref = _outputs(fp, evals)
+    from .calibrate import gradient_ratios
+
+    ratios = gradient_ratios(copy.deepcopy(fp), calib)
     rows = []
     for bits, act_bits in ((3, 16), (4, 16), (4, 8), (8, 8)):
         for baseline in ("rtn", "awq", "mbq"):
@@ -68,6 +104,7 @@ def evaluate(model_dir: Path, group_size: int = 64, n_calib: int = 6) -> dict[st
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 calibrate(model, calib, cfg)
+            objective = vision_weighted_objective(model, calib, cfg, ratios)
             _fake_quantize(model, cfg)
             got = _outputs(model, evals)
             num = {"vis": 0.0, "cap": 0.0}
@@ -80,7 +117,7 @@ def evaluate(model_dir: Path, group_size: int = 64, n_calib: int = 6) -> dict[st
                 logit_err += float((lg[s.caption_mask] - lg0[s.caption_mask]).abs().mean(-1).sum())
                 agree += int((lg[s.caption_mask].argmax(-1) == lg0[s.caption_mask].argmax(-1)).sum())
                 n_cap += int(s.caption_mask.sum())
-            rows.append({"scheme": cfg.scheme, "baseline": baseline,
+            rows.append({"scheme": cfg.scheme, "baseline": baseline, "mbq_objective": objective,
                          "vision_hidden_rel_err": num["vis"] / den["vis"],
                          "text_hidden_rel_err": num["cap"] / den["cap"],
                          "answer_logit_abs_err": logit_err / n_cap, "answer_argmax_agreement": agree / n_cap})
@@ -90,10 +127,10 @@ def evaluate(model_dir: Path, group_size: int = 64, n_calib: int = 6) -> dict[st
 
 
 def format_table(r: dict[str, Any]) -> str:
-    lines = ["| scheme | baseline | vision hidden rel. err | text hidden rel. err | answer logit abs err | answer argmax agreement |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| scheme | baseline | MBQ objective (calibration, vision-weighted) | vision hidden rel. err | text hidden rel. err | answer logit abs err | answer argmax agreement |",
+             "|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
-        lines.append(f"| {x['scheme']} | {x['baseline']} | {x['vision_hidden_rel_err']:.4f} | {x['text_hidden_rel_err']:.4f} "
+        lines.append(f"| {x['scheme']} | {x['baseline']} | {x['mbq_objective']:.5f} | {x['vision_hidden_rel_err']:.4f} | {x['text_hidden_rel_err']:.4f} "
                      f"| {x['answer_logit_abs_err']:.4f} | {x['answer_argmax_agreement']:.1%} |")
     return "\n".join(lines)
 
