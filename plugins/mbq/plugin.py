@@ -12,7 +12,7 @@ def overdrive_methods() -> list[MethodSpec]:
         name="mbq", kind=Kind.WEIGHT_QUANT, config_cls=MBQConfig,
         paper="MBQ: Modality-Balanced Quantization for Large Vision-Language Models (thu-nics/MBQ)",
         impl="overdrive.mbq.method:METHOD",
-        summary="W3/W4 group-asymmetric weight quantization of the language decoder",
+        summary="modality-balanced W3/W4/W4A8/W8A8 quantization of the language decoder",
         commands={"quantize": MethodCommand(
             help="quantize a (vision-)language model into an MBQ checkpoint",
             add_arguments="overdrive.mbq.quantize:add_arguments", run="overdrive.mbq.quantize:run")},
