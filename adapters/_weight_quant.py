@@ -112,19 +112,28 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
     return OverdriveLinearMethod
 
 
+def lazy_impl(spec: MethodSpec) -> Callable[[], WeightQuantMethod]:
+    """The method's contract implementation, resolved (and type-checked) on first use.
+
+    Not at registration: register() runs in every engine process and must not import a method's
+    kernels until a model actually uses it.
+    """
+
+    @functools.cache
+    def impl() -> WeightQuantMethod:
+        m = spec.load_impl()
+        if not isinstance(m, WeightQuantMethod):
+            raise TypeError(f"method {spec.name!r}: impl must be a WeightQuantMethod, got {type(m).__name__}")
+        return m
+
+    return impl
+
+
 def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
     """An engine ``QuantizationConfig`` subclass serving ``spec`` (a weight-quantization method)."""
     linear_cls = build_linear_method_class(api)
     name = spec.name
-
-    @functools.cache
-    def impl() -> WeightQuantMethod:
-        # Resolved on first use, not at registration: register() runs in every engine process and
-        # must not import the method's kernels until a model actually uses it.
-        m = spec.load_impl()
-        if not isinstance(m, WeightQuantMethod):
-            raise TypeError(f"method {name!r}: impl must be a WeightQuantMethod, got {type(m).__name__}")
-        return m
+    impl = lazy_impl(spec)
 
     def __init__(self: Any, cfg: Any = None) -> None:
         api.QuantizationConfig.__init__(self)

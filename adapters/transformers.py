@@ -11,7 +11,6 @@ method's ``apply`` — the same code vLLM and SGLang run. Never shadows a built-
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -91,16 +90,10 @@ def _build_classes(spec: Any) -> tuple[type, type]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
+    from ._weight_quant import lazy_impl
+
     name = spec.name
-
-    @functools.cache
-    def impl() -> Any:
-        from overdrive.contracts.weight_quant import WeightQuantMethod
-
-        m = spec.load_impl()
-        if not isinstance(m, WeightQuantMethod):
-            raise TypeError(f"method {name!r}: impl must be a WeightQuantMethod, got {type(m).__name__}")
-        return m
+    impl = lazy_impl(spec)
 
     class Config(QuantizationConfigMixin):
         def __init__(self, **kwargs: Any) -> None:

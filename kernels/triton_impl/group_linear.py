@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import as_2d_with_output
+
 
 @triton.jit
 def _group_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, n_words, n_groups,
@@ -53,11 +55,9 @@ def group_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  out: torch.Tensor | None = None) -> torch.Tensor:
     lcm = math.lcm(bits, 32)
     g, w = lcm // bits, lcm // 32
-    K = x.shape[-1]
     N = qweight.shape[0]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
+    x2, y = as_2d_with_output(x, N, out)
+    M, K = x2.shape
     if M and N:
         q, s, z = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
         bm = 16 if M <= 16 else 64  # decode (GEMV-like) tile vs prefill tile

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import as_2d_with_output
+
 
 @triton.jit
 def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
@@ -34,11 +36,9 @@ def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K,
 
 def int8_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    K = x.shape[-1]
     N = qweight.shape[0]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out.view(M, N)
+    x2, y = as_2d_with_output(x, N, out)
+    M, K = x2.shape
     if M and N:
         bm = 16 if M <= 16 else 64  # decode (M <= 16) uses a thin tile
         bn, bk = 64, 64
