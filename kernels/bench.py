@@ -132,6 +132,32 @@ def group_linear_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+def act8_linear_cases(device: torch.device, quick: bool) -> list[Case]:
+    """W8A8 / W4A8 int8 GEMM with fused per-token activation quantization vs a 16-bit matmul."""
+    from . import act8_linear
+    from .packing import packed_length
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = [(4096, 4096), (4096, 11008)] if device.type == "cuda" else ([(512, 512)] if quick else [(1024, 1024)])
+    ms = (1, 16, 256) if device.type == "cuda" else (1, 16)
+    cases = []
+    for wbits in (8, 4):
+        for k, n in shapes:
+            q = (torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device) if wbits == 8 else
+                 torch.randint(-2**31, 2**31 - 1, (n, packed_length(k, 4)), dtype=torch.int32, device=device))
+            ws = torch.rand(n, device=device) / 50
+            w16 = torch.randn(n, k, device=device, dtype=dtype)
+            for m in ms:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                cases.append(Case(
+                    "act8_linear", f"W{wbits}A8 M={m} K={k} N={n}",
+                    lambda x=x, q=q, ws=ws, wbits=wbits: act8_linear(x, q, ws, wbits),
+                    {f"{str(dtype).removeprefix('torch.')} matmul": lambda x=x, w=w16: x @ w.T},
+                    bytes_moved=q.numel() * q.element_size() + ws.numel() * 4 + (m * k + m * n) * x.element_size(),
+                    flops=2 * m * n * k))
+    return cases
+
+
 def unpack_cases(device: torch.device, quick: bool) -> list[Case]:
     rows, cols = (4096, 4096) if device.type == "cuda" else ((256, 2048) if quick else (1024, 4096))
     cases = []
@@ -148,7 +174,7 @@ def unpack_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
-CASES = {"group_linear": group_linear_cases, "int8_weight_linear": int8_linear_cases, "unpack": unpack_cases}
+CASES = {"act8_linear": act8_linear_cases, "group_linear": group_linear_cases, "int8_weight_linear": int8_linear_cases, "unpack": unpack_cases}
 
 
 def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, Any]:
