@@ -6,6 +6,7 @@ from .act8_linear import act8_linear, act8_linear_reference
 from .dispatch import ENV, MODES, active_backend, backend_for, get_op, list_ops, mode
 from .group_linear import dequantize_reference, group_linear, group_linear_reference
 from .int8_linear import int8_weight_linear, int8_weight_linear_reference
+from .window_attention import attention_flops, window_attention, window_attention_reference
 from .packing import group_shape, pack, pack_reference, packed_length, unpack, unpack_reference
 
 __all__ = [
@@ -13,5 +14,5 @@ __all__ = [
     "ENV", "MODES", "active_backend", "backend_for", "dequantize_reference", "get_op", "group_linear",
     "group_linear_reference", "group_shape", "int8_weight_linear",
     "int8_weight_linear_reference", "list_ops", "mode", "pack", "pack_reference", "packed_length", "unpack",
-    "unpack_reference",
+    "unpack_reference", "attention_flops", "window_attention", "window_attention_reference",
 ]
