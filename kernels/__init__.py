@@ -7,6 +7,7 @@ from .dispatch import ENV, MODES, active_backend, backend_for, get_op, list_ops,
 from .group_linear import dequantize_reference, group_linear, group_linear_reference
 from .int8_linear import int8_weight_linear, int8_weight_linear_reference
 from .window_attention import attention_flops, window_attention, window_attention_reference
+from .kv_quant import kv_dequantize, kv_quantize, kv_quantize_reference, kv_requantize, kv_requantize_reference
 from .packing import group_shape, pack, pack_reference, packed_length, unpack, unpack_reference
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "ENV", "MODES", "active_backend", "backend_for", "dequantize_reference", "get_op", "group_linear",
     "group_linear_reference", "group_shape", "int8_weight_linear",
     "int8_weight_linear_reference", "list_ops", "mode", "pack", "pack_reference", "packed_length", "unpack",
-    "unpack_reference", "attention_flops", "window_attention", "window_attention_reference",
+    "unpack_reference", "kv_dequantize", "kv_quantize", "kv_quantize_reference", "kv_requantize",
+    "kv_requantize_reference", "attention_flops", "window_attention", "window_attention_reference",
 ]

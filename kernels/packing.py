@@ -5,7 +5,7 @@ Layout (the checkpoint-format docs quote this section; keep them in sync):
 * Codes are unsigned integers in ``[0, 2**bits)``, packed along the **last** dimension.
 * Codes are taken in groups of ``G = lcm(bits, 32) / bits`` codes that fill ``W = lcm(bits, 32) / 32``
   int32 words exactly: 2-bit: 16 codes -> 1 word; 3-bit: 32 codes -> 3 words; 4-bit: 8 codes -> 1 word;
-  8-bit: 4 codes -> 1 word (1-bit: 32 codes -> 1 word).
+  8-bit: 4 codes -> 1 word; 16-bit: 2 codes -> 1 word (1-bit: 32 codes -> 1 word).
 * Within a group, the W words are one little-endian ``32*W``-bit integer (word 0 holds bits 0..31),
   and code ``i`` of the group occupies bits ``[bits*i, bits*(i+1))`` of it. A 3-bit code therefore
   straddles two words when ``bits*i mod 32 > 29``: codes 10 (bits 30..32) and 21 (bits 63..65).
@@ -23,7 +23,7 @@ import torch
 
 from .dispatch import Op, register_op
 
-SUPPORTED_BITS = (1, 2, 3, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 8, 16)
 
 
 def group_shape(bits: int) -> tuple[int, int]:
@@ -71,7 +71,7 @@ def pack_reference(codes: torch.Tensor, bits: int, name: str = "codes") -> torch
 
 
 def unpack_reference(packed: torch.Tensor, bits: int, n: int, name: str = "packed") -> torch.Tensor:
-    """Torch reference of :func:`unpack`. (..., packed_length) int32 -> (..., n) uint8 codes."""
+    """Torch reference of :func:`unpack`. (..., packed_length) int32 -> (..., n) codes (uint8; int32 at 16 bits)."""
     _check_bits(bits)
     if packed.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {packed.dtype}")
@@ -91,7 +91,12 @@ def unpack_reference(packed: torch.Tensor, bits: int, n: int, name: str = "packe
             v = v | (p[..., j + 1] << (32 - sh))
         out.append(v & mask)
     codes = torch.stack(out, dim=-1).reshape(*p.shape[:-2], -1)[..., :n]
-    return codes.to(torch.uint8)
+    return codes.to(code_dtype(bits))
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """dtype of unpacked codes: uint8 up to 8 bits, int32 for 16."""
+    return torch.uint8 if bits <= 8 else torch.int32
 
 
 def _unpack_ref_dispatch(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -111,7 +116,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Unpack int32 words into ``n`` uint8 codes per row (Triton kernel on CUDA, reference on CPU)."""
+    """Unpack int32 words into ``n`` codes per row (uint8; int32 at 16 bits). Triton on CUDA, reference on CPU."""
     _check_bits(bits)
     if packed.dtype != torch.int32:
         raise TypeError(f"packed must be int32, got {packed.dtype}")

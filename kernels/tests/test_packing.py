@@ -15,7 +15,7 @@ def _codes(shape, bits, seed=0, high=None):
 
 
 def test_group_shapes():
-    assert [group_shape(b) for b in (1, 2, 3, 4, 8)] == [(32, 1), (16, 1), (32, 3), (8, 1), (4, 1)]
+    assert [group_shape(b) for b in (1, 2, 3, 4, 8, 16)] == [(32, 1), (16, 1), (32, 3), (8, 1), (4, 1), (2, 1)]
     assert packed_length(33, 3) == 6 and packed_length(8, 4) == 1 and packed_length(9, 4) == 2
 
 
@@ -53,7 +53,7 @@ def test_triton_unpack_matches_reference_in_interpreter(interpret, bits, shape):
     # codes avoid 255 so the 0xFF poison can never pass for a written value
     c = _codes(shape, bits, seed=bits, high=min(1 << bits, 255))
     p = pack(c, bits)
-    out = torch.full(shape, 255, dtype=torch.uint8)
+    out = torch.full(shape, 255, dtype=torch.uint8 if bits <= 8 else torch.int32)
     got = mod.unpack(p, bits, shape[-1], out=out)
     assert torch.equal(got.long(), c)
     assert torch.equal(unpack(p, bits, shape[-1]).long(), c)  # through dispatch

@@ -27,7 +27,7 @@ def _unpack_kernel(p_ptr, out_ptr, rows, n, words_per_row,
     hi_part = hi << (32 - sh).to(tl.uint32)
     v = tl.where(straddle, v | hi_part, v)
     code = v & ((1 << BITS) - 1)
-    tl.store(out_ptr + row * n + c, code.to(tl.uint8), mask=ok)
+    tl.store(out_ptr + row * n + c, code.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,7 +36,8 @@ def unpack(packed: torch.Tensor, bits: int, n: int, out: torch.Tensor | None = N
     lead = packed.shape[:-1]
     p = packed.reshape(-1, packed.shape[-1]).contiguous()
     rows = p.shape[0]
-    out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device) if out is None else out.view(rows, n)
+    dtype = torch.uint8 if bits <= 8 else torch.int32
+    out = torch.empty(rows, n, dtype=dtype, device=packed.device) if out is None else out.view(rows, n)
     if rows and n:
         block = 256
         _unpack_kernel[(rows, triton.cdiv(n, block))](p, out, rows, n, p.shape[1],
