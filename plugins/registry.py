@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
-import logging
 import threading
 import warnings
 from typing import Any, Iterable
@@ -18,8 +17,6 @@ import pluggy
 from . import hookspecs
 from .kinds import Kind
 from .spec import MethodSpec
-
-log = logging.getLogger("overdrive")
 
 ENTRY_POINT_GROUP = "overdrive.plugins"
 
