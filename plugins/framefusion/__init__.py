@@ -1,0 +1,1 @@
+"""FrameFusion: video token merging and pruning for vision-language models (kind ``token_reduction``)."""
