@@ -7,7 +7,10 @@ For queries/keys/values (B, H, S, D), head ``h`` lets query ``i`` attend to key 
   models: text rows and columns stay full; an empty range gives plain window attention).
 
 Softmax scale ``1/sqrt(D)`` unless given. The Triton kernel is a flash-attention loop that only visits
-key blocks intersecting the band or the text range, so its cost follows the band's real FLOPs.
+key blocks intersecting the band or the text range, so its cost follows the band's real FLOPs. On CPU
+the op runs :func:`window_attention_blocked`, the same block-sparse schedule in torch (query chunks
+attend to the key slice their band touches, plus the text keys, through SDPA), so CPU time also
+follows the band; :func:`window_attention_reference` is the dense masked definition used by tests.
 """
 from __future__ import annotations
 
@@ -32,12 +35,55 @@ def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     s, d = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     mask = allowed_mask(s, window, text_start, text_end, q.device)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    ct = torch.promote_types(q.dtype, torch.float32)  # float64 inputs stay float64
+    logits = (q.to(ct) @ k.to(ct).transpose(-1, -2)) * scale
     logits = logits.masked_fill(~mask[None], float("-inf"))
-    return (torch.softmax(logits, dim=-1) @ v.float()).to(q.dtype)
+    return (torch.softmax(logits, dim=-1) @ v.to(ct)).to(q.dtype)
 
 
-_OP = register_op(Op("window_attention", window_attention_reference, "window_attention:window_attention",
+def window_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: torch.Tensor,
+                             text_start: int = 0, text_end: int = 0, scale: float | None = None,
+                             chunk: int = 256) -> torch.Tensor:
+    """Block-sparse torch implementation: cost proportional to the allowed pairs (plus chunk edges).
+
+    Heads are grouped by half-width; full-width heads go through one SDPA call. For a band head, the
+    queries of each ``chunk`` attend to the keys ``[c0 - w, c1 + w)`` plus the text keys, masked to
+    the exact band; text query rows attend to every key.
+    """
+    import torch.nn.functional as F
+
+    b, h, s, d = q.shape
+    out = torch.empty_like(q)
+    has_text = text_end > text_start
+    text_keys = torch.arange(text_start, text_end, device=q.device)
+    for w in sorted(set(int(x) for x in window.tolist())):
+        heads = (window == w).nonzero().flatten().tolist()
+        hq, hk, hv = q[:, heads], k[:, heads], v[:, heads]
+        if w >= s - 1:
+            res = F.scaled_dot_product_attention(hq, hk, hv, scale=scale)
+        else:
+            res = torch.empty_like(hq)
+            for c0 in range(0, s, chunk):
+                c1 = min(s, c0 + chunk)
+                k0, k1 = max(0, c0 - w), min(s, c1 + w)
+                keys = torch.arange(k0, k1, device=q.device)
+                if has_text:
+                    extra = text_keys[(text_keys < k0) | (text_keys >= k1)]
+                    keys = torch.cat([extra, keys])
+                rows = torch.arange(c0, c1, device=q.device)
+                mask = ((rows[:, None] - keys[None, :]).abs() <= w)
+                if has_text:
+                    mask |= ((keys >= text_start) & (keys < text_end))[None, :]
+                res[:, :, c0:c1] = F.scaled_dot_product_attention(
+                    hq[:, :, c0:c1], hk[:, :, keys], hv[:, :, keys], attn_mask=mask, scale=scale)
+            if has_text:  # text rows see every key
+                res[:, :, text_start:text_end] = F.scaled_dot_product_attention(
+                    hq[:, :, text_start:text_end], hk, hv, scale=scale)
+        out[:, heads] = res
+    return out
+
+
+_OP = register_op(Op("window_attention", window_attention_blocked, "window_attention:window_attention",
                      "head-wise band / arrow attention (DiTFastAttn)"))
 
 
