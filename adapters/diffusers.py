@@ -24,7 +24,7 @@ from overdrive.kinds import Kind
 #: denoiser class name -> metadata. Class names (not classes) so this module imports no diffusers.
 DENOISERS: dict[str, DenoiserInfo] = {
     "FluxTransformer2DModel": DenoiserInfo("flux", ("transformer_blocks", "single_transformer_blocks"), "attn", True),
-    "SD3Transformer2DModel": DenoiserInfo("sd3", ("transformer_blocks",), "attn", True),
+    "SD3Transformer2DModel": DenoiserInfo("sd3", ("transformer_blocks",), "attn", True, text_first=False),
     "PixArtTransformer2DModel": DenoiserInfo("pixart", ("transformer_blocks",), "attn1", False),
     "WanTransformer3DModel": DenoiserInfo("wan", ("blocks",), "attn1", False),
     "CogVideoXTransformer3DModel": DenoiserInfo("cogvideox", ("transformer_blocks",), "attn1", True),
@@ -80,7 +80,8 @@ def enable(pipe: Any, method: str, config: MethodConfig | Mapping[str, Any] | No
     impl = spec.load_impl()
     if not isinstance(impl, DiTCacheMethod):
         raise TypeError(f"method {spec.name!r}: impl must be a DiTCacheMethod, got {type(impl).__name__}")
-    attachment = impl.attach(model, cfg, denoiser_info(model))
+    pipeline = None if isinstance(pipe, torch.nn.Module) else pipe
+    attachment = impl.attach_pipeline(pipeline, model, cfg, denoiser_info(model))
     _attached[model] = (spec.name, attachment)
     return attachment
 

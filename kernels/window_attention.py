@@ -87,9 +87,23 @@ _OP = register_op(Op("window_attention", window_attention_blocked, "window_atten
                      "head-wise band / arrow attention (DiTFastAttn)"))
 
 
+def allowed_pairs(s: int, w: int, text_start: int = 0, text_end: int = 0) -> int:
+    """Number of allowed (query, key) pairs of one head, in closed form (equals ``allowed_mask(...).sum()``)."""
+    def band(n: int) -> int:  # pairs |i - j| <= w among n positions
+        m = min(max(w, 0), n - 1) if n > 0 else 0
+        return n + 2 * (m * n - m * (m + 1) // 2)
+
+    t = text_end - text_start
+    if t <= 0:
+        return band(s)
+    rows = sum(min(s - 1, i + w) - max(0, i - w) + 1 for i in range(text_start, text_end))
+    # band pairs + text rows/cols (t * (2s - t)) - band pairs already in text rows or cols
+    return band(s) + t * (2 * s - t) - (2 * rows - band(t))
+
+
 def attention_flops(s: int, d: int, window: torch.Tensor, text_start: int = 0, text_end: int = 0) -> int:
     """Exact multiply-add FLOPs of QK^T and PV over the allowed pairs, summed over heads (per batch item)."""
-    return int(allowed_mask(s, window, text_start, text_end).sum()) * 4 * d
+    return sum(allowed_pairs(s, int(w), text_start, text_end) for w in window.reshape(-1).tolist()) * 4 * d
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: torch.Tensor,

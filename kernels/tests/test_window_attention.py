@@ -98,3 +98,15 @@ def test_blocked_cpu_path_matches_dense_reference(b, h, s, d, t0, t1, chunk):
     w[0] = 2  # at least one band head
     got = window_attention_blocked(q, k, v, w, t0, t1, chunk=chunk)
     torch.testing.assert_close(got, window_attention_reference(q, k, v, w, t0, t1), rtol=1e-10, atol=1e-12)
+
+
+def test_closed_form_pair_count_equals_the_mask():
+    from overdrive.kernels.window_attention import allowed_pairs
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        s = int(torch.randint(1, 40, (1,), generator=g))
+        w = int(torch.randint(0, s + 3, (1,), generator=g))
+        t0 = int(torch.randint(0, s + 1, (1,), generator=g))
+        t1 = int(torch.randint(t0, s + 1, (1,), generator=g))
+        assert allowed_pairs(s, w, t0, t1) == int(allowed_mask(s, torch.tensor([w]), t0, t1).sum()), (s, w, t0, t1)

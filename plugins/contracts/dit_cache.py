@@ -23,12 +23,15 @@ class DenoiserInfo:
     block_lists  attribute names of the ``nn.ModuleList``s of transformer blocks, in call order
     attention    attribute name of the self-attention module inside a block
     joint_text   whether text tokens go through the same attention as image tokens (MMDiT)
+    text_first   with joint_text: text tokens precede the vision tokens in the joint sequence (Flux,
+                 CogVideoX) rather than follow them (SD3)
     """
 
     family: str
     block_lists: tuple[str, ...]
     attention: str = "attn"
     joint_text: bool = False
+    text_first: bool = True
 
     def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         out: list[torch.nn.Module] = []
@@ -48,3 +51,12 @@ class DiTCacheMethod(abc.ABC):
     @abc.abstractmethod
     def attach(self, denoiser: torch.nn.Module, cfg: MethodConfig, info: DenoiserInfo) -> Attachment:
         """Attach the method to ``denoiser``; state lives in the returned attachment, never on classes."""
+
+    def attach_pipeline(self, pipeline: object | None, denoiser: torch.nn.Module, cfg: MethodConfig,
+                        info: DenoiserInfo) -> Attachment:
+        """Called by the adapter, with the pipeline when one was given (``None`` for a bare denoiser).
+
+        Override it when the method needs the pipeline (e.g. its scheduler's step count); the default
+        ignores the pipeline and calls :meth:`attach`.
+        """
+        return self.attach(denoiser, cfg, info)
