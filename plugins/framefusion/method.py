@@ -1,0 +1,369 @@
+"""FrameFusion (thu-nics/FrameFusion, ICCV'25) as a framework-neutral token reducer.
+
+Re-derived from the paper's idea and overdrive's research notes (shared/research/methods.md §3);
+no reference code copied. Two stages, per sample:
+
+**Merging.** For every vision token, the previous token *at the same spatial patch* (the nearest
+earlier remaining token of that patch in the sequence; for the first frame there is none) is its
+predecessor. A token whose cosine similarity with its predecessor is at least
+``similarity_lower_bound`` merges into it; a run of consecutive merges collapses into the run's first
+token, whose hidden state becomes the mean of the run. First-frame tokens have no predecessor and are
+never removed by merging. Per layer, the merge ratio r = merged / vision tokens before the step; the
+step repeats at the next layer while r >= ``ratio_lower_bound``.
+
+**Pruning.** Once merging stops, one step keeps the top (1 - p) of the remaining vision tokens by the
+last query token's attention averaged over heads. p is solved in closed form from ``cost``, the
+average fraction of vision-token compute over the decoder's L layers (the model's real depth; the
+reference hard-codes 28): with s_i = prod_{j<=i} (1 - r_j) the fraction kept after merge step i and k
+merge steps done, ``L * cost = sum_i s_i + (L - k) * s_k * (1 - p)``.
+
+Every reduction here happens *at a layer's input* (the per-layer adapter applies it before the
+layer), so layer l computes on exactly the tokens counted for it and the budget equation is exact up
+to rounding to whole tokens. Two guards keep the budget reachable: if a layer's candidate merges
+exceed what the budget needs, only the most similar ones merge and the reduction ends there (as the
+reference); if merging would overspend layers that no later pruning step can recover (or this is the
+last layer), this layer merges and prunes at once to land on the budget.
+
+**Before the decoder** (:meth:`FrameFusion.select`, one KV length for all layers, e.g. vLLM): the
+same merging on the vision embeddings, repeated while r >= ``ratio_lower_bound`` and capped so that
+exactly ``num_keep`` tokens remain, then pruning by a query-agnostic importance proxy (the embeddings
+are computed per video and cached by media hash, so they cannot depend on the text of one request).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from overdrive.contracts.token_reduction import (AttentionProbe, LayerwiseReducer, Reduction, Selection,
+                                                 TokenReductionMethod, VideoGrid, VisionSpan)
+
+from .config import FrameFusionConfig
+
+NAME = "framefusion"
+
+
+# -- building blocks (each tested against hand-computed cases and float64 references) ------------
+def predecessors(patch: torch.Tensor) -> torch.Tensor:
+    """For each token, the index of the previous token with the same patch id, or -1.
+
+    ``patch`` (n,) holds a patch id >= 0 for vision tokens and a negative value for text tokens
+    (never merged, never a predecessor).
+    """
+    n = patch.numel()
+    pred = torch.full((n,), -1, dtype=torch.long, device=patch.device)
+    if n < 2:
+        return pred
+    sp, order = torch.sort(patch, stable=True)  # by patch id, sequence order within a patch
+    same = torch.zeros(n, dtype=torch.bool, device=patch.device)
+    same[1:] = (sp[1:] == sp[:-1]) & (sp[1:] >= 0)
+    pred_sorted = torch.full((n,), -1, dtype=torch.long, device=patch.device)
+    pred_sorted[1:] = order[:-1]
+    pred_sorted[~same] = -1
+    pred[order] = pred_sorted
+    return pred
+
+
+def similarity_to_predecessor(hidden: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each token with its predecessor (float32); -inf where there is none."""
+    h = hidden.float()
+    sim = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
+    has = pred >= 0
+    if has.any():
+        a, b = h[has], h[pred[has]]
+        denom = (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+        sim[has] = (a * b).sum(-1) / denom
+    return sim
+
+
+def merge_roots(merge: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """For each token that merges, the token its run collapses into (the run's first token); -1 else."""
+    root = torch.where(merge, pred, torch.full_like(pred, -1))
+    while True:
+        chained = merge & (root >= 0)
+        chained &= merge[root.clamp_min(0)]
+        if not chained.any():
+            return root
+        root = torch.where(chained, pred[root.clamp_min(0)], root)
+
+
+def apply_merge(hidden: torch.Tensor, merge: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the tokens flagged in ``merge`` into their run roots (runs averaged into the first token).
+
+    Returns (keep (m,) ascending indices of the remaining tokens, hidden (m, D) of those tokens).
+    """
+    keep = (~merge).nonzero().squeeze(-1)
+    if not merge.any():
+        return keep, hidden
+    root = merge_roots(merge, pred)
+    members = merge.nonzero().squeeze(-1)
+    acc = hidden.float().clone()
+    count = torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    acc.index_add_(0, root[members], hidden[members].float())
+    count.index_add_(0, root[members], torch.ones(members.numel(), device=hidden.device))
+    merged = (acc / count[:, None]).to(hidden.dtype)
+    return keep, merged[keep]
+
+
+def top_merges(sim: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` most similar tokens (ties: earlier token first)."""
+    mask = torch.zeros_like(sim, dtype=torch.bool)
+    if count > 0:
+        order = torch.sort(sim, descending=True, stable=True).indices[:count]
+        mask[order] = True
+    return mask
+
+
+def prune_keep(importance: torch.Tensor, vision: torch.Tensor, remove: int) -> torch.Tensor:
+    """Ascending indices kept after removing the ``remove`` least important vision tokens."""
+    n = importance.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=importance.device)
+    vis_idx = vision.nonzero().squeeze(-1)
+    remove = max(0, min(int(remove), vis_idx.numel()))
+    if remove:
+        order = torch.sort(importance[vis_idx].float(), descending=False, stable=True).indices[:remove]
+        keep[vis_idx[order]] = False
+    return keep.nonzero().squeeze(-1)
+
+
+def pruning_ratio(merge_ratios: Sequence[float], cost: float, num_layers: int) -> float:
+    """Fraction p of the remaining vision tokens to prune now so the average over ``num_layers``
+    layers of the vision-token fraction equals ``cost``, after ``len(merge_ratios)`` merge steps
+    (one per layer, from layer 0) that each removed ``merge_ratios[i]`` of the tokens before it.
+
+    Clamped to [0, 1]: 0 when the budget already allows every remaining token, 1 when merging alone
+    overspent it (the reducer's guards avoid the latter).
+    """
+    s, spent = 1.0, 0.0
+    for r in merge_ratios:
+        s *= 1.0 - r
+        spent += s
+    left = num_layers - len(merge_ratios)
+    if left <= 0 or s <= 0.0:
+        return 0.0
+    remain = num_layers * cost - spent
+    return min(1.0, max(0.0, 1.0 - remain / (left * s)))
+
+
+def importance_proxy(embeds: torch.Tensor, kind: str) -> torch.Tensor:
+    """Query-agnostic importance of each embedding (float32, higher = keep).
+
+    ``deviation``: ||x_i / rms(x_i) - mean_j(x_j / rms(x_j))||. The decoder's first operation is an
+    RMS norm, and softmax attention is invariant to a key component shared by all tokens, so a
+    token's attention logit varies with the query only through its normalised deviation from the
+    mean; for a query we cannot see, the tokens with the largest deviation have the largest spread
+    of logits and are the likeliest to be attended. ``norm``: ||x_i||.
+    """
+    x = embeds.float()
+    if kind == "norm":
+        return x.norm(dim=-1)
+    if kind == "deviation":
+        xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-12))
+        return (xn - xn.mean(0, keepdim=True)).norm(dim=-1)
+    raise ValueError(f"unknown importance proxy {kind!r}; known: deviation, norm")
+
+
+# -- per-layer reduction (transformers) ----------------------------------------------------------
+@dataclasses.dataclass
+class _Sample:
+    patch: torch.Tensor           # (n,) patch id per current token (-1: text)
+    vision0: int                  # vision tokens before any reduction
+    ratios: list[float] = dataclasses.field(default_factory=list)
+    merging: bool = True
+    prune_next: bool = False
+    done: bool = False
+    merged: int = 0
+    pruned: int = 0
+    per_layer: list[int] = dataclasses.field(default_factory=list)
+    events: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def vision(self) -> int:
+        return int((self.patch >= 0).sum())
+
+
+class FrameFusionReducer(LayerwiseReducer):
+    """Per-request FrameFusion state over a batch (each sample has its own budget and stage)."""
+
+    def __init__(self, cfg: FrameFusionConfig, num_layers: int, spans: Sequence[Sequence[VisionSpan]],
+                 lengths: Sequence[int]) -> None:
+        if num_layers <= 0:
+            raise ValueError(f"num_layers must be positive, got {num_layers}")
+        if len(spans) != len(lengths):
+            raise ValueError(f"{len(spans)} span lists for {len(lengths)} samples")
+        self.cfg, self.num_layers = cfg, num_layers
+        self.similarity = cfg.similarity_for("")
+        self.samples = [self._init_sample(b, s, n) for b, (s, n) in enumerate(zip(spans, lengths))]
+        self._next_layer = 0
+
+    @staticmethod
+    def _init_sample(b: int, spans: Sequence[VisionSpan], length: int) -> _Sample:
+        patch = torch.full((length,), -1, dtype=torch.long)
+        offset, end = 0, 0
+        for span in sorted(spans, key=lambda s: s.start):
+            if span.start < end or span.stop > length:
+                raise ValueError(f"sample {b}: video span [{span.start}, {span.stop}) overlaps another or "
+                                 f"exceeds the sequence length {length}")
+            tpf = span.grid.tokens_per_frame
+            patch[span.start:span.stop] = offset + torch.arange(span.grid.num_tokens) % tpf
+            offset += tpf
+            end = span.stop
+        vis = int((patch >= 0).sum())
+        return _Sample(patch=patch, vision0=vis, done=vis == 0, merging=vis > 0)
+
+    @property
+    def done(self) -> bool:
+        return all(s.done for s in self.samples)
+
+    def step(self, layer_idx: int, hiddens: Sequence[torch.Tensor], probe: AttentionProbe) -> list[Reduction] | None:
+        if layer_idx != self._next_layer:
+            raise RuntimeError(f"FrameFusion expected layer {self._next_layer}, got layer {layer_idx}")
+        self._next_layer += 1
+        if self.done:
+            for s in self.samples:
+                s.per_layer.append(s.vision)
+            return None
+        if len(hiddens) != len(self.samples):
+            raise ValueError(f"{len(hiddens)} hidden-state tensors for {len(self.samples)} samples")
+        keeps: list[torch.Tensor] = []
+        news: list[torch.Tensor] = []
+        to_prune: dict[int, int] = {}  # sample -> vision tokens to prune after merging
+        for b, (s, h) in enumerate(zip(self.samples, hiddens)):
+            if h.shape[0] != s.patch.numel():
+                raise ValueError(f"sample {b}: {h.shape[0]} hidden states for {s.patch.numel()} tracked tokens")
+            keep, new, remove = self._merge_stage(s, layer_idx, h)
+            keeps.append(keep)
+            news.append(new)
+            if remove:
+                to_prune[b] = remove
+        if to_prune:
+            order = sorted(to_prune)
+            # importance over the tokens as they enter this layer (after this layer's merges)
+            scores = probe(order, [news[b] for b in order], [keeps[b] for b in order])
+            for b, score in zip(order, scores):
+                s = self.samples[b]
+                vis = s.patch[keeps[b].cpu()] >= 0
+                k2 = prune_keep(score.detach().cpu(), vis, to_prune[b]).to(keeps[b].device)
+                s.pruned += keeps[b].numel() - k2.numel()
+                keeps[b], news[b] = keeps[b][k2], news[b][k2]
+        out = []
+        for b, s in enumerate(self.samples):
+            s.patch = s.patch[keeps[b].cpu()]
+            s.per_layer.append(s.vision)
+            out.append(Reduction(keeps[b], news[b]))
+        return out
+
+    def _merge_stage(self, s: _Sample, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This layer's merges for one sample: (keep, hidden, vision tokens still to prune here)."""
+        n_all = s.patch.numel()
+        ident = torch.arange(n_all, device=h.device)
+        if s.done:
+            return ident, h, 0
+        n = s.vision
+        cost, L = self.cfg.cost, self.num_layers
+        if s.prune_next:
+            p = pruning_ratio(s.ratios, cost, L)
+            s.done = True
+            s.events.append(f"layer {layer}: prune p={p:.4f}")
+            return ident, h, round(p * n)
+        ub = pruning_ratio(s.ratios, cost, L)  # what pruning now would remove
+        target = round(ub * n)
+        if target <= 0:
+            s.done = True
+            s.events.append(f"layer {layer}: budget allows every token")
+            return ident, h, 0
+        patch = s.patch.to(h.device)
+        pred = predecessors(patch)
+        sim = similarity_to_predecessor(h, pred)
+        cand = sim >= self.similarity
+        m = int(cand.sum())
+        if m >= target:  # merging alone reaches the budget: only the most similar merge, then stop
+            merge = top_merges(torch.where(cand, sim, torch.full_like(sim, float("-inf"))), target)
+            keep, new = apply_merge(h, merge, pred)
+            s.merged += target
+            s.done = True
+            s.events.append(f"layer {layer}: merge {target}/{n} (capped at the budget), done")
+            return keep, new, 0
+        r = m / n
+        s_prev = 1.0
+        spent = 0.0
+        for x in s.ratios:
+            s_prev *= 1.0 - x
+            spent += s_prev
+        s_new = s_prev * (1.0 - r)
+        last = layer >= L - 1
+        keep, new = apply_merge(h, cand, pred)
+        s.merged += m
+        if last or spent + s_new > L * cost + 1e-9:
+            # no later layer can recover this spending: prune the rest of this layer's budget now
+            s.done = True
+            s.events.append(f"layer {layer}: merge {m}/{n} and prune {target - m} (budget guard)")
+            return keep, new, target - m
+        s.ratios.append(r)
+        s.events.append(f"layer {layer}: merge {m}/{n} (r={r:.4f})")
+        if r < self.cfg.ratio_lower_bound:
+            s.merging, s.prune_next = False, True
+        return keep, new, 0
+
+    def summary(self) -> list[dict]:
+        out = []
+        for s in self.samples:
+            full = len(s.per_layer) == self.num_layers and s.vision0 > 0
+            out.append({"vision_tokens": s.vision0, "per_layer": list(s.per_layer), "merged": s.merged,
+                        "pruned": s.pruned, "merge_ratios": list(s.ratios), "events": list(s.events),
+                        "cost": (sum(s.per_layer) / (self.num_layers * s.vision0)) if full else None})
+        return out
+
+
+# -- the method object ---------------------------------------------------------------------------
+class FrameFusion(TokenReductionMethod):
+    def resolve(self, cfg: FrameFusionConfig, family: str) -> FrameFusionConfig:
+        return cfg.replace(similarity_lower_bound=cfg.similarity_for(family))
+
+    def keep_fraction(self, cfg: FrameFusionConfig) -> float:
+        return cfg.cost
+
+    def layerwise(self, cfg: FrameFusionConfig, num_layers: int, spans: Sequence[Sequence[VisionSpan]],
+                  lengths: Sequence[int]) -> FrameFusionReducer:
+        return FrameFusionReducer(cfg, num_layers, spans, lengths)
+
+    def select(self, embeds: torch.Tensor, grid: VideoGrid, num_keep: int, cfg: FrameFusionConfig) -> Selection:
+        n = grid.num_tokens
+        if embeds.dim() != 2 or embeds.shape[0] != n:
+            raise ValueError(f"FrameFusion.select: video embeddings of shape {tuple(embeds.shape)} do not match "
+                             f"the grid {grid.frames}x{grid.rows}x{grid.cols} = {n} tokens")
+        if not 1 <= num_keep <= n:
+            raise ValueError(f"FrameFusion.select: num_keep must be in [1, {n}], got {num_keep}")
+        similarity = cfg.similarity_for("")
+        patch = torch.arange(n, device=embeds.device) % grid.tokens_per_frame
+        index = torch.arange(n, device=embeds.device)  # original index of each current token
+        h = embeds
+        need = n - num_keep
+        merged = 0
+        while need > 0:
+            pred = predecessors(patch)
+            sim = similarity_to_predecessor(h, pred)
+            cand = sim >= similarity
+            m = int(cand.sum())
+            if m == 0:
+                break
+            if m >= need:
+                cand = top_merges(torch.where(cand, sim, torch.full_like(sim, float("-inf"))), need)
+                m = need
+            keep, h = apply_merge(h, cand, pred)
+            patch, index = patch[keep], index[keep]
+            merged += m
+            ratio = m / (need + num_keep)
+            need -= m
+            if ratio < cfg.ratio_lower_bound:
+                break
+        pruned = 0
+        if need > 0:
+            keep = prune_keep(importance_proxy(h, cfg.importance), torch.ones_like(patch, dtype=torch.bool), need)
+            h, index = h[keep], index[keep]
+            pruned = need
+        return Selection(keep=index, embeds=h, merged=merged, pruned=pruned)
+
+
+METHOD = FrameFusion()
