@@ -4,8 +4,10 @@ Only the contracts that methods already need are defined; the others arrive with
 (DESIGN.md: "define the kind contracts as the first methods need them").
 """
 from .dit_cache import Attachment, DenoiserInfo, DiTCacheMethod
+from .kv_cache import KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
 from .weight_quant import ParamSpec, WeightQuantMethod
 
-__all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "LayerwiseReducer", "ParamSpec", "Selection",
+__all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "KVCacheMethod", "LayerKVFormat", "ModelIdentity",
+           "PagedBatch", "LayerwiseReducer", "ParamSpec", "Selection",
            "TokenReductionMethod", "VideoGrid", "VisionSpan", "WeightQuantMethod"]

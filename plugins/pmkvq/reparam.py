@@ -1,0 +1,72 @@
+"""Fold PM-KVQ key scales into a transformers model: ``k_proj`` rows / s, ``q_proj`` rows * s.
+
+K is then produced already divided by ``s`` (flatter per token, so per-token quantization loses
+less) and q already multiplied by it, so q.k — and the model's function — is unchanged. Both
+channels of a rotary pair share ``s`` (the plan checks it), so the scaling commutes with RoPE.
+Attention modules are found by their ``layer_idx``, ``q_proj`` and ``k_proj`` attributes (Llama,
+Qwen2, Mistral, ... in transformers). Folding is recorded on the model instance, so folding the same
+plan twice is a no-op and folding a different one is an error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from overdrive.config import ConfigError
+from overdrive.contracts.kv_cache import ModelIdentity
+
+from .config import PMKVQPlan
+
+_MARK = "_overdrive_pmkvq_scales"
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Decoder self-attention modules by layer index."""
+    found = {}
+    for m in model.modules():
+        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj") and hasattr(m, "k_proj"):
+            found[m.layer_idx] = m
+    return found
+
+
+def _digest(plan: PMKVQPlan) -> str:
+    return hashlib.sha256(json.dumps([x.get("key_scale") for x in plan.layers]).encode()).hexdigest()
+
+
+@torch.no_grad()
+def fold_scales(model: torch.nn.Module, plan: PMKVQPlan) -> int:
+    """Fold the plan's key scales into ``model``; returns how many layers changed."""
+    ident = ModelIdentity.from_hf_config(model.config)
+    plan.check_model(ident)
+    digest = _digest(plan)
+    done = getattr(model, _MARK, None)
+    if done == digest:
+        return 0
+    if done is not None:
+        raise ConfigError("this model already has another PM-KVQ plan's key scales folded in; load it afresh")
+    mods = attention_modules(model)
+    if sorted(mods) != list(range(ident.num_layers)):
+        raise ConfigError(f"found attention modules for layers {sorted(mods)}, expected 0..{ident.num_layers - 1}")
+    rep = ident.num_attention_heads // ident.num_kv_heads
+    d = ident.head_size
+    changed = 0
+    for i, entry in enumerate(plan.layers):
+        ks = entry.get("key_scale")
+        if ks is None:
+            continue
+        attn = mods[i]
+        s = torch.tensor(ks, dtype=torch.float64)  # (Hk, D)
+        sk = s.reshape(-1)
+        sq = s.repeat_interleave(rep, dim=0).reshape(-1)
+        for lin, f in ((attn.k_proj, 1.0 / sk), (attn.q_proj, sq)):
+            if lin.weight.shape[0] != f.numel():
+                raise ConfigError(f"layer {i}: {type(lin).__name__} has {lin.weight.shape[0]} output rows, expected "
+                                  f"{f.numel()} ({d} per head)")
+            lin.weight.copy_((lin.weight.double() * f[:, None]).to(lin.weight.dtype))
+            if lin.bias is not None:
+                lin.bias.copy_((lin.bias.double() * f).to(lin.bias.dtype))
+        changed += 1
+    setattr(model, _MARK, digest)
+    return changed
