@@ -91,7 +91,8 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43",
                 frozenset({Kind.DIT_CACHE}), "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20",
-                frozenset({Kind.WEIGHT_QUANT}), "import overdrive.transformers"),
+                frozenset({Kind.WEIGHT_QUANT, Kind.TOKEN_REDUCTION}),
+                "import overdrive.transformers (token reduction: overdrive.transformers.enable(model, name))"),
 )
 
 
