@@ -2,7 +2,9 @@
 
 Registers every weight-quantization method as a vLLM quantization config
 (``register_quantization_config``), so ``vllm serve CKPT`` detects it from config.json and
-``--quantization NAME`` selects it. Symbols touched are listed in docs/ledger.md.
+``--quantization NAME`` selects it. KV-cache methods are attention backends (``--attention-backend NAME``;
+on CPU an override of ``CPU_ATTN``), their plan given with ``--additional-config``
+(:mod:`overdrive.adapters.vllm_kv_cache`). Symbols touched are listed in docs/ledger.md.
 """
 from __future__ import annotations
 
@@ -32,7 +34,11 @@ def _register() -> tuple[list[str], list[str]]:
 
         register_quantization_config(name)(cls)
 
-    return register_methods("vllm", _quant_api, is_intree, install, _classes)
+    registered, skipped = register_methods("vllm", _quant_api, is_intree, install, _classes)
+    from .vllm_kv_cache import register_backends
+
+    kv, kv_skipped = register_backends()  # KV-cache methods: --attention-backend NAME (+ CPU_ATTN override on CPU)
+    return registered + kv, skipped + kv_skipped
 
 
 def _quant_api():

@@ -1,0 +1,137 @@
+"""PM-KVQ in a real vLLM server (CPU): answers equal transformers with the same plan, the KV capacity vLLM
+reports grows by the plan's compression factor, and bad plans / block sizes fail at startup.
+
+Three engine starts in all: the plan, the baseline (no plan: vLLM's own CPU attention, through
+overdrive's CPU_ATTN override), and a plan made for another model.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from overdrive.contracts.kv_cache import ModelIdentity
+from overdrive.kernels.kv_attention import cell_words
+from overdrive.pmkvq.config import PMKVQPlan, make_plan
+from overdrive.testing import tiny_llama
+from overdrive.testing.vllm_server import VllmServer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["the quick brown fox", "hello world"]
+MAX_TOKENS = 40  # with a 16-token window, most of each answer is read back from 4/2-bit pages
+SERVE = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--block-size", "32"]
+KV_GIB = 1  # VllmServer's default VLLM_CPU_KVCACHE_SPACE
+
+
+@pytest.fixture(scope="module")
+def plan_path(tmp_path_factory) -> Path:
+    """A calibrated plan with mixed widths (the budget fits one 4-bit and one 2-bit layer)."""
+    out = tmp_path_factory.mktemp("pmkvq") / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "pmkvq", "--model",
+                        str(tiny_llama()), "--output", str(out), "--budget", "55000B", "--max-len", "256",
+                        "--window", "16", "--samples", "2", "--seq-len", "64"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(PMKVQPlan.load(out).layer_bits) == [2, 4]
+    return out
+
+
+def _transformers_tokens(plan: PMKVQPlan | None) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import overdrive.pmkvq as pmkvq
+
+    d = tiny_llama()
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    out = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        kw = {"past_key_values": pmkvq.apply(model, plan, mode="static")} if plan is not None else {}
+        gen = model.generate(ids, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, **kw)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def _kv_tokens(log: str) -> int:
+    m = re.findall(r"KV cache size: ([\d,]+) tokens", log)
+    assert m, "vLLM did not report its KV cache size"
+    return int(m[-1].replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def baseline_tokens(tmp_path_factory) -> int:
+    with VllmServer(tiny_llama(), SERVE, log_path=tmp_path_factory.mktemp("base") / "vllm.log") as srv:
+        got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
+        log = srv.log_text()
+    assert got == _transformers_tokens(None)  # without a plan the override is vLLM's own CPU attention
+    return _kv_tokens(log)
+
+
+def test_vllm_serves_the_plan_like_transformers_with_larger_kv_capacity(plan_path, baseline_tokens, tmp_path):
+    plan = PMKVQPlan.load(plan_path)
+    args = SERVE + ["--additional-config", json.dumps({"pmkvq": {"plan": str(plan_path)}})]
+    with VllmServer(tiny_llama(), args, log_path=tmp_path / "vllm.log") as srv:
+        got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
+        log = srv.log_text()
+    want = _transformers_tokens(plan)
+    assert got == want
+    assert want != _transformers_tokens(None)  # the comparison exercised the quantized pages
+    # capacity: bytes per token per layer from the formats' closed forms (float32 K/V vs PM-KVQ cells)
+    ident = plan.identity
+    dense = ident.num_layers * ident.num_kv_heads * 2 * ident.head_size * 4
+    packed = sum(ident.num_kv_heads * 4 * cell_words(ident.head_size, b, 32) for b in plan.layer_bits)
+    space, bs = KV_GIB * 2**30, 32
+    assert baseline_tokens == space // dense // bs * bs
+    tokens = _kv_tokens(log)
+    assert tokens == space // packed // bs * bs
+    assert tokens / baseline_tokens == pytest.approx(dense / packed, rel=1e-4)  # 6.4x for bits [4, 2]
+
+
+def test_plan_for_another_model_fails_at_startup(tmp_path):
+    other = make_plan(ModelIdentity("LlamaForCausalLM", 2, 4, 1, 32), [4, 4], 256)
+    path = tmp_path / "other.json"
+    other.save(path)
+    srv = VllmServer(tiny_llama(), SERVE, env={"OVERDRIVE_PMKVQ_PLAN": str(path)}, log_path=tmp_path / "vllm.log",
+                     startup_timeout=300)
+    with pytest.raises(RuntimeError, match="exited"):
+        srv.__enter__()
+    log = srv.log_text()
+    assert "was made for another model" in log and "num_kv_heads: plan 1 vs model 2" in log
+
+
+CHECK = r"""
+import json, sys
+from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from overdrive.adapters.vllm_kv_backend import OverdriveKVImpl
+from overdrive.config import ConfigError
+model, block = sys.argv[1], int(sys.argv[2])
+cfg = VllmConfig(model_config=ModelConfig(model=model, dtype="float32"), cache_config=CacheConfig(block_size=block))
+try:
+    with set_current_vllm_config(cfg):
+        OverdriveKVImpl(4, 32, 32 ** -0.5, 2)
+    print("RESULT ok")
+except ConfigError as e:
+    print("RESULT " + str(e))
+"""
+
+
+def test_block_size_the_kernel_cannot_take_is_a_startup_error(plan_path):
+    env = {"OVERDRIVE_PMKVQ_PLAN": str(plan_path), "HF_HUB_OFFLINE": "1"}
+    import os
+
+    out = {}
+    for block in (24, 32):
+        r = subprocess.run([sys.executable, "-c", CHECK, str(tiny_llama()), str(block)], capture_output=True, text=True,
+                           timeout=300, env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env})
+        lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        assert lines, r.stderr[-3000:]
+        out[block] = lines[-1][len("RESULT "):]
+    assert out[32] == "ok"
+    assert "--block-size 24 is not a multiple of 16" in out[24]
