@@ -135,3 +135,31 @@ def test_block_size_the_kernel_cannot_take_is_a_startup_error(plan_path):
         out[block] = lines[-1][len("RESULT "):]
     assert out[32] == "ok"
     assert "--block-size 24 is not a multiple of 16" in out[24]
+
+
+REGISTRY = r"""
+import json
+from overdrive.adapters import vllm as adapter
+adapter.register()
+from vllm.config import AttentionConfig
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+import overdrive.adapters.vllm_kv_backend as kb
+cls = AttentionBackendEnum["PMKVQ"].get_class()
+cell = kb.PmkvqBackend_48B  # per-cell-size classes resolve by name (vLLM imports backends by path)
+print("RESULT " + json.dumps({
+    "name": cls.get_name(), "cli": AttentionConfig(backend="pmkvq").backend.name,
+    "cpu": AttentionBackendEnum.CPU_ATTN.get_path(), "cell_parent": cell.__mro__[1].__name__,
+    "blocks": [str(x) for x in cls.get_supported_kernel_block_sizes()], "heads": cls.get_supported_head_sizes()[:3]}))
+"""
+
+
+def test_backend_is_in_vllms_registry_by_name():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", REGISTRY], capture_output=True, text=True, timeout=300, env=env)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, r.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out == {"name": "PMKVQ", "cli": "PMKVQ", "cpu": "overdrive.adapters.vllm_kv_backend.OverdriveCPUAttentionBackend",
+                   "cell_parent": "PmkvqBackend", "blocks": ["MultipleOf(16)"], "heads": [32, 64, 96]}
