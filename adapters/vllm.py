@@ -2,9 +2,11 @@
 
 Registers every weight-quantization method as a vLLM quantization config
 (``register_quantization_config``), so ``vllm serve CKPT`` detects it from config.json and
-``--quantization NAME`` selects it. KV-cache methods are attention backends (``--attention-backend NAME``;
-on CPU an override of ``CPU_ATTN``), their plan given with ``--additional-config``
-(:mod:`overdrive.adapters.vllm_kv_cache`). Symbols touched are listed in docs/ledger.md.
+``--quantization NAME`` selects it; token-reduction methods are enabled per server with
+``--additional-config '{"NAME": {...}}'`` (:mod:`overdrive.adapters.vllm_token_reduction`);
+KV-cache methods are attention backends (``--attention-backend NAME``; on CPU an override of
+``CPU_ATTN``), their plan given with ``--additional-config`` (:mod:`overdrive.adapters.vllm_kv_cache`).
+Symbols touched are listed in docs/ledger.md.
 """
 from __future__ import annotations
 
@@ -35,10 +37,13 @@ def _register() -> tuple[list[str], list[str]]:
         register_quantization_config(name)(cls)
 
     registered, skipped = register_methods("vllm", _quant_api, is_intree, install, _classes)
+    from .vllm_token_reduction import register as register_token_reduction
+
+    more, more_skipped = register_token_reduction()  # token reduction: --additional-config '{"NAME": {...}}'
     from .vllm_kv_cache import register_backends
 
     kv, kv_skipped = register_backends()  # KV-cache methods: --attention-backend NAME (+ CPU_ATTN override on CPU)
-    return registered + kv, skipped + kv_skipped
+    return registered + more + kv, skipped + more_skipped + kv_skipped
 
 
 def _quant_api():

@@ -131,7 +131,8 @@ def test_doctor_command_registers_into_every_engine(tmp_path):
     assert r.returncode == 0, report["problems"]
     regs = {f: e.get("registers") for f, e in report["frameworks"].items()}
     assert "pmkvq" in regs["vllm"]  # KV-cache methods register an attention backend
-    regs["vllm"] = [x for x in regs["vllm"] if x != "pmkvq"]
+    assert "framefusion" in regs["vllm"]  # token reduction: a configuration hook (--additional-config)
+    regs["vllm"] = [x for x in regs["vllm"] if x not in ("pmkvq", "framefusion")]
     assert regs == {
         "vllm": ["example_w8", "mbq"], "sglang": ["example_w8", "mbq"], "transformers": ["example_w8", "mbq"],
         "diffusers": None}
