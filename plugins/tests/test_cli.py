@@ -133,6 +133,8 @@ def test_doctor_command_registers_into_every_engine(tmp_path):
     assert "pmkvq" in regs["vllm"]  # KV-cache methods register an attention backend
     assert "framefusion" in regs["vllm"]  # token reduction: a configuration hook (--additional-config)
     regs["vllm"] = [x for x in regs["vllm"] if x not in ("pmkvq", "framefusion")]
+    assert "pmkvq" in regs["sglang"]  # KV-cache methods register an SGLang attention backend too
+    regs["sglang"] = [x for x in regs["sglang"] if x != "pmkvq"]
     assert regs == {
         "vllm": ["example_w8", "mbq"], "sglang": ["example_w8", "mbq"], "transformers": ["example_w8", "mbq"],
         "diffusers": None}
