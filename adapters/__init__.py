@@ -91,8 +91,9 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43",
                 frozenset({Kind.DIT_CACHE}), "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20",
-                frozenset({Kind.WEIGHT_QUANT, Kind.TOKEN_REDUCTION}),
-                "import overdrive.transformers (token reduction: overdrive.transformers.enable(model, name))"),
+                frozenset({Kind.WEIGHT_QUANT, Kind.TOKEN_REDUCTION, Kind.KV_CACHE}),
+                "import overdrive.transformers (token reduction: overdrive.transformers.enable(model, name); "
+                "KV cache: overdrive.transformers.kv_cache(model, name, plan))"),
 )
 
 

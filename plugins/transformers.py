@@ -5,10 +5,14 @@
 
     overdrive.transformers.enable(vlm, "framefusion", cost=0.3)  # token reduction (hooks)
     overdrive.transformers.disable(vlm)
+
+    cache = overdrive.transformers.kv_cache(llm, "pmkvq", plan="plan.json")  # KV-cache method: a Cache
+    llm.generate(ids, past_key_values=cache)
 """
 from overdrive.adapters.transformers import OverdriveLinear, register
+from overdrive.adapters.transformers_kv_cache import kv_cache
 from overdrive.adapters.transformers_token_reduction import VLMS, disable, enable, enabled, register_vlm
 
-__all__ = ["OverdriveLinear", "VLMS", "disable", "enable", "enabled", "register", "register_vlm"]
+__all__ = ["OverdriveLinear", "VLMS", "disable", "enable", "enabled", "kv_cache", "register", "register_vlm"]
 
 register()

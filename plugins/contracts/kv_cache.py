@@ -161,6 +161,11 @@ class KVCacheMethod(abc.ABC):
                k: torch.Tensor, v: torch.Tensor, scale: float, fp_pool: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of this step's queries over the cached prefix and the step's own tokens."""
 
+    def transformers_cache(self, model: torch.nn.Module, cfg: MethodConfig, **options: Any) -> Any:
+        """A transformers ``Cache`` for ``model`` (pass as ``past_key_values``); may prepare ``model`` first
+        (e.g. fold a reparameterisation into its weights). Default: not available in transformers."""
+        raise NotImplementedError(f"{type(self).__name__} has no transformers cache")
+
     def supported_head_sizes(self) -> Sequence[int] | None:
         """Head sizes the kernels take (None: any the method's checks accept)."""
         return None

@@ -52,6 +52,14 @@ class PMKVQMethod(KVCacheMethod):
                                      cell_bytes=4 * cell_words(model.head_size, bits, group), q_scale=scale))
         return out
 
+    def transformers_cache(self, model: Any, cfg: PMKVQPlan, mode: str = "progressive", **options: Any) -> Any:
+        """Fold the plan's key scales into ``model`` (once) and return a new PMKVQCache."""
+        from .cache import PMKVQCache
+        from .reparam import fold_scales
+
+        fold_scales(model, cfg)
+        return PMKVQCache(cfg, model.config, mode=mode, **options)
+
     @staticmethod
     def transform_qk(fmt: LayerKVFormat, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the key scale: q (N, Hq, D) * s, k (N, Hk, D) / s (s per KV head and channel)."""

@@ -138,3 +138,25 @@ def test_plan_for_another_model_is_rejected(llama):
     other = ModelIdentity("LlamaForCausalLM", 3, 4, 1, 32)
     with pytest.raises(ConfigError, match="num_layers: plan 3 vs model 2; num_kv_heads: plan 1 vs model 2"):
         PMKVQCache(make_plan(other, [4, 4, 4], 64), model.config)
+
+
+def test_transformers_adapter_builds_the_cache_from_a_plan_file(llama, tmp_path):
+    """overdrive.transformers.kv_cache(model, "pmkvq", plan) == folding + PMKVQCache, from the registry."""
+    import copy
+
+    import overdrive.transformers as ot
+    from overdrive.pmkvq.calibrate import pair_max, scales_for
+
+    model, tok = llama
+    model = copy.deepcopy(model)
+    ident = ModelIdentity.from_hf_config(model.config)
+    g = torch.Generator().manual_seed(0)
+    scales = [scales_for(pair_max(torch.rand(2, 32, generator=g) + 0.2), 0.5).tolist() for _ in range(2)]
+    path = tmp_path / "plan.json"
+    make_plan(ident, [4, 2], 256, window=16, fp_bytes=4, key_scales=scales).save(path)
+    cache = ot.kv_cache(model, "pmkvq", plan=str(path), mode="static")
+    assert isinstance(cache, PMKVQCache) and [layer.bits for layer in cache.layers] == [4, 2]
+    assert model._overdrive_pmkvq_scales  # the key scales were folded into this model
+    enc = tok(["the quick brown fox"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=20, min_new_tokens=20, do_sample=False, past_key_values=cache)
+    assert out.shape[1] == enc.input_ids.shape[1] + 20
