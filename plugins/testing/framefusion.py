@@ -18,3 +18,51 @@ def partly_static_video(seed: int = 0, frames: int = 8, size: int = 112, static:
         f[:, :, :cut] = (base[:, :, :cut] + noise * torch.rand(3, size, cut, generator=g)).clamp(0, 1)
         out.append((f * 255).to(torch.uint8))
     return torch.stack(out)
+
+
+#: benchmark variant of the tiny Qwen2.5-VL: a deeper, wider decoder (so decoder prefill, what token
+#: reduction saves, is a visible share of the time), one window-attention vision block, frames up to
+#: 392x392 (14 x 14 = 196 language-model tokens per temporal patch)
+BENCH_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0})
+BENCH_VISION = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2, window_size=112, fullatt_block_indexes=[], tokens_per_second=2)
+BENCH_PIXELS = dict(min_pixels=56 * 56, max_pixels=392 * 392)
+
+
+def bench_qwen2_vl(dtype: str = "float32", seed: int = 0):
+    """Folder of the benchmark Qwen2.5-VL (random weights, peaked logits, local tokenizer)."""
+    from .cache import cached_build
+
+    params = {"builder": "bench_qwen2_5_vl", "version": 1, "dtype": dtype, "seed": seed,
+              "text": BENCH_TEXT, "vision": BENCH_VISION, "pixels": BENCH_PIXELS}
+    return cached_build("bench-qwen2.5-vl", params, lambda out: _build_bench(out, dtype, seed))
+
+
+def _build_bench(out, dtype: str, seed: int) -> None:
+    import json
+
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    from .llm import save_peaked
+    from .tokenizer import save_tokenizer, token_id
+
+    save_tokenizer(out)
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    ids = {t: token_id(out, t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                         "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    text = dict(BENCH_TEXT, vocab_size=vocab, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=dict(BENCH_VISION, out_hidden_size=BENCH_TEXT["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+    torch.manual_seed(seed)
+    save_peaked(Qwen2_5_VLForConditionalGeneration(config), out, dtype)
+    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**BENCH_PIXELS),
+                        video_processor=Qwen2VLVideoProcessor(**BENCH_PIXELS),
+                        tokenizer=tok, chat_template=tok.chat_template).save_pretrained(out)
