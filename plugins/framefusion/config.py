@@ -32,6 +32,10 @@ class FrameFusionConfig(MethodConfig):
                             "deviation" (distance of the RMS-normalised embedding from the video's
                             mean) or "norm" (embedding L2 norm). The per-layer version always uses
                             the last query token's attention, as the paper.
+    weight_merged           before the decoder: multiply a token's importance by the number of
+                            original tokens it stands for after merging (the attention mass its
+                            duplicates would have drawn together), so a merged still background is
+                            not pruned as if it were one token
     """
 
     VERSION = 1
@@ -39,6 +43,7 @@ class FrameFusionConfig(MethodConfig):
     similarity_lower_bound: float | None = None
     ratio_lower_bound: float = 0.1
     importance: Literal["deviation", "norm"] = "deviation"
+    weight_merged: bool = True
 
     def validate(self) -> None:
         if not (math.isfinite(self.cost) and 0.0 < self.cost <= 1.0):

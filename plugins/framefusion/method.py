@@ -27,7 +27,8 @@ last layer), this layer merges and prunes at once to land on the budget.
 **Before the decoder** (:meth:`FrameFusion.select`, one KV length for all layers, e.g. vLLM): the
 same merging on the vision embeddings, repeated while r >= ``ratio_lower_bound`` and capped so that
 exactly ``num_keep`` tokens remain, then pruning by a query-agnostic importance proxy (the embeddings
-are computed per video and cached by media hash, so they cannot depend on the text of one request).
+are computed per video and cached by media hash, so they cannot depend on the text of one request),
+by default scaled by the number of original tokens a merged token stands for.
 """
 from __future__ import annotations
 
@@ -338,6 +339,7 @@ class FrameFusion(TokenReductionMethod):
         similarity = cfg.similarity_for("")
         patch = torch.arange(n, device=embeds.device) % grid.tokens_per_frame
         index = torch.arange(n, device=embeds.device)  # original index of each current token
+        count = torch.ones(n, device=embeds.device)     # original tokens each current token stands for
         h = embeds
         need = n - num_keep
         merged = 0
@@ -351,8 +353,10 @@ class FrameFusion(TokenReductionMethod):
             if m >= need:
                 cand = top_merges(torch.where(cand, sim, torch.full_like(sim, float("-inf"))), need)
                 m = need
+            members = cand.nonzero().squeeze(-1)
+            count = count.index_add(0, merge_roots(cand, pred)[members], count[members])
             keep, h = apply_merge(h, cand, pred)
-            patch, index = patch[keep], index[keep]
+            patch, index, count = patch[keep], index[keep], count[keep]
             merged += m
             ratio = m / (need + num_keep)
             need -= m
@@ -360,7 +364,10 @@ class FrameFusion(TokenReductionMethod):
                 break
         pruned = 0
         if need > 0:
-            keep = prune_keep(importance_proxy(h, cfg.importance), torch.ones_like(patch, dtype=torch.bool), need)
+            score = importance_proxy(h, cfg.importance)
+            if cfg.weight_merged:
+                score = score * count
+            keep = prune_keep(score, torch.ones_like(patch, dtype=torch.bool), need)
             h, index = h[keep], index[keep]
             pruned = need
         return Selection(keep=index, embeds=h, merged=merged, pruned=pruned)

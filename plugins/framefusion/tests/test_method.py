@@ -336,11 +336,16 @@ def test_select_hand_computed():
     e = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0],
                       [1.0, 0, 0, 0], [0, 0, 1.0, 0],
                       [1.0, 0, 0, 0], [0, 0, 0, 5.0]])
-    sel = METHOD.select(e, VideoGrid(3, 1, 2), 3, FrameFusionConfig(similarity_lower_bound=0.9, importance="norm"))
+    cfg = FrameFusionConfig(similarity_lower_bound=0.9, importance="norm", weight_merged=False)
+    sel = METHOD.select(e, VideoGrid(3, 1, 2), 3, cfg)
     # merging removes tokens 2 and 4 (into 0); one more must go: the lowest-norm of {0, 1, 3, 5}
     # is a tie at norm 1 among 0, 1, 3 -> the earliest (0) is pruned
     assert sel.keep.tolist() == [1, 3, 5] and (sel.merged, sel.pruned) == (2, 1)
     assert torch.equal(sel.embeds, e[[1, 3, 5]])
+    # weighted by run size: token 0 stands for 3 tokens (score 3), 1 and 3 for one (score 1) -> 1 goes
+    sel = METHOD.select(e, VideoGrid(3, 1, 2), 3, cfg.replace(weight_merged=True))
+    assert sel.keep.tolist() == [0, 3, 5] and (sel.merged, sel.pruned) == (2, 1)
+    assert torch.equal(sel.embeds, e[[0, 3, 5]])
 
 
 def test_select_caps_merges_at_the_budget_and_averages():
