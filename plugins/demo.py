@@ -140,6 +140,114 @@ class Demo:
             raise AssertionError("vLLM and transformers disagree on the MBQ checkpoint")
         return f"MBQ-calibrated W3 Qwen2.5-VL: vLLM and transformers give the same {len(vl)} tokens on a video question"
 
+    def framefusion(self) -> str:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import overdrive.transformers as odt
+        from overdrive.testing.framefusion import partly_static_video
+        from overdrive.testing.llava import tiny_llava_onevision
+
+        path = tiny_llava_onevision()
+        proc = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "describe the video."}]}]
+        inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
+                      videos=[partly_static_video(0, frames=8)], return_tensors="pt")
+        with torch.no_grad():
+            before = model(**inputs).logits
+        att = odt.enable(model, "framefusion", cost=0.3, similarity_lower_bound=0.9)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        s = att.summaries[-1][0]
+        odt.disable(model)
+        with torch.no_grad():
+            restored = torch.equal(model(**inputs).logits, before)
+        print(f"  transformers, tiny LLaVA-OneVision (4 layers), {s['vision_tokens']} video tokens: kept per layer "
+              f"{s['per_layer']} (merged {s['merged']}, pruned {s['pruned']}), cost {s['cost']:.3f} (target 0.3); "
+              f"decoded {out[0, inputs.input_ids.shape[1]:].tolist()}; disable() restores exact logits: {restored}")
+        code = ("import json, os\n"
+                "if __name__ == '__main__':\n"
+                "    os.environ.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')\n"
+                "    from vllm import LLM, SamplingParams\n"
+                "    from overdrive.testing import tiny_qwen2_vl\n"
+                "    from overdrive.testing.framefusion import partly_static_video\n"
+                "    v = partly_static_video(0, frames=16).permute(0, 2, 3, 1).numpy()\n"
+                "    meta = {'fps': 2.0, 'duration': 8.0, 'total_num_frames': 16, 'frames_indices': list(range(16)),"
+                " 'video_backend': 'opencv', 'do_sample_frames': False}\n"
+                "    llm = LLM(model=str(tiny_qwen2_vl()), dtype='float32', max_model_len=1024, enforce_eager=True,"
+                " limit_mm_per_prompt={'video': 1, 'image': 0}, additional_config={'framefusion': {'cost': 0.3}})\n"
+                "    p = '<|im_start|>user\\n<|vision_start|><|video_pad|><|vision_end|>describe the video.<|im_end|>"
+                "\\n<|im_start|>assistant\\n'\n"
+                "    o = llm.generate([{'prompt': p, 'multi_modal_data': {'video': (v, meta)}}],"
+                " SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]\n"
+                "    print('RESULT ' + json.dumps({'prompt': len(o.prompt_token_ids), 'tokens': list(o.outputs[0].token_ids)}))\n")
+        env = {k: v for k, v in self.env.items() if k != "TRITON_INTERPRET"}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        logs = [x.split("] ", 1)[-1] for x in (r.stdout + r.stderr).splitlines() if "overdrive framefusion: video" in x]
+        res = next((json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if r.returncode != 0 or res is None or not logs:
+            raise RuntimeError(f"vLLM with FrameFusion failed:\n{(r.stdout + r.stderr)[-3000:]}")
+        print(f"  vLLM (--additional-config framefusion cost 0.3), tiny Qwen2.5-VL: {logs[-1]}; "
+              f"prompt {res['prompt']} tokens; answer {res['tokens']}")
+        if not restored:
+            raise AssertionError("disabling FrameFusion did not restore the original logits")
+        return (f"FrameFusion: transformers cost {s['cost']:.3f} for target 0.3 with exact restore; "
+                f"vLLM served the video prompt with {logs[-1].split('-> ')[1].split(' (')[0]}")
+
+    def pmkvq(self) -> str:
+        import re
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import overdrive.transformers as odt
+        from overdrive.kernels.kv_attention import cell_words
+        from overdrive.pmkvq import load_plan
+        from overdrive.testing import tiny_llama
+
+        base, plan_path = tiny_llama(), self.work / "pmkvq-plan.json"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "pmkvq", "--model", str(base),
+                        "--output", str(plan_path), "--budget", "55000B", "--max-len", "256", "--window", "16",
+                        "--samples", "2", "--seq-len", "64"], env=self.env, check=True)
+        plan = load_plan(plan_path)
+        print(f"  calibrated in {time.perf_counter() - t0:.1f} s: per-layer bits {plan.layer_bits}, "
+              f"alphas {[x.get('alpha') for x in plan.layers]}, {plan.budget_bytes} B per 256-token sequence")
+        tok = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        want = []
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            cache = odt.kv_cache(model, "pmkvq", plan=str(plan_path), mode="static")
+            want.append(model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                       past_key_values=cache)[0, ids.shape[1]:].tolist())
+        code = ("import json, os, sys\n"
+                "if __name__ == '__main__':\n"
+                "    os.environ.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')\n"
+                "    from vllm import LLM, SamplingParams\n"
+                f"    llm = LLM(model={str(base)!r}, dtype='float32', max_model_len=256, enforce_eager=True, block_size=32,"
+                f" additional_config={{'pmkvq': {{'plan': {str(plan_path)!r}}}}})\n"
+                f"    outs = llm.generate({PROMPTS!r}, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))\n"
+                "    print('RESULT ' + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)\n")
+        env = {k: v for k, v in self.env.items() if k != "TRITON_INTERPRET"}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        got = next((json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        cap = re.findall(r"KV cache size: ([\d,]+) tokens", r.stdout + r.stderr)
+        if r.returncode != 0 or got is None or not cap:
+            raise RuntimeError(f"vLLM with PM-KVQ failed:\n{(r.stdout + r.stderr)[-3000:]}")
+        ident = plan.identity
+        dense = ident.num_layers * ident.num_kv_heads * 2 * ident.head_size * 4  # float32 K/V bytes per token
+        packed = sum(ident.num_kv_heads * 4 * cell_words(ident.head_size, b, 32) for b in plan.layer_bits)
+        tokens = int(cap[-1].replace(",", ""))
+        print(f"  vLLM (--additional-config pmkvq plan, CPU_ATTN override): KV cache size {tokens:,} tokens at 1 GiB "
+              f"({dense} -> {packed} bytes per token: {dense / packed:.1f}x the {2**30 // dense:,} of float32 pages)\n"
+              f"  vLLM tokens {got}\n  transformers (PMKVQCache, same plan) {want}")
+        if got != want:
+            raise AssertionError("vLLM and transformers disagree with the same PM-KVQ plan")
+        return (f"PM-KVQ plan bits {plan.layer_bits}: vLLM holds {dense / packed:.1f}x more KV tokens and answers "
+                "like transformers with the same plan")
+
     def sglang(self) -> str:
         code = ("import json; from sglang.srt.plugins import load_plugins; load_plugins();"
                 "from sglang.srt.layers import quantization as q;"
@@ -195,7 +303,7 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m overdrive.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: registry doctor kernels vllm mbq sglang diffusers")
+    ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: registry doctor kernels vllm mbq framefusion pmkvq sglang diffusers")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="overdrive-demo-") as tmp:
         d = Demo(Path(tmp))
@@ -205,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             ("kernels", "Kernels: Triton in the interpreter vs float64", d.kernels),
             ("vllm", "vLLM + transformers: quantize, serve, load, compare", d.vllm),
             ("mbq", "MBQ: calibrate a VLM, answer a video question in vLLM and transformers", d.mbq),
+            ("framefusion", "FrameFusion: video token merging + pruning in transformers and vLLM", d.framefusion),
+            ("pmkvq", "PM-KVQ: calibrate a KV plan, serve it in vLLM with more KV capacity, compare with transformers",
+             d.pmkvq),
             ("sglang", "SGLang: real plugin loader and registries", d.sglang),
             ("diffusers", "Diffusers: a DiT cache through overdrive.diffusers", d.diffusers),
         ]
