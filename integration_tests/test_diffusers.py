@@ -43,9 +43,9 @@ def test_interval_one_is_exactly_the_plain_pipeline(example_registry):
 
 def test_errors_say_what_to_do(example_registry):
     pipe = tiny_pipeline("flux")
-    with pytest.raises(overdrive.UnknownMethodError, match="unknown DiT caching / attention compression method 'nope'; known: example_stepcache"):
+    with pytest.raises(overdrive.UnknownMethodError, match=r"unknown DiT caching / attention compression method 'nope'; known: (.*, )?example_stepcache"):
         odd.enable(pipe, "nope")
-    with pytest.raises(overdrive.UnknownMethodError, match="known: example_stepcache"):
+    with pytest.raises(overdrive.UnknownMethodError, match=r"known: (.*, )?example_stepcache"):
         odd.enable(pipe, "example_w8")  # a weight-quant method is not a DiT method
     with pytest.raises(overdrive.ConfigError, match="interval must be >= 1"):
         odd.enable(pipe, "example_stepcache", interval=0)
