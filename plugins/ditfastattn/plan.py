@@ -164,8 +164,12 @@ class Schedule:
         return self.entry(step + 1, block).skip
 
     def keep_heads(self, step: int, block: int) -> bool:
-        nxt = self.entry(step + 1, block)
-        return bool(nxt.share_heads) and any(nxt.share_heads)
+        """Whether the next step that computes this module's attention shares heads with this one."""
+        for t in range(step + 1, self._horizon(step) + 1):
+            nxt = self.entry(t, block)
+            if not nxt.skip:
+                return bool(nxt.share_heads) and any(nxt.share_heads)
+        return False
 
     def residual_window(self, step: int, block: int) -> int | None:
         """At a full step: the window of the first later WA-RS entry before the next full step."""

@@ -113,6 +113,10 @@ class DiTFastAttnAttachment:
         self.cross: dict[int, tuple[int, str, Any]] = {}  # block -> (step, context, output) for separate-call ASC
         self.flops = {"full": 0, "computed": 0}
         self.reused = {"ast": 0, "asc": 0}
+        self.geometry: tuple[int, int] | None = None  # (vision tokens, text tokens) seen in the attention
+        # calibration: called as observer(block, q, k, v, scale, text_range, out, previous_heads) after
+        # every full-attention computation
+        self.observer: Any = None
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(_DenoiserHook(self), DENOISER_HOOK)
         for b, m in enumerate(self.modules):
             HookRegistry.check_if_exists_or_initialize(m).register_hook(_AttentionHook(self, b), ATTENTION_HOOK)
@@ -221,6 +225,7 @@ class DiTFastAttnAttachment:
 
     def _check(self, run: Run, b: int, h: int, s: int, d: int) -> None:
         vision = s - run.text_tokens if self.info.joint_text else s
+        self.geometry = (vision, run.text_tokens if self.info.joint_text else 0)
         if self.plan is not None:
             have = Identity(type(self.denoiser).__name__, self.info.family, len(self.modules), h, d, vision,
                             run.text_tokens if self.info.joint_text else 0, self.plan.steps)
@@ -238,6 +243,7 @@ class DiTFastAttnAttachment:
         scale = a.get("scale")
         cache = run.cache(block)
         cache.shape = (b, h, s, d)
+        previous_heads = cache.heads
         sched = self.schedule
         rw = sched.residual_window(run.step, block) if e.is_full else None
         keep_heads = sched.keep_heads(run.step, block)
@@ -246,6 +252,8 @@ class DiTFastAttnAttachment:
         if e.is_full and rw is None:
             out = F.scaled_dot_product_attention(**a)
             self.flops["computed"] += full
+            if self.observer is not None:
+                self.observer(block, q, k, v, a.get("scale"), self._text_range(run, s), out, previous_heads)
             if keep_heads:
                 cache.heads = out
             return out
@@ -289,6 +297,8 @@ class DiTFastAttnAttachment:
             wr = torch.full((h,), min(rw, s - 1))
             cache.residual = out - window_attention(q, k, v, wr, *text, scale=scale)
             computed += b * attention_flops(s, d, wr, *text)
+            if self.observer is not None:
+                self.observer(block, q, k, v, scale, text, out, previous_heads)
         if keep_heads:
             cache.heads = out
         self.flops["computed"] += computed

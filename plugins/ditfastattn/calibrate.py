@@ -1,0 +1,505 @@
+"""DiTFastAttn calibration: search a plan on a diffusers pipeline and write it as JSON.
+
+    overdrive calibrate --method ditfastattn --pipeline DIR --output PLAN.json [--variant v1|v2] ...
+
+or from Python::
+
+    from overdrive.ditfastattn.calibrate import calibrate
+    plan = calibrate(pipe, variant="v2", alpha=0.2, num_inference_steps=20, prompt=[...])
+    plan.save("plan.json")
+
+How it searches (both variants):
+
+1. the pipeline runs once unaccelerated; every denoiser call is recorded (inputs, cache context,
+   output), grouped into steps (a step ends when a cache context repeats: the pipelines' "cond"
+   and "uncond" calls are one step, batched-CFG pipelines make one call per step);
+2. step by step, the recorded calls of the step are replayed through DiTFastAttn with the plan chosen
+   for the earlier steps in force (their caches: outputs for AST, residuals for WA-RS, per-head
+   outputs for sharing), and candidates are judged against the recorded unaccelerated outputs.
+   The inputs are the unaccelerated trajectory's ("teacher forcing"): one recording serves every
+   trial, and each step's error is the error that step adds, not the drift the earlier steps caused
+   (the reference implementations calibrate along the accelerated trajectory instead);
+3. the chosen entries of the step are replayed once more to commit the caches the next step reuses.
+
+v1 (DiTFastAttn, per block): step 0 is full; at every later step, blocks in order try AST, then
+WA-RS+ASC, then WA-RS, then ASC (ASC only under CFG; WA-RS only after a full step of that block) and
+keep the first whose loss on the denoiser output, mean clip(|a - b| / (max(|a|, |b|) + 1e-6), 0, 10),
+stays under ``threshold * (block + 1) / blocks``; earlier choices stay applied while later blocks are
+tried.
+
+v2 (DiTFastAttnV2, per head): at every step >= 1, one replay with full attention measures each head's
+relative squared error ``mean((O' - O)^2) / Var(O)`` of its attention output O for every candidate
+(share the previous step's head output, arrow:8/16/32); candidates with rse >= 1.5 alpha / H are
+dropped; then, per block, an integer program (``scipy.optimize.milp``) picks at most one candidate per
+head maximising the attention FLOPs saved, each candidate costed exactly (allowed query-key pairs of
+its band with the text rows and columns) under ``sum(rse) <= alpha``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from overdrive.config import ConfigError
+
+from .plan import ARROW_KS, FULL, Entry, Identity, Plan, Schedule, band_for, flops_fraction
+
+V1_DEFAULT_THRESHOLD = 0.05
+V2_DEFAULT_ALPHA = 0.2
+
+
+# ------------------------------------------------------------------------------------ recording
+@dataclasses.dataclass
+class Call:
+    """One recorded denoiser call."""
+
+    context: Any            # diffusers CacheContext or None
+    args: tuple
+    kwargs: dict
+    out: torch.Tensor | None = None
+
+
+def _clone(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The denoiser's prediction tensor from whatever it returned (tuple or output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"cannot find the prediction tensor in a denoiser output of type {type(out).__name__}")
+
+
+def _recorder(calls: list[Call]) -> Any:
+    from diffusers.hooks import ModelHook
+    from diffusers.hooks.hooks import StateManager
+
+    from .runtime import _NoState
+
+    class Recorder(ModelHook):
+        _is_stateful = True  # receives the pipeline's cache context
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.state_manager = StateManager(_NoState)
+
+        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+            calls.append(Call(self.state_manager._context, _clone(args), _clone(kwargs)))
+            return args, kwargs
+
+        def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+            calls[-1].out = main_output(output).detach().clone()
+            return output
+
+        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+            return module
+
+    return Recorder()
+
+
+def record(pipeline: Any, denoiser: torch.nn.Module, call_kwargs: dict[str, Any]) -> tuple[Any, list[list[Call]]]:
+    """Run ``pipeline(**call_kwargs)`` unaccelerated; return its output and the denoiser calls by step."""
+    from diffusers.hooks import HookRegistry
+
+    calls: list[Call] = []
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    registry.register_hook(_recorder(calls), "overdrive_ditfastattn_record")
+    try:
+        with torch.no_grad():
+            result = pipeline(**call_kwargs)
+    finally:
+        registry.remove_hook("overdrive_ditfastattn_record", recurse=False)
+    steps: list[list[Call]] = []
+    for c in calls:
+        name = c.context.name if c.context is not None else None
+        if not steps or any((p.context.name if p.context is not None else None) == name for p in steps[-1]):
+            steps.append([])
+        steps[-1].append(c)
+    if not steps:
+        raise ConfigError(f"{type(pipeline).__name__}: the pipeline made no denoiser calls")
+    return result, steps
+
+
+# --------------------------------------------------------------------------------- replay state
+class CalibrationSchedule(Schedule):
+    """Entries chosen so far; keeps every cache a later candidate might need."""
+
+    def __init__(self, window: int | None) -> None:
+        self.rows: dict[int, list[Entry]] = {}
+        self.window = window
+
+    def entry(self, step: int, block: int) -> Entry:
+        row = self.rows.get(step)
+        return row[block] if row is not None else FULL
+
+    def keep_output(self, step: int, block: int) -> bool:
+        return True
+
+    def keep_heads(self, step: int, block: int) -> bool:
+        return True
+
+    def residual_window(self, step: int, block: int) -> int | None:
+        return self.window
+
+
+def _copy_runs(runs: dict) -> dict:
+    return {k: dataclasses.replace(r, modules={b: dataclasses.replace(c) for b, c in r.modules.items()})
+            for k, r in runs.items()}
+
+
+def _snapshot(att: Any) -> tuple[dict, dict]:
+    """The attachment's caches (cache entries are replaced, never mutated, so shallow copies suffice)."""
+    return _copy_runs(att.runs), dict(att.cross)
+
+
+def _restore(att: Any, snap: tuple[dict, dict]) -> None:
+    att.runs, att.cross, att.current = _copy_runs(snap[0]), dict(snap[1]), None
+
+
+def _replay(denoiser: torch.nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for c in calls:
+            if c.context is not None:
+                fields = {f.name: getattr(c.context, f.name) for f in dataclasses.fields(c.context) if f.name != "name"}
+                with denoiser.cache_context(c.context.name, **fields):
+                    out = denoiser(*c.args, **c.kwargs)
+            else:
+                out = denoiser(*c.args, **c.kwargs)
+            outs.append(main_output(out))
+    return outs
+
+
+def v1_loss(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """DiTFastAttn's loss: mean clip(|a - b| / (max(|a|, |b|) + 1e-6), 0, 10) over every call of the step."""
+    total = count = 0.0
+    for a, b in zip(outs, refs):
+        a, b = a.double(), b.double()
+        rel = ((a - b).abs() / (torch.maximum(a.abs(), b.abs()) + 1e-6)).clamp(0, 10)
+        total += float(rel.sum())
+        count += rel.numel()
+    return total / count
+
+
+def _cfg_in(calls: Sequence[Call]) -> bool:
+    if len(calls) > 1:
+        return True
+    hidden = calls[0].kwargs.get("hidden_states", calls[0].args[0] if calls[0].args else None)
+    n = hidden.shape[0] if isinstance(hidden, torch.Tensor) else 0
+    return bool(n and n % 2 == 0 and torch.equal(hidden[: n // 2], hidden[n // 2:]))
+
+
+# ---------------------------------------------------------------------------------- the search
+@dataclasses.dataclass
+class _Search:
+    att: Any
+    denoiser: torch.nn.Module
+    steps: list[list[Call]]
+    sched: CalibrationSchedule
+
+    @property
+    def blocks(self) -> int:
+        return len(self.att.modules)
+
+    def commit(self, t: int, row: list[Entry], snap: tuple[dict, dict]) -> None:
+        self.sched.rows[t] = row
+        _restore(self.att, snap)
+        _replay(self.denoiser, self.steps[t])
+
+
+def _v1(search: _Search, threshold: float, window: int) -> tuple[list[list[Entry]], list[float]]:
+    att, n = search.att, search.blocks
+    heads = att.heads
+    wars = Entry(residual=True, window=(window,) * heads)
+    wars_asc = dataclasses.replace(wars, asc=True)
+    ast, asc = Entry(skip=True), Entry(asc=True)
+    losses = [0.0]
+    full_seen = [True] * n  # step 0 is full for every block
+    for t in range(1, len(search.steps)):
+        calls = search.steps[t]
+        refs = [c.out for c in calls]
+        cfg = _cfg_in(calls)
+        snap = _snapshot(att)
+        row = [FULL] * n
+        loss = 0.0
+        for b in range(n):
+            bound = threshold * (b + 1) / n
+            candidates = [ast] + ([wars_asc] if cfg and full_seen[b] else []) + ([wars] if full_seen[b] else []) \
+                + ([asc] if cfg else [])
+            for cand in candidates:
+                row[b] = cand
+                search.sched.rows[t] = row
+                _restore(att, snap)
+                trial = v1_loss(_replay(search.denoiser, calls), refs)
+                if trial < bound:
+                    loss = trial
+                    break
+            else:
+                row[b] = FULL
+        search.commit(t, row, snap)
+        losses.append(loss)
+    return [search.sched.rows[t] for t in range(len(search.steps))], losses
+
+
+class _HeadErrors:
+    """Observer: per head, the rse of every v2 candidate against the full attention output."""
+
+    def __init__(self, vision: int) -> None:
+        self.vision = vision
+        self.rse: dict[int, dict[str, torch.Tensor]] = {}
+        self.geometry: dict[int, tuple[int, int, tuple[int, int]]] = {}
+
+    def __call__(self, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Any,
+                 text: tuple[int, int], out: torch.Tensor, previous: torch.Tensor | None) -> None:
+        from overdrive.kernels import window_attention
+
+        o = out.double()
+        var = o.var(dim=(0, 2, 3), unbiased=False).clamp_min(1e-12)
+
+        def rse(x: torch.Tensor) -> torch.Tensor:
+            return ((x.double() - o) ** 2).mean(dim=(0, 2, 3)) / var
+
+        b, h, s, d = q.shape
+        errs: dict[str, torch.Tensor] = {}
+        if previous is not None and previous.shape == out.shape:
+            errs["share"] = rse(previous)
+        for kk in ARROW_KS:
+            w = band_for(kk, self.vision)
+            if w >= s - 1:
+                continue
+            errs[f"arrow:{kk}"] = rse(window_attention(q, k, v, torch.full((h,), w), *text, scale=scale))
+        self.rse[block] = errs
+        self.geometry[block] = (s, d, text)
+
+
+def choose_heads(rse: dict[str, Sequence[float]], saving: dict[str, float], heads: int, alpha: float) -> list[str]:
+    """v2's integer program for one block: per head at most one candidate, max saving, sum(rse) <= alpha."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    cut = 1.5 * alpha / heads
+    options = [(h, c) for c in rse for h in range(heads) if float(rse[c][h]) < cut and saving[c] > 0]
+    if not options:
+        return ["full"] * heads
+    gain = np.array([saving[c] for _, c in options], dtype=float)
+    err = np.array([float(rse[c][h]) for h, c in options], dtype=float)
+    one = np.zeros((heads, len(options)))
+    for j, (h, _) in enumerate(options):
+        one[h, j] = 1.0
+    res = milp(c=-gain / gain.max(), integrality=np.ones(len(options)), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(err[None, :], -np.inf, alpha), LinearConstraint(one, 0, 1)])
+    if res.x is None:
+        raise RuntimeError(f"DiTFastAttn v2 calibration: the integer program failed ({res.message})")
+    codes = ["full"] * heads
+    for j, (h, c) in enumerate(options):
+        if res.x[j] > 0.5:
+            codes[h] = c
+    return codes
+
+
+def _v2(search: _Search, alpha: float, vision: int) -> tuple[list[list[Entry]], list[float]]:
+    from overdrive.kernels import attention_flops
+
+    from .plan import parse_entry
+
+    att, n, heads = search.att, search.blocks, search.att.heads
+    predicted = [0.0]
+    for t in range(1, len(search.steps)):
+        snap = _snapshot(att)
+        observer = _HeadErrors(vision)
+        search.sched.rows[t] = [FULL] * n
+        att.observer = observer
+        try:
+            _replay(search.denoiser, search.steps[t])
+        finally:
+            att.observer = None
+        row, spent = [], 0.0
+        for b in range(n):
+            errs = observer.rse.get(b)
+            if not errs:
+                row.append(FULL)
+                continue
+            s, d, text = observer.geometry[b]
+            full_head = s * s * 4 * d
+            saving = {c: float(full_head if c == "share" else
+                               full_head - attention_flops(s, d, torch.tensor([band_for(int(c[6:]), vision)]), *text))
+                      for c in errs}
+            codes = choose_heads({c: e.tolist() for c, e in errs.items()}, saving, heads, alpha)
+            spent = max(spent, sum(float(errs[c][h]) for h, c in enumerate(codes) if c != "full"))
+            row.append(parse_entry(codes, heads, vision, 0, f"step {t} block {b}"))
+        search.commit(t, row, snap)
+        predicted.append(spent)
+    return [search.sched.rows[t] for t in range(len(search.steps))], predicted
+
+
+def calibrate(pipeline: Any, variant: str = "v1", threshold: float = V1_DEFAULT_THRESHOLD,
+              alpha: float = V2_DEFAULT_ALPHA, window_fraction: float = 0.125, **call_kwargs: Any) -> Plan:
+    """Calibrate a DiTFastAttn plan on ``pipeline`` for the call ``pipeline(**call_kwargs)``.
+
+    The plan fits the call's resolution (vision tokens), text length and ``num_inference_steps``;
+    a batch of several prompts in the call calibrates on all of them at once.
+    """
+    from overdrive.adapters.diffusers import denoiser_info, denoiser_of, enabled
+
+    from .config import DiTFastAttnConfig
+    from .runtime import DiTFastAttnAttachment
+
+    if variant not in ("v1", "v2"):
+        raise ConfigError(f"variant must be 'v1' or 'v2', got {variant!r}")
+    if not 0 < threshold:
+        raise ConfigError(f"threshold must be > 0, got {threshold}")
+    if not 0 < alpha:
+        raise ConfigError(f"alpha must be > 0, got {alpha}")
+    if not 0 < window_fraction < 1:
+        raise ConfigError(f"window_fraction must be in (0, 1), got {window_fraction}")
+    denoiser = denoiser_of(pipeline)
+    info = denoiser_info(denoiser)
+    if enabled(pipeline):
+        raise ConfigError(f"{enabled(pipeline)!r} is enabled on this pipeline; disable it before calibrating")
+    _, steps = record(pipeline, denoiser, call_kwargs)
+    if len(steps) < 2:
+        raise ConfigError("calibration needs at least 2 denoising steps (step 0 is always full attention)")
+    att = DiTFastAttnAttachment(denoiser, DiTFastAttnConfig(strategy="full"), info, None)
+    try:
+        sched = CalibrationSchedule(None)
+        att.schedule = sched
+        search = _Search(att, denoiser, steps, sched)
+        empty = _snapshot(att)
+        search.commit(0, [FULL] * len(att.modules), empty)
+        if att.geometry is None:
+            raise RuntimeError("DiTFastAttn calibration: no attention call reached the hooked modules")
+        vision, text = att.geometry
+        window = max(1, round(window_fraction * vision))
+        if variant == "v1":
+            sched.window = window  # full steps now also cache the WA-RS residual
+            search.commit(0, [FULL] * len(att.modules), empty)
+            entries, per_step = _v1(search, threshold, window)
+        else:
+            entries, per_step = _v2(search, alpha, vision)
+    finally:
+        att.detach()
+    cfg = _cfg_in(steps[0])
+    identity = Identity(type(denoiser).__name__, info.family, len(att.modules), att.heads, att.head_dim,
+                        vision, text, len(steps))
+    s_total = vision + text
+    text_range = (0, 0) if not text else ((0, text) if info.text_first else (vision, s_total))
+    first = steps[0][0]
+    hidden = first.kwargs.get("hidden_states", first.args[0] if first.args else None)
+    meta = {
+        "calibrated": datetime.date.today().isoformat(),
+        "variant": variant,
+        "threshold" if variant == "v1" else "alpha": threshold if variant == "v1" else alpha,
+        "window_fraction": window_fraction,
+        "samples": int(hidden.shape[0]) // (2 if cfg and len(steps[0]) == 1 else 1),
+        "cfg": cfg,
+        "teacher_forced": True,
+        "per_step": ["v1 loss" if variant == "v1" else "max block sum(rse)", [round(x, 6) for x in per_step]],
+        "predicted_attention_flops_fraction": round(flops_fraction(entries, att.heads, s_total, text_range,
+                                                                   att.head_dim, cfg), 6),
+    }
+    return Plan(identity, variant, window if variant == "v1" else 0, entries, meta)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", required=True, type=Path,
+                   help="diffusers pipeline directory (DiffusionPipeline.from_pretrained)")
+    p.add_argument("--output", required=True, type=Path, help="plan JSON to write (atomically)")
+    p.add_argument("--variant", choices=("v1", "v2"), default="v1",
+                   help="v1: per-block greedy (AST / WA-RS / ASC); v2: per-head integer program (share / arrow)")
+    p.add_argument("--threshold", type=float, default=V1_DEFAULT_THRESHOLD, help="v1 loss threshold")
+    p.add_argument("--alpha", type=float, default=V2_DEFAULT_ALPHA, help="v2 per-block error budget sum(rse)")
+    p.add_argument("--window-fraction", type=float, default=0.125,
+                   help="v1 WA-RS window half-width as a fraction of the vision tokens")
+    p.add_argument("--steps", type=int, required=True, help="num_inference_steps the plan is for")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="calibration prompt (repeat for several; needs the pipeline's text encoders)")
+    p.add_argument("--embeds", type=Path, default=None,
+                   help="safetensors file of pipeline inputs instead of prompts (prompt_embeds, "
+                        "negative_prompt_embeds, pooled_prompt_embeds, ...; batch = calibration prompts)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video pipelines")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+
+
+def call_kwargs_from_args(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline call arguments from the CLI options, checked against the pipeline's signature."""
+    params = inspect.signature(type(pipeline).__call__).parameters
+    kw: dict[str, Any] = {"num_inference_steps": args.steps, "output_type": "latent",
+                          "generator": torch.Generator(args.device).manual_seed(args.seed)}
+    if args.prompt and args.embeds:
+        raise ConfigError("give --prompt or --embeds, not both")
+    if args.embeds:
+        from safetensors import SafetensorsError
+        from safetensors.torch import load_file
+
+        if not args.embeds.is_file():
+            raise ConfigError(f"--embeds {args.embeds}: no such file")
+        try:
+            tensors = load_file(str(args.embeds))
+        except (SafetensorsError, OSError, ValueError) as e:
+            raise ConfigError(f"--embeds {args.embeds}: not a safetensors file ({e})") from None
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ConfigError(f"--embeds {args.embeds}: tensors {unknown} are not arguments of "
+                              f"{type(pipeline).__name__}.__call__; expected names like "
+                              f"{sorted(n for n in params if 'embeds' in n or 'mask' in n)}")
+        dtype = getattr(torch, args.dtype)
+        kw.update({k: (v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device))
+                   for k, v in tensors.items()})
+    elif args.prompt:
+        kw["prompt"] = list(args.prompt)
+    else:
+        raise ConfigError("give calibration inputs: --prompt TEXT (repeatable) or --embeds FILE.safetensors")
+    for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.num_frames),
+                        ("guidance_scale", args.guidance_scale)):
+        if value is None:
+            continue
+        if name not in params:
+            raise ConfigError(f"--{name.replace('_', '-')}: {type(pipeline).__name__} takes no {name}")
+        kw[name] = value
+    return {k: v for k, v in kw.items() if k in params or k in ("num_inference_steps",)}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if not (args.pipeline / "model_index.json").is_file():
+            raise ConfigError(f"--pipeline {args.pipeline}: no model_index.json (expected a diffusers pipeline directory)")
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), torch_dtype=getattr(torch, args.dtype))
+        pipe.to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = call_kwargs_from_args(pipe, args)
+        plan = calibrate(pipe, variant=args.variant, threshold=args.threshold, alpha=args.alpha,
+                         window_fraction=args.window_fraction, **kwargs)
+    except (ConfigError, TypeError) as e:
+        print(f"overdrive calibrate --method ditfastattn: {e}", file=sys.stderr)
+        return 2
+    plan.save(args.output)
+    ident = plan.identity
+    print(f"wrote {args.output}: {ident.architecture} ({ident.family}), {ident.blocks} attention modules x "
+          f"{ident.heads} heads, {ident.vision_tokens} vision + {ident.text_tokens} text tokens, {ident.steps} steps; "
+          f"{plan.variant} predicted attention FLOPs {plan.meta['predicted_attention_flops_fraction']:.3f} of full")
+    return 0
