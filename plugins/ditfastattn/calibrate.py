@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import datetime
 import inspect
+import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -451,14 +452,14 @@ def call_kwargs_from_args(pipeline: Any, args: argparse.Namespace) -> dict[str, 
     if args.prompt and args.embeds:
         raise ConfigError("give --prompt or --embeds, not both")
     if args.embeds:
-        from safetensors import SafetensorsError
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not args.embeds.is_file():
             raise ConfigError(f"--embeds {args.embeds}: no such file")
         try:
             tensors = load_file(str(args.embeds))
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise ConfigError(f"--embeds {args.embeds}: not a safetensors file ({e})") from None
         unknown = sorted(set(tensors) - set(params))
         if unknown:
@@ -488,7 +489,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--pipeline {args.pipeline}: no model_index.json (expected a diffusers pipeline directory)")
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), torch_dtype=getattr(torch, args.dtype))
+        index = json.loads((args.pipeline / "model_index.json").read_text())
+        # components saved as None (e.g. no text encoders: calibration from --embeds) load as None
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+        pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), torch_dtype=getattr(torch, args.dtype), **absent)
         pipe.to(args.device)
         pipe.set_progress_bar_config(disable=True)
         kwargs = call_kwargs_from_args(pipe, args)
