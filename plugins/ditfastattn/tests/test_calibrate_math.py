@@ -51,3 +51,19 @@ def test_v1_loss_closed_form():
     # the mean runs over every element of every call of the step (with |.|, the ratio is at most 2)
     c, d = torch.tensor([1e-3]), torch.tensor([-1e-3])
     assert v1_loss([a, c], [b, d]) == pytest.approx((expect * 4 + 2e-3 / (1e-3 + 1e-6)) / 5, rel=1e-9)
+
+
+def test_psnr_and_ssim_closed_forms():
+    from overdrive.ditfastattn.metrics import psnr, ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 20, 24, generator=g, dtype=torch.float64)
+    assert psnr(x, x) == float("inf") and ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    # a constant offset d: MSE = d^2
+    assert psnr(x + 0.1, x) == pytest.approx(20.0, abs=1e-9)
+    # constant images a and b: variances and covariance vanish, SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, c1 = 0.3, 0.7, 0.01 ** 2
+    got = ssim(torch.full((1, 1, 16, 16), a, dtype=torch.float64), torch.full((1, 1, 16, 16), b, dtype=torch.float64))
+    assert got == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-9)
+    # x vs a * x (no mean shift, windows see scaled structure): SSIM < 1 and symmetric
+    assert ssim(x, 0.5 * x) == pytest.approx(ssim(0.5 * x, x), rel=1e-12) and ssim(x, 0.5 * x) < 0.99
