@@ -119,6 +119,7 @@ def peer_configs(pipe: Any, steps: int, mag_ratios: list[float]) -> dict[str, An
     ts = lambda: pipe.current_timestep  # noqa: E731  (the pipelines' documented callback)
     return {
         "FirstBlockCache 0.2": FirstBlockCacheConfig(threshold=0.2),
+        "FirstBlockCache 0.6": FirstBlockCacheConfig(threshold=0.6),
         "PyramidAttentionBroadcast skip 2": PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1000),
             current_timestep_callback=ts),
