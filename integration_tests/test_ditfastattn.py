@@ -344,3 +344,48 @@ def test_cli_calibrates_a_saved_pipeline(tmp_path):
         import re
         assert re.search(match, r.stderr), r.stderr[-2000:]
         assert not (tmp_path / "bad.json").exists()
+
+
+def test_cogvideox_denoiser_text_first_layout_and_closed_forms():
+    """CogVideoX (batched CFG in one "cond_uncond" context, text tokens first) at the denoiser level."""
+    import diffusers
+
+    torch.manual_seed(0)
+    tr = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        max_text_seq_length=12, temporal_compression_ratio=4).eval().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 4, 8, 8, generator=g, dtype=torch.float64).repeat(2, 1, 1, 1, 1)  # CFG: equal halves
+    enc = torch.randn(2, 12, 32, generator=g, dtype=torch.float64)
+
+    def run(times=(900, 600, 300, 100)):
+        outs = []
+        with torch.no_grad():
+            for t in times:
+                with tr.cache_context("cond_uncond"):
+                    outs.append(tr(hidden_states=x, encoder_hidden_states=enc, timestep=torch.tensor([t, t]),
+                                   return_dict=False)[0])
+        return torch.stack(outs)
+
+    base = run()
+    for strategy, frac in (("full", 1.0), ("ast", 0.25), ("asc", 0.625)):
+        att = odd.enable(tr, "ditfastattn", strategy=strategy)
+        try:
+            out = run()
+        finally:
+            odd.disable(tr)
+        assert att.flops_fraction == pytest.approx(frac, rel=1e-12)
+        assert att.geometry == (32, 12)  # 2 latent frames x 4 x 4 patches, 12 text tokens
+        assert torch.equal(out, base) == (strategy == "full")
+    # arrow at step 1 (no step_index in this context: a lower timestep is the next step) equals the
+    # masked float64 reference at that timestep
+    att = odd.enable(tr, "ditfastattn", strategy="arrow", arrow_k=8)
+    try:
+        out = run((900, 600))[1]
+    finally:
+        odd.disable(tr)
+    with torch.no_grad(), _MaskedAttention(band_for(8, 32), text=12):
+        ref = tr(hidden_states=x, encoder_hidden_states=enc, timestep=torch.tensor([600, 600]), return_dict=False)[0]
+    assert (out - ref).abs().max() < 1e-10 and (out - base[1]).abs().max() > 1e-6
+    assert torch.equal(run(), base)
