@@ -76,6 +76,18 @@ def test_dispatch_and_errors(interpret):
         window_attention(q, k[:, :, :10], v, w)
 
 
+@pytest.mark.parametrize("tiles", [(128, 64), (64, 128), (16, 16)])
+@pytest.mark.parametrize("s,t0,t1,w", [(300, 0, 77, 5), (300, 230, 300, 40), (257, 100, 140, 0), (200, 0, 0, 150)])
+def test_triton_tilings_in_interpreter(interpret, tiles, s, t0, t1, w):
+    """The GPU tiling (BM 128, BN 64) and others: band + text loops visit every allowed key block once."""
+    mod = interpret("window_attention")
+    q, k, v = _qkv(1, 2, s, 16, seed=s + w)
+    win = torch.tensor([w, 3 * w + 1])
+    got = mod.window_attention(q, k, v, win, t0, t1, tiles=tiles)
+    want = window_attention_reference(q.double(), k.double(), v.double(), win, t0, t1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("s,t0,t1", [(4096 + 512, 0, 512), (4097, 0, 0)])

@@ -72,6 +72,32 @@ def kernel_cases() -> list[dict[str, Any]]:
     return cases
 
 
+def _flex_timer() -> Any:
+    """FlexAttention with a block mask of the same band/arrow (compiled), or None where unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    import triton.testing
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def timer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: dict[str, Any]) -> float:
+        w, t0, t1 = c["w"], c["t0"], c["t1"]
+
+        def mask_mod(b, h, qi, ki):  # noqa: ANN001
+            return ((qi - ki).abs() <= w) | ((qi >= t0) & (qi < t1)) | ((ki >= t0) & (ki < t1))
+
+        bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=c["s"], KV_LEN=c["s"], device=q.device)
+        t = time.perf_counter()
+        compiled(q, k, v, block_mask=bm)
+        torch.cuda.synchronize()
+        print(f"  FlexAttention compile + first call {time.perf_counter() - t:.1f} s", flush=True)
+        return triton.testing.do_bench(lambda: compiled(q, k, v, block_mask=bm), warmup=50, rep=300,
+                                       return_mode="median")
+    return timer
+
+
 def run_kernel() -> dict[str, Any]:
     import triton.testing
 
@@ -79,6 +105,7 @@ def run_kernel() -> dict[str, Any]:
 
     dev = torch.device("cuda")
     rows = []
+    flex = _flex_timer()
     for c in kernel_cases():
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, c["h"], c["s"], 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
@@ -92,13 +119,21 @@ def run_kernel() -> dict[str, Any]:
                                         return_mode="median")
         t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=50, rep=300,
                                          return_mode="median")
+        t_flex = None
+        if flex is not None:
+            try:
+                t_flex = flex(q, k, v, c)
+            except Exception as e:  # noqa: BLE001 - recorded, not fatal: FlexAttention is a comparison
+                print(f"FlexAttention failed on {c['name']}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         fl_win = attention_flops(c["s"], 128, w.cpu(), c["t0"], c["t1"])
         fl_full = 4 * c["h"] * c["s"] * c["s"] * 128
         rows.append({**c, "flops_fraction": fl_win / fl_full, "window_ms": t_win, "sdpa_ms": t_sdpa,
+                     "flex_block_mask_ms": t_flex,
                      "speedup_vs_sdpa": t_sdpa / t_win, "window_tflops": fl_win / t_win / 1e9,
                      "sdpa_tflops": fl_full / t_sdpa / 1e9, "rel_err_vs_fp32": err})
         print(f"{c['name']:34s} pairs {fl_win / fl_full:6.3f}  window {t_win:8.3f} ms  sdpa {t_sdpa:8.3f} ms  "
-              f"x{t_sdpa / t_win:5.2f}  {fl_win / t_win / 1e9:6.1f} vs {fl_full / t_sdpa / 1e9:6.1f} TFLOP/s  err {err:.1e}",
+              f"x{t_sdpa / t_win:5.2f}  {fl_win / t_win / 1e9:6.1f} vs {fl_full / t_sdpa / 1e9:6.1f} TFLOP/s  err {err:.1e}  "
+              f"flex {t_flex if t_flex is None else round(t_flex, 3)} ms",
               flush=True)
         q = k = v = out = None
         torch.cuda.empty_cache()
