@@ -90,13 +90,21 @@ def test_triton_tilings_in_interpreter(interpret, tiles, s, t0, t1, w):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("s,t0,t1", [(4096 + 512, 0, 512), (4097, 0, 0)])
-def test_triton_kernel_on_gpu(s, t0, t1):
-    q, k, v = [t.cuda() for t in _qkv(1, 8, s, 64, dtype=torch.float16)]
-    w = torch.tensor([64, 128, 256, 512, 1024, 2048, 4096, 8192], device="cuda")
-    got = window_attention(q, k, v, w, t0, t1)
+@pytest.mark.parametrize("path", ["triton", "flex"])
+@pytest.mark.parametrize("s,t0,t1", [(4096 + 512, 0, 512), (4097, 0, 0), (3001, 2900, 3001)])
+def test_kernels_on_gpu(monkeypatch, path, s, t0, t1):
+    from overdrive.kernels.triton_impl.window_attention import window_attention as triton_window_attention
+    from overdrive.kernels.window_attention import flex_window_attention
+
+    q, k, v = [t.cuda() for t in _qkv(1, 8, s, 64, seed=s, dtype=torch.float16)]
+    w = torch.tensor([0, 64, 128, 256, 1024, 2048, 4096, 8192], device="cuda")
+    fn = triton_window_attention if path == "triton" else flex_window_attention
+    got = fn(q, k, v, w, t0, t1)
     want = window_attention_reference(q.float(), k.float(), v.float(), w, t0, t1)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    # the public op on CUDA: FlexAttention under auto, the Triton kernel when forced
+    monkeypatch.setenv("OVERDRIVE_KERNELS", "auto" if path == "flex" else "triton")
+    torch.testing.assert_close(window_attention(q, k, v, w.cpu(), t0, t1).float(), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("b,h,s,d,t0,t1", CASES)

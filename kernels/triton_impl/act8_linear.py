@@ -24,14 +24,16 @@ def _act8_kernel(x_ptr, q_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_words, sxm, sxk,
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
         amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-    sx = tl.maximum(amax, 1e-12) / 127.0
+    # IEEE-rounded fp32 divisions (div_rn), as torch computes them: GPU `/` is approximate and would
+    # move rounding ties of the activation codes
+    sx = tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full(amax.shape, 127.0, tl.float32))
     # pass 2: quantize x tiles on the fly, int8 x int8 -> int32
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         k_ok = kk < K
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        v = x.to(tl.float32) / sx[:, None]
+        v = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(sx[:, None], x.shape))
         v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
         xq = tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
         mask2 = k_ok[:, None] & n_ok[None, :]

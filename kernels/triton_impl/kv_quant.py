@@ -18,8 +18,9 @@ def _kv_quant_kernel(x_ptr, p_ptr, s_ptr, z_ptr, D: tl.constexpr, GROUP: tl.cons
     x = tl.load(x_ptr + row * D + grp * GROUP + c).to(tl.float32)
     lo = tl.min(x, axis=0)
     hi = tl.max(x, axis=0)
-    scale = tl.maximum((hi - lo) / ((1 << BITS) - 1), 1e-8)
-    code = tl.floor((x - lo) / scale + 0.5)
+    # IEEE-rounded divisions (div_rn): GPU `/` on fp32 is approximate and moves rounding ties
+    scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, (1 << BITS) - 1, tl.float32)), 1e-8)
+    code = tl.floor(tl.math.div_rn(x - lo, scale) + 0.5)
     code = tl.minimum(tl.maximum(code, 0.0), (1 << BITS) - 1).to(tl.uint32)
     code2 = tl.reshape(code, (WORDS, CPW))
     shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)

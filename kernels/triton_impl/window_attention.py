@@ -96,7 +96,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         bm, bn, warps, stages = 32, 32, 4, 2
     if tiles is not None:
         bm, bn = tiles
-    _window_attn_kernel[(triton.cdiv(s, bm), b * h)](qc, kc, vc, o, window.to(torch.int32).contiguous(), s, h,
+    _window_attn_kernel[(triton.cdiv(s, bm), b * h)](qc, kc, vc, o, window.to(q.device, torch.int32).contiguous(), s, h,
                                                      scale * LOG2E, text_start, text_end, D=d, BM=bm, BN=bn, IEEE=ieee,
                                                      num_warps=warps, num_stages=stages)
     return o

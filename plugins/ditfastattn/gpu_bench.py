@@ -9,7 +9,8 @@ bands k = 8/16/32 and v1 windows N/8, N/16 (no text); a Wan-480p-sized video sel
 frames -> 21 x 30 x 52 = 32760 tokens, 40 heads) with bands N/16 and N/32. Timed with CUDA events
 (``triton.testing.do_bench``, median), against ``F.scaled_dot_product_attention`` (PyTorch's flash
 backend) on the same tensors in the same run; TFLOP/s counted on the pairs each computes; error vs
-an fp32 SDPA reference with the same mask on a slice of queries.
+an fp32 reference with the same mask on a slice of queries. Both GPU paths are timed: overdrive's
+Triton kernel and FlexAttention with a cached block mask (what ``window_attention`` runs on CUDA).
 
 ``e2e``: a FluxPipeline whose transformer has Flux-dev's real widths (3072 hidden, 24 x 128 heads,
 4096-d T5 and 768-d pooled inputs) but fewer blocks (default 4 double + 8 single, of 19 + 38), random
@@ -72,63 +73,45 @@ def kernel_cases() -> list[dict[str, Any]]:
     return cases
 
 
-def _flex_timer() -> Any:
-    """FlexAttention with a block mask of the same band/arrow (compiled), or None where unavailable."""
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    import triton.testing
-
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def timer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: dict[str, Any]) -> float:
-        w, t0, t1 = c["w"], c["t0"], c["t1"]
-
-        def mask_mod(b, h, qi, ki):  # noqa: ANN001
-            return ((qi - ki).abs() <= w) | ((qi >= t0) & (qi < t1)) | ((ki >= t0) & (ki < t1))
-
-        bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=c["s"], KV_LEN=c["s"], device=q.device)
-        t = time.perf_counter()
-        compiled(q, k, v, block_mask=bm)
-        torch.cuda.synchronize()
-        print(f"  FlexAttention compile + first call {time.perf_counter() - t:.1f} s", flush=True)
-        return triton.testing.do_bench(lambda: compiled(q, k, v, block_mask=bm), warmup=50, rep=300,
-                                       return_mode="median")
-    return timer
-
-
 def run_kernel() -> dict[str, Any]:
     import triton.testing
 
-    from overdrive.kernels import attention_flops, window_attention
+    from overdrive.kernels import attention_flops
+    from overdrive.kernels.triton_impl.window_attention import window_attention as triton_window_attention
+    from overdrive.kernels.window_attention import flex_window_attention
 
     dev = torch.device("cuda")
     rows = []
-    flex = _flex_timer()
     for c in kernel_cases():
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, c["h"], c["s"], 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
         w = torch.full((c["h"],), c["w"], device=dev, dtype=torch.int32)
-        out = window_attention(q, k, v, w, c["t0"], c["t1"])
+        out = triton_window_attention(q, k, v, w, c["t0"], c["t1"])
         assert torch.isfinite(out).all(), f"{c['name']}: non-finite output"
         sel = torch.randint(0, c["s"], (256,), device=dev)
         ref = _mask_ref(q[:, :4], k[:, :4], v[:, :4], w[:4], c["t0"], c["t1"], sel)
         err = float((out[:, :4, sel].float() - ref).norm() / ref.norm())
-        t_win = triton.testing.do_bench(lambda: window_attention(q, k, v, w, c["t0"], c["t1"]), warmup=50, rep=300,
+        t_win = triton.testing.do_bench(lambda: triton_window_attention(q, k, v, w, c["t0"], c["t1"]), warmup=50, rep=300,
                                         return_mode="median")
         t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=50, rep=300,
                                          return_mode="median")
         t_flex = None
-        if flex is not None:
-            try:
-                t_flex = flex(q, k, v, c)
-            except Exception as e:  # noqa: BLE001 - recorded, not fatal: FlexAttention is a comparison
-                print(f"FlexAttention failed on {c['name']}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        try:
+            t = time.perf_counter()
+            flex_out = flex_window_attention(q, k, v, w, c["t0"], c["t1"])
+            torch.cuda.synchronize()
+            flex_first_s = time.perf_counter() - t
+            flex_err = float((flex_out[:, :4, sel].float() - ref).norm() / ref.norm())
+            t_flex = triton.testing.do_bench(lambda: flex_window_attention(q, k, v, w, c["t0"], c["t1"]), warmup=50,
+                                             rep=300, return_mode="median")
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            print(f"FlexAttention failed on {c['name']}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            flex_first_s = flex_err = None
         fl_win = attention_flops(c["s"], 128, w.cpu(), c["t0"], c["t1"])
         fl_full = 4 * c["h"] * c["s"] * c["s"] * 128
         rows.append({**c, "flops_fraction": fl_win / fl_full, "window_ms": t_win, "sdpa_ms": t_sdpa,
-                     "flex_block_mask_ms": t_flex,
+                     "flex_block_mask_ms": t_flex, "flex_first_call_s": flex_first_s, "flex_rel_err_vs_fp32": flex_err,
+                     "flex_speedup_vs_sdpa": (t_sdpa / t_flex) if t_flex else None,
                      "speedup_vs_sdpa": t_sdpa / t_win, "window_tflops": fl_win / t_win / 1e9,
                      "sdpa_tflops": fl_full / t_sdpa / 1e9, "rel_err_vs_fp32": err})
         print(f"{c['name']:34s} pairs {fl_win / fl_full:6.3f}  window {t_win:8.3f} ms  sdpa {t_sdpa:8.3f} ms  "
