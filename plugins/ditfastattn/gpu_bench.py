@@ -109,12 +109,12 @@ def run_kernel() -> dict[str, Any]:
             flex_first_s = flex_err = None
         fl_win = attention_flops(c["s"], 128, w.cpu(), c["t0"], c["t1"])
         fl_full = 4 * c["h"] * c["s"] * c["s"] * 128
-        rows.append({**c, "flops_fraction": fl_win / fl_full, "window_ms": t_win, "sdpa_ms": t_sdpa,
+        rows.append({**c, "flops_fraction": fl_win / fl_full, "triton_ms": t_win, "sdpa_ms": t_sdpa,
                      "flex_block_mask_ms": t_flex, "flex_first_call_s": flex_first_s, "flex_rel_err_vs_fp32": flex_err,
                      "flex_speedup_vs_sdpa": (t_sdpa / t_flex) if t_flex else None,
-                     "speedup_vs_sdpa": t_sdpa / t_win, "window_tflops": fl_win / t_win / 1e9,
+                     "triton_speedup_vs_sdpa": t_sdpa / t_win, "triton_tflops": fl_win / t_win / 1e9,
                      "sdpa_tflops": fl_full / t_sdpa / 1e9, "rel_err_vs_fp32": err})
-        print(f"{c['name']:34s} pairs {fl_win / fl_full:6.3f}  window {t_win:8.3f} ms  sdpa {t_sdpa:8.3f} ms  "
+        print(f"{c['name']:34s} pairs {fl_win / fl_full:6.3f}  triton {t_win:8.3f} ms  sdpa {t_sdpa:8.3f} ms  "
               f"x{t_sdpa / t_win:5.2f}  {fl_win / t_win / 1e9:6.1f} vs {fl_full / t_sdpa / 1e9:6.1f} TFLOP/s  err {err:.1e}  "
               f"flex {t_flex if t_flex is None else round(t_flex, 3)} ms",
               flush=True)
