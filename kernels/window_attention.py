@@ -20,7 +20,7 @@ import torch
 
 from typing import Any
 
-from .dispatch import Op, mode, register_op
+from .dispatch import Op, register_op
 
 
 def allowed_mask(s: int, window: torch.Tensor, text_start: int = 0, text_end: int = 0,
@@ -122,16 +122,14 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         raise ValueError("window_attention: window half-widths must be >= 0")
     if not 0 <= text_start <= text_end <= s:
         raise ValueError(f"window_attention: text range [{text_start}, {text_end}) is not inside [0, {s}]")
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and mode() == "auto" and _flex_available():
-        return flex_window_attention(q, k, v, window, text_start, text_end, scale)
     return _OP(q, k, v, window, text_start, text_end, scale, device=q.device)
 
 
 # ------------------------------------------------------------------------ FlexAttention (CUDA)
-# Measured on an H100 (docs/benchmarks, 2026-11-22): PyTorch's FlexAttention with a block mask of the
-# same band/arrow ran 1.3-1.5x faster than overdrive's Triton kernel at 2K-Flux and Wan-480p lengths,
-# so bf16/fp16 CUDA calls use it under OVERDRIVE_KERNELS=auto; OVERDRIVE_KERNELS=triton forces the
-# Triton kernel. Block masks are cached per (heads, length, windows, text range, device).
+# The same band/arrow through PyTorch's FlexAttention with a cached block mask: a comparison for the
+# GPU benchmark, not the default. Measured on an H100 (docs/benchmarks, 2026-11-22) it was 1.0-1.2x
+# faster than the Triton kernel at 2K-Flux lengths, while building the block mask from a dense mask
+# ran out of memory at Wan-480p length (40 heads x 32760^2); the block mask is built compiled here.
 _FLEX: dict[Any, Any] = {}
 
 
@@ -157,7 +155,7 @@ def flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
         def mask_mod(b, hh, qi, ki):  # noqa: ANN001
             return ((qi - ki).abs() <= w[hh]) | ((qi >= t0) & (qi < t1)) | ((ki >= t0) & (ki < t1))
 
-        block_mask = create_block_mask(mask_mod, B=None, H=h, Q_LEN=s, KV_LEN=s, device=q.device)
+        block_mask = create_block_mask(mask_mod, B=None, H=h, Q_LEN=s, KV_LEN=s, device=q.device, _compile=True)
         if len(_FLEX) > 256:
             _FLEX.clear()
         _FLEX[key] = block_mask

@@ -10,7 +10,7 @@ frames -> 21 x 30 x 52 = 32760 tokens, 40 heads) with bands N/16 and N/32. Timed
 (``triton.testing.do_bench``, median), against ``F.scaled_dot_product_attention`` (PyTorch's flash
 backend) on the same tensors in the same run; TFLOP/s counted on the pairs each computes; error vs
 an fp32 reference with the same mask on a slice of queries. Both GPU paths are timed: overdrive's
-Triton kernel and FlexAttention with a cached block mask (what ``window_attention`` runs on CUDA).
+Triton kernel (what ``window_attention`` runs on CUDA) and FlexAttention with a cached block mask.
 
 ``e2e``: a FluxPipeline whose transformer has Flux-dev's real widths (3072 hidden, 24 x 128 heads,
 4096-d T5 and 768-d pooled inputs) but fewer blocks (default 4 double + 8 single, of 19 + 38), random
@@ -77,8 +77,10 @@ def run_kernel() -> dict[str, Any]:
     import triton.testing
 
     from overdrive.kernels import attention_flops
-    from overdrive.kernels.triton_impl.window_attention import window_attention as triton_window_attention
+    from overdrive.kernels.dispatch import load_triton_module
     from overdrive.kernels.window_attention import flex_window_attention
+
+    triton_window_attention = load_triton_module("window_attention", interpret=False).window_attention
 
     dev = torch.device("cuda")
     rows = []
