@@ -14,6 +14,7 @@ follows the band; :func:`window_attention_reference` is the dense masked definit
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -89,6 +90,7 @@ _OP = register_op(Op("window_attention", window_attention_blocked, "window_atten
                      "head-wise band / arrow attention (DiTFastAttn)"))
 
 
+@functools.lru_cache(maxsize=4096)
 def allowed_pairs(s: int, w: int, text_start: int = 0, text_end: int = 0) -> int:
     """Number of allowed (query, key) pairs of one head, in closed form (equals ``allowed_mask(...).sum()``)."""
     def band(n: int) -> int:  # pairs |i - j| <= w among n positions

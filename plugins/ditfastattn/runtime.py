@@ -271,7 +271,8 @@ class DiTFastAttnAttachment:
         bq = b - b // 2 if half else b
         computed = 0
         if fresh:
-            qs, ks, vs = (x[sel][:, fresh] for x in (q, k, v))
+            heads = slice(None) if len(fresh) == h else fresh  # a slice avoids copying q, k, v
+            qs, ks, vs = (x[sel][:, heads] for x in (q, k, v))
             wf = torch.tensor([s - 1 if win[i] < 0 else min(win[i], s - 1) for i in fresh])
             if bool((wf >= s - 1).all()):
                 part = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
@@ -281,7 +282,7 @@ class DiTFastAttnAttachment:
             if e.residual:
                 if cache.residual is None:
                     raise RuntimeError(f"DiTFastAttn: block {block} step {run.step}: WA-RS has no cached residual")
-                part = part + cache.residual[sel][:, fresh]
+                part = part + cache.residual[sel][:, heads]
         if e.share_heads:
             if cache.heads is None:
                 raise RuntimeError(f"DiTFastAttn: block {block} step {run.step}: head sharing has no previous output")
