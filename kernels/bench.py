@@ -80,6 +80,9 @@ class Case:
     baselines: dict[str, Callable[[], Any]]
     bytes_moved: int
     flops: int
+    # optional: the (bytes, FLOPs) each baseline itself moves/computes, for its own achieved rates
+    baseline_work: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded as is (e.g. FLOPs fraction)
 
 
 def int8_linear_cases(device: torch.device, quick: bool) -> list[Case]:
@@ -174,7 +177,168 @@ def unpack_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
-CASES = {"act8_linear": act8_linear_cases, "group_linear": group_linear_cases, "int8_weight_linear": int8_linear_cases, "unpack": unpack_cases}
+def _sdpa(device: torch.device) -> tuple[str, Callable[..., Any]]:
+    """Dense SDPA baseline: PyTorch's flash backend on CUDA (forced), the default backend on CPU."""
+    import torch.nn.functional as F
+
+    if device.type != "cuda":
+        return "SDPA dense", F.scaled_dot_product_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flash(q, k, v):  # noqa: ANN001
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+    return "SDPA dense (flash)", flash
+
+
+def window_attention_cases(device: torch.device, quick: bool) -> list[Case]:
+    """DiTFastAttn band/arrow attention vs dense SDPA on the same tensors.
+
+    FLOPs are those of the allowed pairs (:func:`attention_flops`, what the kernel must compute);
+    SDPA's own rate is on the full S x S FLOPs. Half-widths: v1 windows N/8, N/16, N/32 without text;
+    v2 arrow bands ceil(N_img / 2k) for k = 8, 16, 32 with full text rows/columns (text first, as in
+    Flux's and CogVideoX's joint attention).
+    """
+    from . import attention_flops, window_attention
+
+    if device.type == "cuda":
+        dtype = torch.bfloat16
+        # (label, heads, head size, image tokens, text tokens (first), [(kind, divisor)]):
+        # Flux-dev at 2048x2048; Wan2.1-14B 480p 81 frames (21 x 30 x 52 latent patches, no text in
+        # self-attention); CogVideoX-5B 49 frames at 480x720 (13 x 30 x 45 patches + 226 text tokens)
+        models = [("Flux 2K", 24, 128, 16384, 512, [("window", 8), ("window", 16), ("window", 32),
+                                                     ("arrow", 8), ("arrow", 16), ("arrow", 32)]),
+                  ("Wan 480p 81f", 40, 128, 21 * 30 * 52, 0, [("window", 8), ("window", 16), ("window", 32)]),
+                  ("CogVideoX-5B 49f", 48, 64, 13 * 30 * 45, 226, [("arrow", 8), ("arrow", 16)])]
+    else:
+        dtype = torch.float32
+        models = [("small", 2, 64, 512 if quick else 2048, 64, [("window", 8), ("arrow", 8)])]
+    name, sdpa = _sdpa(device)
+    cases = []
+    for label, h, d, n_img, text, divs in models:
+        s = n_img + text
+        g = torch.Generator(device).manual_seed(s)
+        q, k, v = (torch.randn(1, h, s, d, device=device, dtype=dtype, generator=g) for _ in range(3))
+        full = 4 * h * s * s * d
+        io = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
+        for kind, f in divs:
+            if kind == "window":  # v1: a plain band over every token (text handled like image tokens)
+                w, t1, what = n_img // f, 0, f"window N/{f}"
+            else:  # v2 arrow: band ceil(N_img / 2k), text rows/columns full
+                w, t1, what = -(-n_img // (2 * f)), text, f"arrow k={f} (+{text} text)"
+            win = torch.full((h,), w, dtype=torch.int32)
+            fl = attention_flops(s, d, win, 0, t1)
+            cases.append(Case(
+                "window_attention", f"{label} S={s} H={h} {what}",
+                lambda q=q, k=k, v=v, win=win, t1=t1: window_attention(q, k, v, win, 0, t1),
+                {name: lambda q=q, k=k, v=v: sdpa(q, k, v)},
+                bytes_moved=io, flops=fl, baseline_work={name: (io, full)},
+                info={"half_width": w, "text_tokens": t1, "flops_fraction": fl / full,
+                      "dtype": str(dtype).removeprefix("torch.")}))
+    return cases
+
+
+def kv_decode_cases(device: torch.device, quick: bool) -> list[Case]:
+    """PM-KVQ paged decode attention (dequantize fused) at 8/4/2 bits vs bf16 SDPA decode.
+
+    GQA 32 query / 8 KV heads, head 128 (Llama-3-8B-like), one query token per row, pages of 16
+    tokens in a shuffled order. Bytes: the page cells of every cached position (codes + float32
+    scale/zero), q, the new K/V and the output. Baseline: SDPA over contiguous bf16 K/V of the same
+    length (no paging, no quantization), its bytes counted the same way.
+    """
+    from .kv_attention import cell_words, kv_decode_attention, pack_cells
+
+    if device.type == "cuda":
+        dtype, hq, hk, d, bs = torch.bfloat16, 32, 8, 128, 16
+        shapes = [(16, 8192), (64, 4096), (4, 32768)]
+        bit_list = (8, 4, 2)
+    else:
+        dtype, hq, hk, d, bs = torch.float32, 4, 2, 64, 16
+        shapes = [(2, 128)] if quick else [(4, 1024)]
+        bit_list = (8, 2)
+    group = min(d, 128)
+    sdpa_name, sdpa = _sdpa(device)
+    sdpa_name = sdpa_name.replace(" dense", "")
+    cases = []
+    for rows, ctx in shapes:
+        g = torch.Generator(device).manual_seed(rows * ctx)
+        nb = rows * (-(-ctx // bs))
+        k = torch.randn(nb * bs, hk, d, device=device, dtype=dtype, generator=g)
+        v = torch.randn(nb * bs, hk, d, device=device, dtype=dtype, generator=g)
+        q = torch.randn(rows, hq, d, device=device, dtype=dtype, generator=g)
+        kn = torch.randn(rows, hk, d, device=device, dtype=dtype, generator=g)
+        vn = torch.randn(rows, hk, d, device=device, dtype=dtype, generator=g)
+        perm = torch.randperm(nb, device=device, generator=g).to(torch.int32)
+        table = perm.reshape(rows, -1)
+        prev = torch.full((rows,), ctx, dtype=torch.int32, device=device)
+        # bf16 SDPA decode over contiguous K/V of the same tokens (ctx cached + the new one)
+        kd = torch.cat([k.reshape(rows, -1, hk, d)[:, :ctx], kn[:, None]], 1).transpose(1, 2).contiguous()
+        vd = torch.cat([v.reshape(rows, -1, hk, d)[:, :ctx], vn[:, None]], 1).transpose(1, 2).contiguous()
+        # GQA decode as grouped queries: the G query heads of KV head j are G query rows over its keys
+        # (one position, so no mask); exact, and lets the flash backend run it without repeating K/V
+        qd = q.reshape(rows, hk, hq // hk, d)
+        small = 3 * rows * hq * d * q.element_size()
+        base_bytes = kd.numel() * 2 * kd.element_size() + small
+        base = f"{str(dtype).removeprefix('torch.')} {sdpa_name} decode (contiguous KV)"
+        want = sdpa(qd, kd, vd).reshape(rows, hq, d).float()
+        for bits in bit_list:
+            # cells of token t (row-major over the shuffled blocks) land at page perm[t // bs]
+            cells = pack_cells(k, v, bits, group).reshape(nb, bs, hk, -1).transpose(1, 2)
+            pages = torch.empty_like(cells)
+            pages[perm.long()] = cells
+            pages = pages.contiguous()
+            cw = cell_words(d, bits, group)
+            got = kv_decode_attention(q, kn, vn, pages, table, prev, bits, group, d ** -0.5).float()
+            diff = float((got - want).norm() / want.norm())  # quantization error (+ a layout check)
+            byt = rows * ctx * hk * cw * 4 + table.numel() * 4 + small + 2 * rows * hk * d * q.element_size()
+            cases.append(Case(
+                "kv_decode_attention", f"{bits}-bit R={rows} ctx={ctx} Hq={hq} Hk={hk}",
+                lambda q=q, kn=kn, vn=vn, pages=pages, table=table, prev=prev, bits=bits:
+                    kv_decode_attention(q, kn, vn, pages, table, prev, bits, group, d ** -0.5),
+                {base: lambda qd=qd, kd=kd, vd=vd: sdpa(qd, kd, vd)},
+                bytes_moved=byt, flops=4 * rows * hq * (ctx + 1) * d,
+                baseline_work={base: (base_bytes, 4 * rows * hq * (ctx + 1) * d)},
+                info={"cell_bytes_per_token_head": cw * 4, "bf16_bytes_per_token_head": 2 * d * 2,
+                      "block_size": bs, "group": group, "rel_diff_vs_baseline": diff}))
+            del cells
+    return cases
+
+
+def kv_quant_cases(device: torch.device, quick: bool) -> list[Case]:
+    """PM-KVQ quantize (K/V tokens -> packed codes + scale/zero) and b -> b/2 requantize, vs the torch
+    reference on the same device (on CPU the op *is* the reference: ratio ~1)."""
+    from .kv_quant import kv_quantize, kv_quantize_reference, kv_requantize, kv_requantize_reference
+
+    if device.type == "cuda":
+        dtype, tokens, h, d = torch.bfloat16, 65536, 8, 128
+    else:
+        dtype, tokens, h, d = torch.float32, (256 if quick else 4096), 2, 64
+    group = min(d, 128)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(tokens, h, d, device=device, dtype=dtype, generator=g)
+    ng = d // group
+    cases = []
+    for bits in (8, 4, 2):
+        words = tokens * h * (d * bits // 32)
+        cases.append(Case(
+            "kv_quantize", f"{bits}-bit T={tokens} H={h} D={d}",
+            lambda bits=bits: kv_quantize(x, bits, group),
+            {"torch reference": lambda bits=bits: kv_quantize_reference(x, bits, group)},
+            bytes_moved=x.numel() * x.element_size() + words * 4 + tokens * h * ng * 8, flops=0))
+    for bits in (16, 8, 4):
+        p, s, _ = kv_quantize(x, bits, group)
+        out_words = p.numel() // 2
+        cases.append(Case(
+            "kv_requantize", f"{bits}->{bits // 2}-bit T={tokens} H={h} D={d}",
+            lambda p=p, s=s, bits=bits: kv_requantize(p, s, bits, d),
+            {"torch reference": lambda p=p, s=s, bits=bits: kv_requantize_reference(p, s, bits, d)},
+            bytes_moved=(p.numel() + out_words) * 4 + 2 * s.numel() * 4, flops=0))
+    return cases
+
+
+CASES = {"act8_linear": act8_linear_cases, "group_linear": group_linear_cases, "int8_weight_linear": int8_linear_cases,
+         "kv_decode_attention": kv_decode_cases, "kv_quant": kv_quant_cases, "unpack": unpack_cases,
+         "window_attention": window_attention_cases}
 
 
 def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, Any]:
@@ -192,7 +356,12 @@ def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, 
                 "bandwidth_of_ceiling": c.bytes_moved / t / 1e9 / ceil.bandwidth_gbs,
                 "flops": c.flops / t if c.flops else None,
                 "flops_of_ceiling": (c.flops / t) / ceil.flops if c.flops else None,
+                **({"baseline_rates": {name: {"bandwidth_gbs": b / base[name] / 1e9, "flops": f / base[name] if f else None}
+                                       for name, (b, f) in c.baseline_work.items()}} if c.baseline_work else {}),
+                **c.info,
             })
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -214,12 +383,16 @@ def format_report(r: dict[str, Any]) -> str:
     c = r["ceilings"]
     lines = [f"device: {r['device']}  torch {r['torch']}  triton {r['triton']}  backend: {r['backend']}  {r['date']}",
              f"ceilings (same run): copy {c['bandwidth_gbs']:.1f} GB/s, {c['matmul_dtype']} matmul {c['flops'] / 1e12:.3f} TFLOP/s",
-             "", f"{'op':20s} {'shape':28s} {'time':>10s}  {'GB/s (of ceil)':>16s}  {'TFLOP/s (of ceil)':>18s}  speedup vs baselines"]
+             "", f"{'op':20s} {'shape':44s} {'time':>10s}  {'GB/s (of ceil)':>16s}  {'TFLOP/s (of ceil)':>18s}  speedup vs baselines"]
     for x in r["results"]:
         bw = f"{x['bandwidth_gbs']:.1f} ({x['bandwidth_of_ceiling']:.0%})"
         fl = f"{x['flops'] / 1e12:.3f} ({x['flops_of_ceiling']:.0%})" if x["flops"] else "-"
         sp = ", ".join(f"{k}: {v:.2f}x" for k, v in x["speedup_vs"].items())
-        lines.append(f"{x['op']:20s} {x['shape']:28s} {x['seconds'] * 1e3:8.3f}ms  {bw:>16s}  {fl:>18s}  {sp}")
+        for k, br in x.get("baseline_rates", {}).items():
+            sp += f" [{k}: {br['bandwidth_gbs']:.0f} GB/s" + (f", {br['flops'] / 1e12:.1f} TFLOP/s]" if br["flops"] else "]")
+        if "flops_fraction" in x:
+            sp += f" pairs {x['flops_fraction']:.3f}"
+        lines.append(f"{x['op']:20s} {x['shape']:44s} {x['seconds'] * 1e3:8.3f}ms  {bw:>16s}  {fl:>18s}  {sp}")
     return "\n".join(lines)
 
 
