@@ -107,34 +107,59 @@ def test_plan_for_another_model_fails_at_startup(tmp_path):
 
 
 CHECK = r"""
-import json, sys
+import json, os, sys
 from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
 from overdrive.adapters.vllm_kv_backend import OverdriveKVImpl
 from overdrive.config import ConfigError
-model, block = sys.argv[1], int(sys.argv[2])
-cfg = VllmConfig(model_config=ModelConfig(model=model, dtype="float32"), cache_config=CacheConfig(block_size=block))
-try:
-    with set_current_vllm_config(cfg):
-        OverdriveKVImpl(4, 32, 32 ** -0.5, 2)
-    print("RESULT ok")
-except ConfigError as e:
-    print("RESULT " + str(e))
+for name, model, block, plan, head in json.loads(sys.argv[1]):
+    os.environ["OVERDRIVE_PMKVQ_PLAN"] = plan
+    cfg = VllmConfig(model_config=ModelConfig(model=model, dtype="float32"), cache_config=CacheConfig(block_size=block))
+    try:
+        with set_current_vllm_config(cfg):
+            OverdriveKVImpl(4, head, head ** -0.5, 2)  # what vLLM builds for each attention layer at startup
+        print("RESULT " + json.dumps([name, "ok"]))
+    except ConfigError as e:
+        print("RESULT " + json.dumps([name, str(e)]))
 """
 
 
-def test_block_size_the_kernel_cannot_take_is_a_startup_error(plan_path):
-    env = {"OVERDRIVE_PMKVQ_PLAN": str(plan_path), "HF_HUB_OFFLINE": "1"}
+def _head80_model(tmp_path: Path) -> tuple[Path, Path]:
+    """The fixture's files with head_dim 80 (not a multiple of 32) and a hand-written plan for that geometry
+    (``overdrive calibrate`` refuses such a head size, so only a hand-made plan can get this far)."""
+    src = tiny_llama()
+    model = tmp_path / "head80"
+    model.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["head_dim"] = 80
+    (model / "config.json").write_text(json.dumps(cfg))
+    plan = PMKVQPlan(model={"architecture": "LlamaForCausalLM", "num_layers": 2, "num_attention_heads": 4,
+                            "num_kv_heads": 2, "head_size": 80},
+                     layers=[{"bits": 4, "budget_bytes": 10**6}] * 2, max_len=256)
+    path = tmp_path / "head80.json"
+    plan.save(path)
+    return model, path
+
+
+def test_block_size_or_head_size_the_kernel_cannot_take_is_a_startup_error(plan_path, tmp_path):
+    """The impl vLLM builds per attention layer while constructing the model (before any request)
+    rejects a block size and a head size the kernels cannot take, naming the value."""
     import os
 
-    out = {}
-    for block in (24, 32):
-        r = subprocess.run([sys.executable, "-c", CHECK, str(tiny_llama()), str(block)], capture_output=True, text=True,
-                           timeout=300, env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env})
-        lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        assert lines, r.stderr[-3000:]
-        out[block] = lines[-1][len("RESULT "):]
-    assert out[32] == "ok"
-    assert "--block-size 24 is not a multiple of 16" in out[24]
+    m80, p80 = _head80_model(tmp_path)
+    cases = [("block 24", str(tiny_llama()), 24, str(plan_path), 32), ("block 32", str(tiny_llama()), 32, str(plan_path), 32),
+             ("head 80", str(m80), 32, str(p80), 80)]
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", CHECK, json.dumps(cases)], capture_output=True, text=True, timeout=300,
+                       env=env)
+    out = dict(json.loads(x[len("RESULT "):]) for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    assert len(out) == 3, r.stderr[-3000:]
+    assert out["block 32"] == "ok"
+    assert "--block-size 24 is not a multiple of 16" in out["block 24"]
+    assert "needs a head size that is a multiple of 32, got 80" in out["head 80"]
+    assert "OVERDRIVE_PMKVQ_PLAN" in out["head 80"]  # names where the plan came from
 
 
 REGISTRY = r"""
