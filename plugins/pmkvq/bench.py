@@ -15,7 +15,9 @@ the torch reference). Imports no engine: transformers only for the fixture rows,
    paged decode in torch over bf16 pages; on CUDA: SDPA (flash) decode over contiguous bf16 K/V (no
    paging, a lower bound for a paged bf16 kernel). Ratios = baseline time / PM-KVQ time (> 1: faster);
    achieved bandwidth = bytes of the cache the step must read / time, with the device's copy bandwidth
-   from the same run on CUDA.
+   from the same run on CUDA. On CUDA each kernel's output is also compared with the torch reference on
+   the same pages (``..._rel_diff_vs_reference``); a variant that raises is recorded (``..._error``) and
+   left out of the timing, so one failure does not lose the run.
 3. **Attention-output error** of the last 64 queries against a float64 reference on two data sets —
    synthetic keys with outlier channels, and the tiny fixture's own layer-0 q/k/v under positional
    interpolation — for PM-KVQ 8/4/2 (with and without the key-scale search, searched on another
@@ -47,7 +49,8 @@ from typing import Any, Callable
 import torch
 
 from overdrive.kernels.dispatch import active_backend
-from overdrive.kernels.kv_attention import cell_words, kv_cache_store, kv_decode_attention
+from overdrive.kernels.kv_attention import (cell_words, kv_cache_store, kv_decode_attention,
+                                            paged_kv_attention_reference)
 
 from .calibrate import pair_max, qdq, search_alpha, scales_for
 
@@ -285,18 +288,31 @@ def timing(quick: bool, device: torch.device) -> list[dict[str, Any]]:
         sink_ok = torch.ones(rows, dtype=torch.int32, device=device)
         flat_k = k.permute(0, 2, 1, 3).reshape(-1, hk, d)
         flat_v = v.permute(0, 2, 1, 3).reshape(-1, hk, d)
+        pages_of: dict[int, torch.Tensor] = {}
         for b in (8, 4, 2):
             cw = cell_words(d, b, 128)
-            pages = torch.zeros(nb, hk, bs, cw, dtype=torch.int32, device=device)
+            pages = pages_of[b] = torch.zeros(nb, hk, bs, cw, dtype=torch.int32, device=device)
             kv_cache_store(pages, torch.arange(nb * bs, device=device), flat_k, flat_v, b, 128)
             fns[f"pmkvq {b}-bit"] = (lambda pages=pages, b=b: kv_decode_attention(
                 q, kn, vn, pages, table, lens, b, 128, d ** -0.5, pool, fbt, fp_from, sink, sink_ok))
             # compressed cells of positions [sink, ctx - win), the store for the sink and the window
             read[f"pmkvq {b}-bit"] = rows * hk * ((ctx - win - sink) * cw * 4 + (win + sink) * 2 * d * 2) + small
-        t = interleaved(fns, device, rounds)
         case: dict[str, Any] = {"rows": rows, "q_heads": hq, "kv_heads": hk, "head_size": d, "block": bs, "context": ctx,
                                 "window": win, "sink": sink, "rounds": rounds, "baseline": baseline,
                                 "pmkvq_backend": active_backend(device)}
+        for b in (8, 4, 2):
+            name = f"pmkvq {b}-bit"
+            try:  # one call first: a kernel failure is recorded and the rest of the run goes on
+                got = fns[name]()
+                if cuda:  # the kernel (with the full-precision store) against the torch reference on the same data
+                    ref = paged_kv_attention_reference(
+                        q, kn, vn, pages_of[b], table, lens, torch.arange(rows + 1, device=device), b, 128,
+                        d ** -0.5, pool, fbt, fp_from, sink, sink_ok).float()
+                    case[f"pmkvq_{b}bit_rel_diff_vs_reference"] = float((got.float() - ref).norm() / ref.norm())
+            except Exception as e:  # noqa: BLE001
+                case[f"pmkvq_{b}bit_error"] = f"{type(e).__name__}: {e}"
+                del fns[name]
+        t = interleaved(fns, device, rounds)
         for name, sec in t.items():
             key = name.replace(" ", "_").replace("-", "")
             case[f"{key}_s"] = sec
