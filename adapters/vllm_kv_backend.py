@@ -64,7 +64,8 @@ class OverdriveKVBuilder(AttentionMetadataBuilder[OverdriveKVMetadata]):
             fp_from=torch.tensor(st["fp_from"], dtype=torch.int32, device=dev),
             sink_ok=torch.tensor(st["sink_ok"], dtype=torch.int32, device=dev),
             fp_write_index=torch.tensor(st["w_index"], dtype=torch.long, device=dev),
-            fp_write_slot=torch.tensor(st["w_slot"], dtype=torch.long, device=dev))
+            fp_write_slot=torch.tensor(st["w_slot"], dtype=torch.long, device=dev),
+            host_query_start_loc=qsl[:m.num_reqs + 1], host_prev_lens=[s - q for s, q in zip(seq, qlens)])
         return OverdriveKVMetadata(m.num_actual_tokens, batch, self.store.capacity)
 
 

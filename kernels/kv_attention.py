@@ -23,12 +23,19 @@ Ops:
 * :func:`kv_decode_attention`: decode rows (one query token each); the Triton kernel
   (``triton_impl/kv_attention.py``) dequantizes inside the attention loop, the reference is the
   function above.
+* :func:`paged_kv_attention`: what an engine step runs, any mix of rows. Decode rows go to
+  :func:`kv_decode_attention` in one call; each prefill row (several new tokens, e.g. a chunked-prefill
+  piece or a prompt after a prefix-cache hit) dequantizes its cached prefix once and attends through
+  ``F.scaled_dot_product_attention`` (flash/efficient kernels on CUDA) in chunks of query rows, so
+  memory stays ``chunk x length`` per head instead of the reference's ``new x length`` float32 scores.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import Op, register_op
 from .kv_quant import KV_BITS, kv_quantize
@@ -196,3 +203,85 @@ def kv_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tenso
         raise ValueError("kv_decode_attention: fp_pool and fp_block_table go together")
     return _DECODE(q, k_new, v_new, pages, block_table, prev_lens, bits, group, scale, fp_pool, fp_block_table,
                    fp_from, sink, sink_ok, device=q.device)
+
+
+def _host_list(x: torch.Tensor | Sequence[int]) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else [int(v) for v in x]
+
+
+def _prefill_row(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                 scale: float, chunk: int) -> torch.Tensor:
+    """Causal attention of m new tokens (m, Hq, D) over lp cached (Hk, lp, D) + their own K/V; (m, Hq, D)."""
+    m, hq, d = q.shape
+    hk, lp = kc.shape[0], kc.shape[1]
+    ct = q.dtype
+    kk = torch.cat([kc.to(ct), k_new.transpose(0, 1).to(ct)], dim=1)  # (Hk, lp + m, D)
+    vv = torch.cat([vc.to(ct), v_new.transpose(0, 1).to(ct)], dim=1)
+    if hq != hk:
+        kk, vv = kk.repeat_interleave(hq // hk, 0), vv.repeat_interleave(hq // hk, 0)
+    qq = q.transpose(0, 1)  # (Hq, m, D)
+    if lp == 0 and m <= chunk:  # a fresh prompt: plain causal attention (flash on CUDA)
+        return F.scaled_dot_product_attention(qq[None], kk[None], vv[None], is_causal=True,
+                                              scale=scale)[0].transpose(0, 1)
+    out = torch.empty(hq, m, d, dtype=ct, device=q.device)
+    for c0 in range(0, m, chunk):
+        c1 = min(m, c0 + chunk)
+        keys = lp + c1  # query lp + i sees keys [0, lp + i]
+        allowed = (torch.arange(keys, device=q.device)[None, :]
+                   <= (lp + torch.arange(c0, c1, device=q.device))[:, None])
+        out[:, c0:c1] = F.scaled_dot_product_attention(qq[None, :, c0:c1], kk[None, :, :keys], vv[None, :, :keys],
+                                                       attn_mask=allowed, scale=scale)[0]
+    return out.transpose(0, 1)
+
+
+def paged_kv_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pages: torch.Tensor,
+                       block_table: torch.Tensor, prev_lens: torch.Tensor, query_start_loc: torch.Tensor | Sequence[int],
+                       bits: int, group: int, scale: float, fp_pool: torch.Tensor | None = None,
+                       fp_block_table: torch.Tensor | None = None, fp_from: torch.Tensor | None = None,
+                       sink: int = 0, sink_ok: torch.Tensor | None = None, *,
+                       host_prev_lens: Sequence[int] | None = None, chunk: int = 1024) -> torch.Tensor:
+    """One engine step over PM-KVQ pages: any mix of decode and prefill rows (semantics of
+    :func:`paged_kv_attention_reference`), in q's dtype.
+
+    ``query_start_loc`` may be a host list (engines have it on the host; a tensor costs one copy);
+    ``host_prev_lens`` likewise. Decode rows (one new token) run as one :func:`kv_decode_attention` call
+    (the Triton kernel on CUDA); prefill rows dequantize their cached prefix (positions marked full
+    precision come from the store) and run SDPA over queries in chunks of ``chunk`` rows.
+    """
+    n, hq, d = q.shape
+    _check_pages(pages, d, bits, group)
+    if (fp_pool is None) != (fp_block_table is None):
+        raise ValueError("paged_kv_attention: fp_pool and fp_block_table go together")
+    if chunk < 1:
+        raise ValueError(f"paged_kv_attention: chunk must be >= 1, got {chunk}")
+    qsl = _host_list(query_start_loc)
+    rows = len(qsl) - 1
+    if qsl[-1] != n or k_new.shape[0] != n or v_new.shape != k_new.shape or hq % k_new.shape[1]:
+        raise ValueError(f"paged_kv_attention: q {tuple(q.shape)}, k_new {tuple(k_new.shape)}, v_new "
+                         f"{tuple(v_new.shape)} do not fit query_start_loc ending at {qsl[-1]} (GQA groups)")
+    qlens = [qsl[r + 1] - qsl[r] for r in range(rows)]
+    dec = [r for r in range(rows) if qlens[r] == 1]
+    pre = [r for r in range(rows) if qlens[r] > 1]
+    if len(dec) == rows:  # pure decode step: no gather, no copy
+        return kv_decode_attention(q, k_new, v_new, pages, block_table, prev_lens, bits, group, scale, fp_pool,
+                                   fp_block_table, fp_from, sink, sink_ok)
+    out = torch.empty_like(q)
+    fp = fp_pool is not None
+    if dec:
+        ri = torch.tensor(dec, dtype=torch.long, device=q.device)
+        ti = torch.tensor([qsl[r] for r in dec], dtype=torch.long, device=q.device)
+        out[ti] = kv_decode_attention(q[ti], k_new[ti], v_new[ti], pages, block_table[ri], prev_lens[ri], bits,
+                                      group, scale, fp_pool, fp_block_table[ri] if fp else None,
+                                      None if fp_from is None else fp_from[ri], sink,
+                                      None if sink_ok is None else sink_ok[ri])
+    if pre:
+        plens = _host_list(prev_lens if host_prev_lens is None else host_prev_lens)
+        from_h = None if fp_from is None else _host_list(fp_from)
+        sink_h = None if sink_ok is None else _host_list(sink_ok)
+        for r in pre:
+            a, b, lp = qsl[r], qsl[r + 1], plens[r]
+            kc, vc = gather_cache(pages, block_table[r], lp, bits, d, group, fp_pool,
+                                  fp_block_table[r] if fp else None, lp if from_h is None else from_h[r], sink,
+                                  bool(sink_h[r]) if sink_h is not None else False)
+            out[a:b] = _prefill_row(q[a:b], k_new[a:b], v_new[a:b], kc, vc, scale, chunk)
+    return out

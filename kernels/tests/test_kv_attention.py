@@ -5,7 +5,8 @@ import torch
 
 from overdrive.kernels import kv_dequantize, kv_quantize
 from overdrive.kernels.kv_attention import (cell_words, kv_cache_store, kv_decode_attention, kv_group_size,
-                                            pack_cells, paged_kv_attention_reference, unpack_cells)
+                                            pack_cells, paged_kv_attention, paged_kv_attention_reference,
+                                            unpack_cells)
 from overdrive.kernels.kv_quant import KV_BITS
 
 from .conftest import needs_cuda
@@ -152,6 +153,97 @@ def test_triton_decode_matches_reference_in_interpreter(interpret, bits, hq, hk,
                                         extra.get("sink", 0), extra.get("sink_ok"))
     assert torch.allclose(got, want, atol=2e-5, rtol=1e-5)
 
+
+
+def _mixed_step(bits, hq, hk, d, bs, cached, new, seed, fp):
+    """A step with rows of ``cached`` tokens and ``new`` new tokens each; returns the op's inputs and a
+    float64 expectation per row built from the raw K/V (store positions exact, the rest dequantized)."""
+    g = torch.Generator().manual_seed(seed)
+    group = kv_group_size(d)
+    pages, table, raw = _paged([max(c, 1) for c in cached], hk, d, bits, group, bs, g)
+    qs = [torch.randn(n, hq, d, generator=g, dtype=torch.float64) for n in new]
+    ks = [torch.randn(n, hk, d, generator=g, dtype=torch.float64) for n in new]
+    vs = [torch.randn(n, hk, d, generator=g, dtype=torch.float64) for n in new]
+    qsl = [0]
+    for n in new:
+        qsl.append(qsl[-1] + n)
+    prev = torch.tensor(cached, dtype=torch.int32)
+    sink = 1
+    extra, fp_from = {}, [max(c - 9, 0) for c in cached]
+    if fp:
+        nb = table.shape[1]
+        pool = torch.zeros(len(cached) * nb, hk, bs, 2 * d)
+        fbt = torch.arange(len(cached) * nb, dtype=torch.int32).reshape(len(cached), nb)
+        for r, (k, v) in enumerate(raw):
+            for p in range(cached[r]):
+                pool[fbt[r, p // bs], :, p % bs] = torch.cat([k[p], v[p]], -1).float()
+        extra = dict(fp_pool=pool, fp_block_table=fbt, fp_from=torch.tensor(fp_from, dtype=torch.int32), sink=sink,
+                     sink_ok=torch.tensor([1, 0] * len(cached), dtype=torch.int32)[:len(cached)])
+    want = []
+    for r, (k, v) in enumerate(raw):
+        c = cached[r]
+        kd, vd = ((_dequant_reference(k[:c], bits, group), _dequant_reference(v[:c], bits, group)) if c else
+                  (k[:0].clone(), v[:0].clone()))
+        if fp:
+            exact = torch.arange(c) >= fp_from[r]
+            if extra["sink_ok"][r]:
+                exact |= torch.arange(c) < sink
+            kd[exact], vd[exact] = k[:c].float().double()[exact], v[:c].float().double()[exact]
+        kk = torch.cat([kd, ks[r].float().double()]).transpose(0, 1)
+        vv = torch.cat([vd, vs[r].float().double()]).transpose(0, 1)
+        want.append(_dense_attention(qs[r].float().double().transpose(0, 1), kk, vv, d ** -0.5).transpose(0, 1))
+    args = (torch.cat(qs).float(), torch.cat(ks).float(), torch.cat(vs).float(), pages, table, prev, qsl, bits, group,
+            d ** -0.5)
+    return args, extra, qsl, want
+
+
+# rows: decode, a chunked-prefill piece over a long prefix, a fresh prompt, a prefix-cache hit, decode at 0
+MIXED = dict(cached=[40, 70, 0, 33, 0], new=[1, 23, 19, 5, 1])
+
+
+@pytest.mark.parametrize("bits", [16, 4, 2])
+@pytest.mark.parametrize("fp", [False, True])
+@pytest.mark.parametrize("chunk", [1024, 6])
+def test_mixed_step_matches_float64(bits, fp, chunk):
+    args, extra, qsl, want = _mixed_step(bits, 4, 2, 64, 16, seed=bits, fp=fp, **MIXED)
+    out = paged_kv_attention(*args, **extra, chunk=chunk)
+    assert out.dtype == torch.float32 and out.shape == args[0].shape
+    for r in range(len(want)):
+        assert torch.allclose(out[qsl[r]:qsl[r + 1]].double(), want[r], atol=3e-5), (r, bits)
+    # host lists or device tensors for the lengths give the same result; so does the reference
+    again = paged_kv_attention(*args[:6], torch.tensor(qsl), *args[7:], **extra, chunk=chunk,
+                               host_prev_lens=args[5].tolist())
+    assert torch.equal(again, out)
+    ref = paged_kv_attention_reference(*args[:6], torch.tensor(qsl), *args[7:], **extra)
+    assert torch.allclose(out, ref, atol=3e-5)
+
+
+def test_mixed_step_decode_rows_run_the_triton_kernel_in_interpreter(interpret):
+    interpret("kv_attention")
+    args, extra, qsl, want = _mixed_step(4, 6, 2, 96, 16, seed=3, fp=True, **MIXED)
+    out = paged_kv_attention(*args, **extra, chunk=8)
+    for r in range(len(want)):
+        assert torch.allclose(out[qsl[r]:qsl[r + 1]].double(), want[r], atol=3e-5), r
+
+
+def test_pure_decode_and_bf16_steps():
+    args, extra, qsl, want = _mixed_step(8, 4, 4, 32, 16, cached=[5, 17, 0], new=[1, 1, 1], seed=7, fp=True)
+    out = paged_kv_attention(*args, **extra)
+    assert torch.allclose(out.double(), torch.cat(want), atol=3e-5)
+    # bf16 activations: attention runs in bf16 (fp32 accumulation inside SDPA); error at bf16 level
+    args, extra, qsl, want = _mixed_step(8, 4, 2, 64, 16, seed=8, fp=False, **MIXED)
+    out = paged_kv_attention(args[0].bfloat16(), args[1].bfloat16(), args[2].bfloat16(), *args[3:], **extra)
+    assert out.dtype == torch.bfloat16
+    err = max((out[qsl[r]:qsl[r + 1]].double() - want[r]).abs().max().item() for r in range(len(want)))
+    assert err < 0.05
+
+
+def test_mixed_step_rejects_bad_shapes():
+    args, extra, qsl, _ = _mixed_step(4, 4, 2, 64, 16, cached=[3, 0], new=[2, 1], seed=0, fp=False)
+    with pytest.raises(ValueError, match="do not fit query_start_loc"):
+        paged_kv_attention(*args[:6], [0, 2, 4], *args[7:])
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        paged_kv_attention(*args, chunk=0)
 
 @pytest.mark.gpu
 @needs_cuda

@@ -137,6 +137,8 @@ class PagedBatch:
     sink_ok: torch.Tensor | None = None
     fp_write_index: torch.Tensor | None = None  # new tokens (indices into the step) also written to the store
     fp_write_slot: torch.Tensor | None = None   # their store slot * block_size + offset
+    host_query_start_loc: list[int] | None = None  # host copies when the engine has them (saves device syncs)
+    host_prev_lens: list[int] | None = None
 
 
 class KVCacheMethod(abc.ABC):

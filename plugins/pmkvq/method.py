@@ -15,8 +15,7 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.kv_cache import KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch
-from overdrive.kernels.kv_attention import (cell_words, kv_cache_store, kv_decode_attention,
-                                            paged_kv_attention_reference)
+from overdrive.kernels.kv_attention import cell_words, kv_cache_store, paged_kv_attention
 
 from .config import PMKVQPlan, head_group
 
@@ -84,15 +83,11 @@ class PMKVQMethod(KVCacheMethod):
     def attend(self, fmt: LayerKVFormat, pages: torch.Tensor, batch: PagedBatch, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, scale: float, fp_pool: torch.Tensor | None = None) -> torch.Tensor:
         fp = fp_pool is not None and batch.fp_block_table is not None
-        n = q.shape[0]
-        if batch.max_query_len == 1 and batch.prev_lens.shape[0] == n:
-            return kv_decode_attention(q, k, v, pages, batch.block_table, batch.prev_lens, fmt.bits, fmt.group, scale,
-                                       fp_pool if fp else None, batch.fp_block_table if fp else None,
-                                       batch.fp_from if fp else None, fmt.sink, batch.sink_ok if fp else None)
-        return paged_kv_attention_reference(q, k, v, pages, batch.block_table, batch.prev_lens, batch.query_start_loc,
-                                            fmt.bits, fmt.group, scale, fp_pool if fp else None,
-                                            batch.fp_block_table if fp else None, batch.fp_from if fp else None,
-                                            fmt.sink, batch.sink_ok if fp else None)
+        qsl = batch.query_start_loc if batch.host_query_start_loc is None else batch.host_query_start_loc
+        return paged_kv_attention(q, k, v, pages, batch.block_table, batch.prev_lens, qsl, fmt.bits, fmt.group, scale,
+                                  fp_pool if fp else None, batch.fp_block_table if fp else None,
+                                  batch.fp_from if fp else None, fmt.sink, batch.sink_ok if fp else None,
+                                  host_prev_lens=batch.host_prev_lens)
 
 
 METHOD = PMKVQMethod()
