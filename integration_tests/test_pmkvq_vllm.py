@@ -79,9 +79,13 @@ def test_vllm_serves_the_plan_like_transformers_with_larger_kv_capacity(plan_pat
     args = SERVE + ["--additional-config", json.dumps({"pmkvq": {"plan": str(plan_path)}})]
     with VllmServer(tiny_llama(), args, log_path=tmp_path / "vllm.log") as srv:
         got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
+        # batching: requests joining while another decodes (steps mixing prefill and decode rows), each answer
+        # equal to its own batch-1 transformers generation
+        batched = srv.staggered_greedy_token_ids(PROMPTS * 2, MAX_TOKENS)
         log = srv.log_text()
     want = _transformers_tokens(plan)
     assert got == want
+    assert batched == want * 2
     assert want != _transformers_tokens(None)  # the comparison exercised the quantized pages
     # capacity: bytes per token per layer from the formats' closed forms (float32 K/V vs PM-KVQ cells)
     ident = plan.identity
@@ -92,6 +96,26 @@ def test_vllm_serves_the_plan_like_transformers_with_larger_kv_capacity(plan_pat
     tokens = _kv_tokens(log)
     assert tokens == space // packed // bs * bs
     assert tokens / baseline_tokens == pytest.approx(dense / packed, rel=1e-4)  # 6.4x for bits [4, 2]
+
+
+
+def test_vllm_tensor_parallel_2_serves_the_plan_like_transformers(plan_path, tmp_path):
+    """TP=2: each rank stores its own KV head, with its own slice of the key scales (distinct per head and strong,
+    so a wrong slice changes what 2/4-bit pages hold); float32, so the all-reduce order cannot flip greedy tokens."""
+    base = PMKVQPlan.load(plan_path)
+    ident = base.identity
+    assert ident.num_kv_heads == 2
+    g = torch.Generator().manual_seed(0)
+    half = torch.exp(1.5 * torch.randn(ident.num_layers, ident.num_kv_heads, ident.head_size // 2, generator=g))
+    scales = torch.cat([half, half], dim=-1)  # both channels of a rotary pair share a scale
+    plan = make_plan(ident, base.layer_bits, base.max_len, group_size=base.group_size, sink=base.sink,
+                     window=base.window, fp_bytes=base.fp_bytes, key_scales=scales.tolist())
+    path = tmp_path / "plan-tp.json"
+    plan.save(path)
+    args = SERVE + ["--additional-config", json.dumps({"pmkvq": {"plan": str(path)}})]
+    with VllmServer(tiny_llama(), args, tp=2, log_path=tmp_path / "vllm.log") as srv:
+        got = srv.staggered_greedy_token_ids(PROMPTS, MAX_TOKENS)
+    assert got == _transformers_tokens(PMKVQPlan.load(path))
 
 
 def test_plan_for_another_model_fails_at_startup(tmp_path):

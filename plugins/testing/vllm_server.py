@@ -106,3 +106,39 @@ class VllmServer:
         r = self.client().completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens,
                                              temperature=0.0, extra_body={"return_token_ids": True})
         return list(r.choices[0].token_ids)
+
+    def staggered_greedy_token_ids(self, prompts: Sequence[str], max_tokens: int = 8, after: int = 4) -> list[list[int]]:
+        """Greedy token ids of several prompts, sent so that the engine batches them mid-generation.
+
+        The first prompt streams; once it has produced ``after`` tokens, the others are sent concurrently,
+        so their prefills run in steps together with its decodes (mixed prefill + decode steps).
+        """
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        first: list[int] = []
+        errors: list[BaseException] = []
+        going = threading.Event()
+
+        def stream() -> None:
+            try:
+                for chunk in self.client().completions.create(
+                        model=self.model, prompt=prompts[0], max_tokens=max_tokens, temperature=0.0, stream=True,
+                        extra_body={"return_token_ids": True}):
+                    first.extend(chunk.choices[0].token_ids or [])
+                    if len(first) >= after:
+                        going.set()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+            finally:
+                going.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        going.wait(timeout=300)
+        with ThreadPoolExecutor(max(len(prompts) - 1, 1)) as ex:
+            rest = list(ex.map(lambda p: self.greedy_token_ids(p, max_tokens), prompts[1:]))
+        t.join(timeout=300)
+        if errors:
+            raise errors[0]
+        return [first, *rest]
