@@ -324,6 +324,68 @@ def timing(quick: bool, device: torch.device) -> list[dict[str, Any]]:
     return results
 
 
+
+def prefill_timing(quick: bool, device: torch.device) -> list[dict[str, Any]]:
+    """Steps with prefill rows, as the vLLM backend runs them: ``paged_kv_attention`` (decode rows through the
+    decode kernel, prefill rows through chunked SDPA over the dequantized prefix) vs the float32 reference
+    (one score matrix per row), on the same 4-bit pages, interleaved. ``reference_score_bytes``: the
+    reference's (heads x new x length) float32 score matrix (it also keeps a masked copy and the softmax);
+    ``chunked_score_bytes``: the most one chunk's scores could take if SDPA fell back to its math kernel
+    (its flash / memory-efficient kernels do not materialise them)."""
+    from overdrive.kernels.kv_attention import paged_kv_attention
+
+    cuda = device.type == "cuda"
+    dt = torch.bfloat16 if cuda else torch.float32
+    hq, hk, d, bs, bits, chunk = 32, 8, 128, 16, 4, 1024
+    if cuda:
+        cases, rounds = [("fresh prompt", [0], [8192]), ("chunked prefill + 32 decodes", [8192] + [4096] * 32,
+                                                                  [2048] + [1] * 32)], 10
+    elif quick:
+        cases, rounds = [("fresh prompt", [0], [512]), ("chunked prefill + 4 decodes", [512] * 5, [256, 1, 1, 1, 1])], 2
+    else:
+        cases, rounds = [("fresh prompt", [0], [2048]), ("chunked prefill + 8 decodes", [3584] + [2048] * 8,
+                                                                  [512] + [1] * 8)], 3
+    results = []
+    for label, cached, new in cases:
+        g = torch.Generator(device).manual_seed(len(cached))
+        nbr = [-(-(c + n) // bs) for c, n in zip(cached, new)]
+        nb = sum(nbr)
+        table = torch.full((len(cached), max(nbr)), -1, dtype=torch.int32)
+        perm, at = torch.randperm(nb).to(torch.int32), 0
+        for r, k in enumerate(nbr):
+            table[r, :k], at = perm[at:at + k], at + k
+        table = table.to(device)
+        pages = torch.zeros(nb, hk, bs, cell_words(d, bits, 128), dtype=torch.int32, device=device)
+        kv_cache_store(pages, torch.arange(nb * bs, device=device),
+                       torch.randn(nb * bs, hk, d, generator=g, device=device, dtype=dt),
+                       torch.randn(nb * bs, hk, d, generator=g, device=device, dtype=dt), bits, 128)
+        n = sum(new)
+        q = torch.randn(n, hq, d, generator=g, device=device, dtype=dt)
+        kn = torch.randn(n, hk, d, generator=g, device=device, dtype=dt)
+        vn = torch.randn(n, hk, d, generator=g, device=device, dtype=dt)
+        qsl = [0]
+        for m in new:
+            qsl.append(qsl[-1] + m)
+        prev = torch.tensor(cached, dtype=torch.int32, device=device)
+        qsl_t = torch.tensor(qsl, device=device)
+        fns = {"reference": lambda: paged_kv_attention_reference(q, kn, vn, pages, table, prev, qsl_t, bits, 128,
+                                                                 d ** -0.5),
+               "paged_kv_attention": lambda: paged_kv_attention(q, kn, vn, pages, table, prev, qsl, bits, 128,
+                                                                d ** -0.5, host_prev_lens=cached, chunk=chunk)}
+        case: dict[str, Any] = {"case": label, "q_heads": hq, "kv_heads": hk, "head_size": d, "bits": bits,
+                                "dtype": str(dt).replace("torch.", ""), "cached": cached[:2], "new": new[:2],
+                                "rows": len(cached), "chunk": chunk, "rounds": rounds,
+                                "backend": active_backend(device)}
+        got, ref = fns["paged_kv_attention"]().float(), fns["reference"]().float()
+        case["rel_diff_vs_reference"] = float((got - ref).norm() / ref.norm())
+        t = interleaved(fns, device, rounds)
+        case.update({f"{k}_s": v for k, v in t.items()})
+        case["speedup_vs_reference"] = t["reference"] / t["paged_kv_attention"]
+        case["reference_score_bytes"] = max(4 * hq * m * (c + m) for c, m in zip(cached, new))
+        case["chunked_score_bytes"] = max(4 * hq * min(m, chunk) * (c + m) for c, m in zip(cached, new) if m > 1)
+        results.append(case)
+    return results
+
 # ------------------------------------------------------------------------------------ capacity
 def vllm_capacity(tmp: Path) -> dict[str, Any]:
     """KV capacity two real vLLM servers report for the fixture (no plan vs a [4, 2]-bit plan), same space."""
@@ -395,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         errs["tiny Llama fixture"] = {"error": f"{type(e).__name__}: {e}"}
     report["attention_output_error"] = errs
     report["decode_attention_time"] = timing(args.quick, device)
+    report["prefill_step_time"] = prefill_timing(args.quick, device)
     if args.vllm:
         import tempfile
 
