@@ -59,7 +59,6 @@ class OverdriveKVBuilder(AttentionMetadataBuilder[OverdriveKVMetadata]):
             prev_lens=torch.tensor([s - q for s, q in zip(seq, qlens)], dtype=torch.int32, device=dev),
             block_table=m.block_table_tensor[:m.num_reqs],
             slot_mapping=m.slot_mapping[:m.num_actual_tokens],
-            max_query_len=m.max_query_len,
             fp_block_table=self.store.block_table(bt_cpu).to(dev),
             fp_from=torch.tensor(st["fp_from"], dtype=torch.int32, device=dev),
             sink_ok=torch.tensor(st["sink_ok"], dtype=torch.int32, device=dev),

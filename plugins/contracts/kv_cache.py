@@ -131,7 +131,6 @@ class PagedBatch:
     prev_lens: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    max_query_len: int
     fp_block_table: torch.Tensor | None = None
     fp_from: torch.Tensor | None = None
     sink_ok: torch.Tensor | None = None
