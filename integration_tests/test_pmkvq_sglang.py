@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 PROBE = textwrap.dedent(r"""
     import argparse, json, types, torch
     from sglang.srt.plugins import load_plugins
@@ -99,6 +101,7 @@ PROBE = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow  # imports SGLang in a fresh process
 def test_sglang_registry_and_backend_semantics():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OVERDRIVE_PMKVQ_PLAN")}
     r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, env=env)

@@ -166,28 +166,20 @@ class Demo:
         print(f"  transformers, tiny LLaVA-OneVision (4 layers), {s['vision_tokens']} video tokens: kept per layer "
               f"{s['per_layer']} (merged {s['merged']}, pruned {s['pruned']}), cost {s['cost']:.3f} (target 0.3); "
               f"decoded {out[0, inputs.input_ids.shape[1]:].tolist()}; disable() restores exact logits: {restored}")
-        code = ("import json, os\n"
-                "if __name__ == '__main__':\n"
-                "    os.environ.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')\n"
-                "    from vllm import LLM, SamplingParams\n"
-                "    from overdrive.testing import tiny_qwen2_vl\n"
-                "    from overdrive.testing.framefusion import partly_static_video\n"
-                "    v = partly_static_video(0, frames=16).permute(0, 2, 3, 1).numpy()\n"
-                "    meta = {'fps': 2.0, 'duration': 8.0, 'total_num_frames': 16, 'frames_indices': list(range(16)),"
-                " 'video_backend': 'opencv', 'do_sample_frames': False}\n"
-                "    llm = LLM(model=str(tiny_qwen2_vl()), dtype='float32', max_model_len=1024, enforce_eager=True,"
-                " limit_mm_per_prompt={'video': 1, 'image': 0}, additional_config={'framefusion': {'cost': 0.3}})\n"
-                "    p = '<|im_start|>user\\n<|vision_start|><|video_pad|><|vision_end|>describe the video.<|im_end|>"
-                "\\n<|im_start|>assistant\\n'\n"
-                "    o = llm.generate([{'prompt': p, 'multi_modal_data': {'video': (v, meta)}}],"
-                " SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]\n"
-                "    print('RESULT ' + json.dumps({'prompt': len(o.prompt_token_ids), 'tokens': list(o.outputs[0].token_ids)}))\n")
-        env = {k: v for k, v in self.env.items() if k != "TRITON_INTERPRET"}
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-        logs = [x.split("] ", 1)[-1] for x in (r.stdout + r.stderr).splitlines() if "overdrive framefusion: video" in x]
-        res = next((json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if r.returncode != 0 or res is None or not logs:
-            raise RuntimeError(f"vLLM with FrameFusion failed:\n{(r.stdout + r.stderr)[-3000:]}")
+        from overdrive.testing import tiny_qwen2_vl
+        from overdrive.testing.probe import child_env, run_probe
+
+        spec = {"model": str(tiny_qwen2_vl()), "max_tokens": 6, "video": "partly_static", "video_frames": 16,
+                "prompts": ["<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>describe the video.<|im_end|>"
+                            "\n<|im_start|>assistant\n"],
+                "llm_args": {"limit_mm_per_prompt": {"video": 1, "image": 0},
+                             "additional_config": {"framefusion": {"cost": 0.3}}}}
+        run = run_probe("overdrive.testing.vllm_generate", spec, env=child_env(self.env, engine=True), timeout=600,
+                        check=False)
+        logs = [x.split("] ", 1)[-1] for x in run.output.splitlines() if "overdrive framefusion: video" in x]
+        if run.returncode != 0 or run.result is None or not logs:
+            raise RuntimeError(f"vLLM with FrameFusion failed:\n{run.output[-3000:]}")
+        res = {"prompt": run.result["prompt_lens"][0], "tokens": run.result["tokens"][0]}
         print(f"  vLLM (--additional-config framefusion cost 0.3), tiny Qwen2.5-VL: {logs[-1]}; "
               f"prompt {res['prompt']} tokens; answer {res['tokens']}")
         if not restored:
@@ -222,20 +214,17 @@ class Demo:
             cache = odt.kv_cache(model, "pmkvq", plan=str(plan_path), mode="static")
             want.append(model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False,
                                        past_key_values=cache)[0, ids.shape[1]:].tolist())
-        code = ("import json, os, sys\n"
-                "if __name__ == '__main__':\n"
-                "    os.environ.setdefault('VLLM_CPU_KVCACHE_SPACE', '1')\n"
-                "    from vllm import LLM, SamplingParams\n"
-                f"    llm = LLM(model={str(base)!r}, dtype='float32', max_model_len=256, enforce_eager=True, block_size=32,"
-                f" additional_config={{'pmkvq': {{'plan': {str(plan_path)!r}}}}})\n"
-                f"    outs = llm.generate({PROMPTS!r}, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))\n"
-                "    print('RESULT ' + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)\n")
-        env = {k: v for k, v in self.env.items() if k != "TRITON_INTERPRET"}
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-        got = next((json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-        cap = re.findall(r"KV cache size: ([\d,]+) tokens", r.stdout + r.stderr)
-        if r.returncode != 0 or got is None or not cap:
-            raise RuntimeError(f"vLLM with PM-KVQ failed:\n{(r.stdout + r.stderr)[-3000:]}")
+        from overdrive.testing.probe import child_env, run_probe
+
+        spec = {"model": str(base), "prompts": PROMPTS, "max_tokens": 24,
+                "llm_args": {"max_model_len": 256, "block_size": 32,
+                             "additional_config": {"pmkvq": {"plan": str(plan_path)}}}}
+        run = run_probe("overdrive.testing.vllm_generate", spec, env=child_env(self.env, engine=True), timeout=600,
+                        check=False)
+        cap = re.findall(r"KV cache size: ([\d,]+) tokens", run.output)
+        if run.returncode != 0 or run.result is None or not cap:
+            raise RuntimeError(f"vLLM with PM-KVQ failed:\n{run.output[-3000:]}")
+        got = run.result["tokens"]
         ident = plan.identity
         dense = ident.num_layers * ident.num_kv_heads * 2 * ident.head_size * 4  # float32 K/V bytes per token
         packed = sum(ident.num_kv_heads * 4 * cell_words(ident.head_size, b, 32) for b in plan.layer_bits)
@@ -249,15 +238,13 @@ class Demo:
                 "like transformers with the same plan")
 
     def sglang(self) -> str:
-        code = ("import json; from sglang.srt.plugins import load_plugins; load_plugins();"
-                "from sglang.srt.layers import quantization as q;"
-                "from sglang.srt.arg_groups.choices import QUANTIZATION_CHOICES as c;"
-                "print(json.dumps(sorted(n for n in q.QUANTIZATION_METHODS if getattr(q.QUANTIZATION_METHODS[n], 'overdrive_method', None)) + ['example_w8' in c]))")
-        r = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, check=True)
-        out = json.loads(r.stdout.strip().splitlines()[-1])
-        if "example_w8" not in out[:-1] or out[-1] is not True:
+        from overdrive.testing.probe import run_probe
+
+        out = run_probe("overdrive.testing.sglang_registry", env=self.env).result
+        if "example_w8" not in out["quantization"] or "example_w8" not in out["choices"]:
             raise AssertionError(f"unexpected SGLang registry state {out}")
-        return f"SGLang load_plugins() put {', '.join(out[:-1])} into QUANTIZATION_METHODS and the --quantization choices"
+        return (f"SGLang load_plugins() put {', '.join(out['quantization'])} into QUANTIZATION_METHODS and the "
+                "--quantization choices")
 
     def diffusers(self) -> str:
         import torch
@@ -337,14 +324,9 @@ class Demo:
                 + "; disable() restored bit-identical output")
 
     def kernels(self) -> str:
-        code = ("import json, torch; from overdrive import kernels as k; g=torch.Generator().manual_seed(0);"
-                "x=torch.randn(5,70,generator=g); q=torch.randint(-127,128,(33,70),generator=g,dtype=torch.int8);"
-                "s=torch.rand(33,generator=g)/50; y=k.int8_weight_linear(x,q,s);"
-                "ref=x.double()@(q.double()*s.double()[:,None]).T;"
-                "print(json.dumps({'backend': k.active_backend('cpu'), 'err': (y.double()-ref).abs().max().item()}))")
-        r = subprocess.run([sys.executable, "-c", code], env={**self.env, "OVERDRIVE_KERNELS": "interpret"},
-                           capture_output=True, text=True, check=True)
-        out = json.loads(r.stdout.strip().splitlines()[-1])
+        from overdrive.testing.probe import run_probe
+
+        out = run_probe("overdrive.testing.kernel_selfcheck", env={**self.env, "OVERDRIVE_KERNELS": "interpret"}).result
         print(f"  int8_weight_linear (Triton kernel in the interpreter, M=5 K=70 N=33): max |err| vs float64 {out['err']:.2e}")
         if out["err"] > 1e-3:
             raise AssertionError("kernel disagrees with the float64 reference")

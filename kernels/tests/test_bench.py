@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from overdrive.kernels import bench
 
 
+@pytest.mark.slow  # ~20 s of interpreted kernels
 def test_quick_bench_reports_ratios_and_ceilings(tmp_path, monkeypatch):
     monkeypatch.setenv("OVERDRIVE_KERNELS", "torch")
     out = tmp_path / "b.json"

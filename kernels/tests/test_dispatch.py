@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from overdrive import kernels
 from overdrive.kernels import dispatch
+from overdrive.testing.probe import run_probe
 
 
 @pytest.mark.parametrize("value,cpu", [("auto", "torch"), ("", "torch"), ("torch", "torch"),
@@ -45,8 +44,5 @@ def test_ops_are_listed():
 
 
 def test_importing_kernels_imports_no_triton_and_no_cuda():
-    code = ("import sys, json, torch, overdrive.kernels as k; k.active_backend(); "
-            "print(json.dumps({'triton': 'triton' in sys.modules, 'cuda': torch.cuda.is_initialized()}))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"triton": False, "cuda": False}
+    run = run_probe(Path(__file__).parent / "probes" / "lean_kernels_import.py", timeout=120)
+    assert run.result == {"triton": False, "cuda": False}

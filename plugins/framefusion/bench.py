@@ -28,13 +28,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-RESULT = "OVERDRIVE_RESULT "
 PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>describe the video.<|im_end|>\n"
           "<|im_start|>assistant\n")
 PEER = "overdrive.framefusion.bench_vllm:PeerPruningQwen2_5_VL"
@@ -154,27 +152,27 @@ def _env() -> dict[str, str]:
 
 
 def run_engine(spec: dict, timeout: int = 1800) -> dict:
+    from overdrive.testing.probe import run_probe
+
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "overdrive.framefusion.bench", "--child", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=timeout, env=_env())
-    log = r.stdout + r.stderr
-    line = next((x for x in r.stdout.splitlines() if x.startswith(RESULT)), None)
-    if r.returncode != 0 or line is None:
+    run = run_probe("overdrive.framefusion.bench", "--child", spec, env=_env(), timeout=timeout, check=False)
+    log = run.output
+    if run.returncode != 0 or run.result is None:
         return {"error": _error_line(log), "wall_s": time.perf_counter() - t0}
-    out = json.loads(line[len(RESULT):])
+    out = run.result
     out["log"] = [x.split("] ", 1)[-1] for x in log.splitlines() if "overdrive" in x and "kept" in x][:2]
     out["wall_s"] = time.perf_counter() - t0
     return out
 
 
 def vidcom2_flag_probe(model: str, rate: float) -> str:
-    code = ("from vllm.engine.arg_utils import EngineArgs\n"
-            f"EngineArgs(model={model!r}, dtype='float32', max_model_len=8192, video_pruning_rate={rate}, "
-            "video_pruning_method='vidcom2').create_engine_config()\nprint('accepted')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=_env())
-    if r.returncode == 0:
-        return "accepted"
-    return _error_line(r.stderr)
+    from overdrive.testing.probe import run_probe
+
+    case = {"model": model, "max_model_len": 8192, "video_pruning_rate": rate, "video_pruning_method": "vidcom2"}
+    run = run_probe("overdrive.testing.vllm_engine_config", [case], env=_env(), timeout=600, check=False)
+    if run.returncode != 0 or run.result is None:
+        return _error_line(run.stderr)
+    return "accepted" if run.result[0] == "ok" else run.result[0].split("\n")[0][:400]
 
 
 def _error_line(log: str) -> str:
@@ -276,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-proxies", action="store_true")
     args = ap.parse_args(argv)
     if args.child:
-        print(RESULT + json.dumps(_child(json.loads(args.child))), flush=True)
+        from overdrive.testing.probe import emit
+
+        emit(_child(json.loads(args.child)))
         return 0
     from overdrive.config import atomic_write_text
 

@@ -1,8 +1,9 @@
 """``overdrive quantize --method mbq``: write an MBQ-format checkpoint.
 
-This version writes the format with the RTN baseline (round-to-nearest per group, no calibration).
-The calibrated baselines (AWQ's scale search and MBQ's modality-weighted search) are not implemented
-yet; asking for them is an error that says so, rather than silently writing RTN.
+With ``--baseline rtn`` the float weights are rounded to nearest per group directly; with ``awq``
+or ``mbq`` (the default) scales are first searched and folded into the float model on calibration
+data (:mod:`.calibrate`: AWQ's uniform token weighting, or MBQ's modality-balanced weighting), then
+rounded. The checkpoint layout is in docs/methods/mbq.md.
 """
 from __future__ import annotations
 

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +10,7 @@ import torch
 from overdrive.testing import (FAMILIES, pipeline_inputs, sample_image, sample_video, tiny_llama, tiny_pipeline,
                                tiny_qwen2_vl)
 from overdrive.testing.cache import cached_build
-from overdrive.testing.vllm_generate import RESULT_PREFIX
+from overdrive.testing.probe import child_env, run_probe
 
 MAX_TOKENS = 6
 
@@ -64,12 +60,7 @@ def _hf_greedy(model, inputs) -> list[int]:
 
 
 def _vllm(spec: dict) -> dict:
-    r = subprocess.run([sys.executable, "-m", "overdrive.testing.vllm_generate", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=600,
-                       env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-5000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith(RESULT_PREFIX))
-    return json.loads(line[len(RESULT_PREFIX):])
+    return run_probe("overdrive.testing.vllm_generate", spec, env=child_env(engine=True), timeout=600).result
 
 
 @pytest.mark.slow

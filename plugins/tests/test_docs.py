@@ -1,0 +1,66 @@
+"""Docs that must agree with the code: generated tables, the support matrix's method rows, and the
+ledger of engine symbols the adapters import."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import overdrive
+from overdrive import docs_tables
+from overdrive.adapters import ADAPTERS
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINES = ("vllm", "sglang", "diffusers", "transformers")
+
+
+def test_generated_tables_are_current():
+    stale = docs_tables.sync(ROOT / "docs")
+    assert not stale, f"stale generated docs tables {stale}: run `python -m overdrive.docs_tables --write`"
+
+
+def test_generated_table_follows_the_catalogue(monkeypatch):
+    """The generator reads the adapter catalogue: take a kind away and its cell becomes a dash."""
+    first = ADAPTERS[0]
+    kind = next(iter(first.kinds))
+    text = docs_tables.kinds_table(detail=True)
+    assert first.kinds[kind] in text
+    import dataclasses
+
+    smaller = dataclasses.replace(first, kinds={k: v for k, v in first.kinds.items() if k != kind})
+    monkeypatch.setattr("overdrive.adapters.ADAPTERS", (smaller, *ADAPTERS[1:]))
+    row = next(r for r in docs_tables.kinds_table(detail=True).splitlines() if r.startswith(f"| {kind.value} |"))
+    assert row.split(" | ")[1] == "–"
+
+
+def _method_rows(text: str) -> dict[str, dict[str, str]]:
+    """First table after '## Methods': method name (first backticked word) -> column -> cell."""
+    lines = text.split("## Methods", 1)[1].splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [[c.strip() for c in x.strip().strip("|").split("|")] for x in lines[start:end]]
+    head = rows[0]
+    return {re.match(r"`([^`]+)`", r[0]).group(1): dict(zip(head, r)) for r in rows[2:]}
+
+
+def test_support_matrix_lists_every_builtin_method_where_its_kind_reaches():
+    rows = _method_rows((ROOT / "docs" / "support-matrix.md").read_text())
+    builtin = {s.name: s for s in overdrive.list_methods()}
+    assert set(rows) == set(builtin), "docs/support-matrix.md must have one row per built-in method"
+    names = {"vllm": "vLLM", "sglang": "SGLang", "diffusers": "Diffusers", "transformers": "transformers"}
+    for name, spec in builtin.items():
+        for a in ADAPTERS:
+            cell = rows[name][names[a.framework]]
+            served = spec.kind in a.kinds
+            assert (cell != "–") == served, f"support matrix: {name} x {a.framework} says {cell!r}"
+
+
+def test_every_engine_symbol_an_adapter_imports_is_in_the_ledger():
+    ledger = (ROOT / "docs" / "ledger.md").read_text()
+    missing = []
+    for path in sorted((ROOT / "adapters").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ENGINES:
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not re.search(rf"\b{re.escape(a.name)}\b", ledger)]
+    assert not missing, "add rows to docs/ledger.md for: " + ", ".join(missing)
