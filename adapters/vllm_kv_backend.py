@@ -22,7 +22,7 @@ from overdrive.contracts.kv_cache import LayerKVFormat, PagedBatch, PagedGeometr
 
 from ._kv_cache import example_name, plan_env
 from .vllm_kv_cache import (FullPrecisionStore, active_method, backend_class_name, backend_name, formats, kv_methods,
-                            model_identity, store_geometry, tp_rank_size)
+                            model_identity, store_geometry, tp_rank_size, write_fp_store)
 
 log = logging.getLogger("overdrive")
 
@@ -32,16 +32,6 @@ def _no_plan() -> ConfigError:
     return ConfigError("overdrive KV-cache attention backend selected without a plan: pass --additional-config "
                        f"'{{\"{ex}\": {{\"plan\": \"PLAN.json\"}}}}' or set {plan_env(ex)}=PLAN.json "
                        "(OVERDRIVE_<METHOD>_PLAN for another KV-cache method)")
-
-
-def write_fp_store(pool: torch.Tensor, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write the step's sink/window tokens (``batch.fp_write_index``) into the full-precision store, K then V."""
-    if batch.fp_write_index is None or not batch.fp_write_index.numel():
-        return
-    bs = pool.shape[2]
-    idx = batch.fp_write_index.to(torch.long)
-    dst = batch.fp_write_slot.to(torch.long)
-    pool[dst // bs, :, dst % bs] = torch.cat([k[idx], v[idx]], dim=-1).to(pool.dtype)
 
 
 # --------------------------------------------------------------------------------------- metadata

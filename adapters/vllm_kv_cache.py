@@ -32,14 +32,15 @@ from typing import Any
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import LayerKVFormat, ModelIdentity
+from overdrive.contracts.kv_cache import LayerKVFormat, ModelIdentity, PagedBatch
 
 from ._kv_cache import Active, kv_methods, load_active, paged_formats, plan_env
 
 BACKEND_MODULE = "overdrive.adapters.vllm_kv_backend"
 
 __all__ = ["Active", "FullPrecisionStore", "active_method", "backend_class_name", "backend_name", "formats",
-           "kv_methods", "model_identity", "plan_env", "register_backends", "tp_rank_size"]
+           "kv_methods", "model_identity", "plan_env", "register_backends", "store_geometry", "tp_rank_size",
+           "write_fp_store"]
 
 
 # ---------------------------------------------------------------------------------- active method
@@ -96,6 +97,16 @@ def store_geometry(fmts: tuple[LayerKVFormat, ...], source: str) -> tuple[int, A
                           "store bookkeeping needs one (sink, window) for all layers that use it")
     first = next(f for f in fmts if f.uses_fp_store)
     return first.sink, first.window_start
+
+
+def write_fp_store(pool: torch.Tensor, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write the step's sink/window tokens (``batch.fp_write_index``) into the full-precision store, K then V."""
+    if batch.fp_write_index is None or not batch.fp_write_index.numel():
+        return
+    bs = pool.shape[2]
+    idx = batch.fp_write_index.to(torch.long)
+    dst = batch.fp_write_slot.to(torch.long)
+    pool[dst // bs, :, dst % bs] = torch.cat([k[idx], v[idx]], dim=-1).to(pool.dtype)
 
 
 # ------------------------------------------------------------------------ full-precision store
