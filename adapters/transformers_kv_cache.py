@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 import overdrive
 from overdrive.config import ConfigError, MethodConfig
 from overdrive.contracts.kv_cache import (KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity,
-                                         fold_qk_scale)
+                                         attention_modules, fold_qk_scale)
 from overdrive.kinds import Kind
 
 from ._kv_cache import check_formats
@@ -63,15 +63,6 @@ def kv_cache(model: Any, method: str, plan: str | Path | Mapping[str, Any] | Met
                           "cannot express (its attention reads every cached position of every head)")
     fold_q_scales(model, impl, fmts, method)
     return OverdriveKVCache(impl, fmts, method)
-
-
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Decoder self-attention modules by layer index (``layer_idx``, ``q_proj``, ``k_proj``: Llama, Qwen2, Mistral, ...)."""
-    found = {}
-    for m in model.modules():
-        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj") and hasattr(m, "k_proj"):
-            found[m.layer_idx] = m
-    return found
 
 
 def fold_q_scales(model: torch.nn.Module, method: KVCacheMethod, fmts: list[LayerKVFormat], name: str) -> int:

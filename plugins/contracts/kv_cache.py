@@ -333,6 +333,16 @@ class KVCacheMethod(abc.ABC):
         return None
 
 
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Self-attention modules of a decoder by layer index: modules with an int ``layer_idx`` and ``q_proj`` /
+    ``k_proj`` linears (the transformers convention of Llama, Qwen2, Mistral, ...), where a ``q_scale`` folds."""
+    found = {}
+    for m in model.modules():
+        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj") and hasattr(m, "k_proj"):
+            found[m.layer_idx] = m
+    return found
+
+
 @torch.no_grad()
 def fold_qk_scale(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, scale: torch.Tensor) -> None:
     """Fold a ``q_scale`` (Hk, D) into projection weights in place: k rows / s, q rows * s (GQA-repeated).

@@ -18,20 +18,11 @@ import json
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import ModelIdentity, fold_qk_scale
+from overdrive.contracts.kv_cache import ModelIdentity, attention_modules, fold_qk_scale
 
 from .config import PMKVQPlan
 
 _MARK = "_overdrive_pmkvq_scales"
-
-
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Decoder self-attention modules by layer index."""
-    found = {}
-    for m in model.modules():
-        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj") and hasattr(m, "k_proj"):
-            found[m.layer_idx] = m
-    return found
 
 
 def _digest(plan: PMKVQPlan) -> str:
