@@ -49,7 +49,12 @@ def load_formats(method_name: str, hf_config: Any, tp_rank: int = 0, tp_size: in
     """(method impl, per-layer formats) for the model, from ``OVERDRIVE_<METHOD>_PLAN``; ConfigError when absent/wrong."""
     path = plan_path(method_name)
     active = load_active(method_name, path, plan_env(method_name))
-    return active.method, list(paged_formats(active, ModelIdentity.from_hf_config(hf_config), tp_rank, tp_size))
+    fmts = list(paged_formats(active, ModelIdentity.from_hf_config(hf_config), tp_rank, tp_size))
+    spans = [f.layer for f in fmts if f.head_spans is not None]
+    if spans:  # SGLang's own attention reads every cached position of every head
+        raise ConfigError(f"{active.source}: layers {spans} read per-head spans (head_spans), which the SGLang backend "
+                          "cannot express (it runs SGLang's attention)")
+    return active.method, fmts
 
 
 def make_backend_class():
