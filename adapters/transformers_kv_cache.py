@@ -73,8 +73,11 @@ def fold_q_scales(model: torch.nn.Module, method: KVCacheMethod, fmts: list[Laye
         raise ConfigError(f"{name} overrides transform_qk; the transformers cache never sees queries and can only "
                           "apply a query/key transform given as LayerKVFormat.q_scale (folded into the weights)")
     scaled = [f for f in fmts if f.q_scale is not None]
-    digest = hashlib.sha256(b"".join(f.layer.to_bytes(4, "little") + f.q_scale.detach().to("cpu", torch.float64).numpy().tobytes()
-                                     for f in scaled)).hexdigest() if scaled else None
+    digest = None
+    if scaled:
+        data = [f.layer.to_bytes(4, "little") + f.q_scale.detach().to("cpu", torch.float64).numpy().tobytes()
+                for f in scaled]
+        digest = hashlib.sha256(b"".join(data)).hexdigest()
     done = getattr(model, _FOLDED, None)
     if done == digest:
         return 0

@@ -18,7 +18,8 @@ from overdrive.contracts.kv_cache import (KVCacheMethod, LayerKVFormat, ModelIde
 from overdrive.kinds import Kind
 
 ADAPTERS = Path(overdrive.__file__).resolve().parents[1] / "adapters"
-KV_ADAPTERS = ["_kv_cache.py", "vllm_kv_cache.py", "vllm_kv_backend.py", "sglang_kv_cache.py", "transformers_kv_cache.py"]
+KV_ADAPTERS = ["_kv_cache.py", "vllm_kv_cache.py", "vllm_kv_backend.py", "sglang_kv_cache.py",
+               "transformers_kv_cache.py"]
 
 
 def fmt(**kw) -> LayerKVFormat:
