@@ -177,3 +177,24 @@ def test_vllm_serves_example_int8kv_like_transformers(example_registry, plugin_e
     per_token = ident.num_layers * ident.num_kv_heads * (2 * ident.head_size + 8)
     tokens = int(re.findall(r"KV cache size: ([\d,]+) tokens", log)[-1].replace(",", ""))
     assert tokens == 2**30 // per_token // 32 * 32  # VllmServer's 1 GiB VLLM_CPU_KVCACHE_SPACE, block 32
+
+
+def test_sglang_backend_of_the_example_follows_its_semantics(plugin_env, tmp_path):
+    """SGLang (registries and pools on CPU; its server needs CUDA): the example's backend is registered by name and,
+    over SGLang's real pools, attends like the generic cache + float64 (tokens past the sink int8-rounded in place)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    plan = tmp_path / "int8kv.json"
+    plan.write_text(json.dumps({"version": 1, "sink": 3}))
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **plugin_env}
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_probe_sglang_kv.py")), "example_int8kv",
+                        str(plan)], capture_output=True, text=True, timeout=300, env=env)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, r.stderr[-4000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["registered"] and out["choices"] == 1 and out["cli"] == "example_int8kv"
+    assert out["lens"] == [22, 16] and out["body"] == 22 - 3  # every token past the sink was compressed
+    assert out["max_err"] < 1e-5, out
