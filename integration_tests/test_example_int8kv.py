@@ -179,6 +179,7 @@ def test_vllm_serves_example_int8kv_like_transformers(example_registry, plugin_e
     assert tokens == 2**30 // per_token // 32 * 32  # VllmServer's 1 GiB VLLM_CPU_KVCACHE_SPACE, block 32
 
 
+@pytest.mark.slow  # ~33 s on this CPU (SGLang's imports in a subprocess)
 def test_sglang_backend_of_the_example_follows_its_semantics(plugin_env, tmp_path):
     """SGLang (registries and pools on CPU; its server needs CUDA): the example's backend is registered by name and,
     over SGLang's real pools, attends like the generic cache + float64 (tokens past the sink int8-rounded in place)."""
