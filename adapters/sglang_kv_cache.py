@@ -1,19 +1,20 @@
-"""SGLang side of KV-cache methods (kind ``kv_cache_attention``): ``--attention-backend pmkvq``.
+"""SGLang side of KV-cache methods (kind ``kv_cache_attention``): ``--attention-backend NAME``.
 
 Registration (from :func:`overdrive.adapters.sglang.register`) puts a factory per method into SGLang's
 attention-backend registry (``register_attention_backend``) and the name into the CLI choices
 (``add_attention_backend_choices``). SGLang has no generic extra-config flag, so the plan comes from
-``OVERDRIVE_<METHOD>_PLAN`` (e.g. ``OVERDRIVE_PMKVQ_PLAN=plan.json``); the factory checks it against the
-model when the server builds its attention backend.
+``OVERDRIVE_<NAME>_PLAN``; the factory checks it against the model when the server builds its
+attention backend. Nothing here knows a method: everything comes from the contract.
 
 What the backend does in SGLang 0.5.23: SGLang's torch-native attention over SGLang's own KV pool,
-with the method's semantics: the key scales applied to q and k, the step's tokens attended at full
-precision, and tokens leaving the recent window replaced in the pool by their quantize-dequantize
-values at the layer's width (sink and window stay exact). **Memory is not saved in SGLang**: the pool
-(``MHATokenToKVPool``, per-layer ``(tokens, heads, head_size)`` buffers of the KV dtype) is sized and
-allocated by ``ModelRunner`` from ``--kv-cache-dtype`` (closed choices) independently of the attention
-backend, and only a platform plugin (``get_kv_pool_cls``) can replace it. The backend is for evaluating
-a plan's accuracy with SGLang's scheduler; vLLM is where the capacity gain is real.
+with the method's semantics: the method's query/key transform (``transform_qk``), the step's tokens
+attended at full precision, and tokens leaving the full-precision sink/window
+(``LayerKVFormat.flush_range``) replaced in the pool by what the method would read back for them
+(``KVCacheMethod.roundtrip``, e.g. their quantize-dequantize values at the layer's width). **Memory is
+not saved in SGLang**: the pool (``MHATokenToKVPool``, per-layer ``(tokens, heads, head_size)`` buffers
+of the KV dtype) is sized and allocated by ``ModelRunner`` from ``--kv-cache-dtype`` (closed choices)
+independently of the attention backend, and only a platform plugin (``get_kv_pool_cls``) can replace
+it. The backend is for evaluating a plan's accuracy with SGLang's scheduler.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from typing import Any
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import LayerKVFormat, ModelIdentity
+from overdrive.contracts.kv_cache import KVCacheMethod, LayerKVFormat, ModelIdentity
 
-from .vllm_kv_cache import kv_methods, plan_env
+from ._kv_cache import kv_methods, load_active, paged_formats, plan_env
 
 
 def backend_name(method: str) -> str:
@@ -39,66 +40,58 @@ def plan_path(method_name: str) -> str:
     path = os.environ.get(env)
     if not path:
         raise ConfigError(f"SGLang --attention-backend {backend_name(method_name)} needs a plan: set {env}=PLAN.json "
-                          f"(from `overdrive calibrate --method {method_name}`)")
+                          f"(see `overdrive list` for how method {method_name!r} makes one)")
     return path
 
 
-def load_formats(method_name: str, hf_config: Any, tp_rank: int = 0, tp_size: int = 1) -> tuple[Any, list[LayerKVFormat]]:
+def load_formats(method_name: str, hf_config: Any, tp_rank: int = 0, tp_size: int = 1
+                 ) -> tuple[KVCacheMethod, list[LayerKVFormat]]:
     """(method impl, per-layer formats) for the model, from ``OVERDRIVE_<METHOD>_PLAN``; ConfigError when absent/wrong."""
-    import overdrive
-
     path = plan_path(method_name)
-    env = plan_env(method_name)
-    method = overdrive.get_method(method_name).load_impl()
-    try:
-        cfg = method.load_config(path)
-        return method, method.layer_formats(cfg, ModelIdentity.from_hf_config(hf_config), tp_rank=tp_rank,
-                                            tp_size=tp_size)
-    except ConfigError as e:
-        raise ConfigError(f"{env}={path}: {e}") from None
-
-
-def flush_positions(fmt: LayerKVFormat, prev_len: int, total: int) -> range:
-    """Positions whose cached K/V leave the full-precision window at the end of a step ``prev_len -> total``."""
-    start = min(max(fmt.window_start(prev_len), fmt.sink), total)
-    return range(start, max(min(fmt.window_start(total), total), start))
+    active = load_active(method_name, path, plan_env(method_name))
+    fmts = list(paged_formats(active, ModelIdentity.from_hf_config(hf_config), tp_rank, tp_size))
+    spans = [f.layer for f in fmts if f.head_spans is not None]
+    if spans:  # SGLang's own attention reads every cached position of every head
+        raise ConfigError(f"{active.source}: layers {spans} read per-head spans (head_spans), which the SGLang backend "
+                          "cannot express (it runs SGLang's attention)")
+    return active.method, fmts
 
 
 def make_backend_class():
     """SGLang backend class (built on first use: imports SGLang)."""
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-    from overdrive.kernels import kv_dequantize, kv_quantize
-
     class OverdriveKVSGLangBackend(TorchNativeAttnBackend):
-        def __init__(self, model_runner, method, formats: list[LayerKVFormat]) -> None:
+        def __init__(self, model_runner, method: KVCacheMethod, formats: list[LayerKVFormat]) -> None:
             super().__init__(model_runner)
             self.method, self.formats = method, formats
 
         def _qk(self, layer, q, k):
-            fmt = self.formats[layer.layer_id]
-            if fmt.q_scale is None or k is None:
+            if k is None:
                 return q, k
             q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
             k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim)
-            q3, k3 = self.method.transform_qk(fmt, q3, k3)
+            q3, k3 = self.method.transform_qk(self.formats[layer.layer_id], q3, k3)
             return q3.reshape(q.shape), k3.reshape(k.shape)
 
         def _flush(self, layer, forward_batch, new_lens: list[int]) -> None:
             fmt = self.formats[layer.layer_id]
+            if fmt.dense:
+                return
             pool = self.token_to_kv_pool
             kbuf, vbuf = pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id)
             seq = forward_batch.seq_lens.tolist()
             rows = forward_batch.req_pool_indices.tolist()
             for r, total in enumerate(seq):
-                pos = flush_positions(fmt, total - new_lens[r], total)
+                pos = fmt.flush_range(total - new_lens[r], total)
                 if not len(pos):
                     continue
                 slots = self.req_to_token_pool.req_to_token[rows[r], pos.start:pos.stop].to(torch.long)
-                for buf in (kbuf, vbuf):
-                    x = buf[slots].float()
-                    p, s, z = kv_quantize(x, fmt.bits, fmt.group)
-                    buf[slots] = kv_dequantize(p, s, z, fmt.bits, x.shape[-1], fmt.group, buf.dtype)
+                # the contract's layout: (batch, KV heads, tokens, head size)
+                k, v = (buf[slots].transpose(0, 1)[None] for buf in (kbuf, vbuf))
+                k, v = self.method.roundtrip(fmt, k, v)
+                kbuf[slots] = k[0].transpose(0, 1).to(kbuf.dtype)
+                vbuf[slots] = v[0].transpose(0, 1).to(vbuf.dtype)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             q, k = self._qk(layer, q, k)

@@ -1,6 +1,9 @@
 """vLLM attention backend classes for KV-cache methods (imported by vLLM from their qualified names).
 
-Registration, plan lookup and the full-precision store bookkeeping: :mod:`overdrive.adapters.vllm_kv_cache`.
+Generic over the KV-cache contract: page cells sized from ``LayerKVFormat.cell_bytes``, kernel limits
+from ``KVCacheMethod.paged_geometry()``, the query/key transform, attention and page writes from the
+method; the full-precision sink/window store is kept and written here. Registration, plan lookup and
+the store bookkeeping: :mod:`overdrive.adapters.vllm_kv_cache`.
 """
 from __future__ import annotations
 
@@ -15,15 +18,20 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import LayerKVFormat, PagedBatch
+from overdrive.contracts.kv_cache import LayerKVFormat, PagedBatch, PagedGeometry
 
+from ._kv_cache import example_name, plan_env
 from .vllm_kv_cache import (FullPrecisionStore, active_method, backend_class_name, backend_name, formats, kv_methods,
-                            model_identity, tp_rank_size)
+                            model_identity, store_geometry, tp_rank_size, write_fp_store)
 
 log = logging.getLogger("overdrive")
 
-#: block sizes the kernels take (the Triton decode kernel walks blocks in tiles of 16 tokens)
-BLOCK_MULTIPLE = 16
+
+def _no_plan() -> ConfigError:
+    ex = example_name()
+    return ConfigError("overdrive KV-cache attention backend selected without a plan: pass --additional-config "
+                       f"'{{\"{ex}\": {{\"plan\": \"PLAN.json\"}}}}' or set {plan_env(ex)}=PLAN.json "
+                       "(OVERDRIVE_<METHOD>_PLAN for another KV-cache method)")
 
 
 # --------------------------------------------------------------------------------------- metadata
@@ -39,10 +47,9 @@ class OverdriveKVBuilder(AttentionMetadataBuilder[OverdriveKVMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         active = active_method(vllm_config)
         if active is None:
-            raise ConfigError("overdrive KV-cache backend selected without a plan (set --additional-config or the "
-                              "OVERDRIVE_<METHOD>_PLAN environment variable)")
-        fmt = formats(active, model_identity(vllm_config), *tp_rank_size())[0]
-        self.store = FullPrecisionStore(kv_cache_spec.block_size, fmt.sink, fmt.window_start)
+            raise _no_plan()
+        geo = store_geometry(formats(active, model_identity(vllm_config), *tp_rank_size()), active.source)
+        self.store = FullPrecisionStore(kv_cache_spec.block_size, *geo) if geo is not None else None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> OverdriveKVMetadata:
@@ -51,20 +58,23 @@ class OverdriveKVBuilder(AttentionMetadataBuilder[OverdriveKVMetadata]):
         seq = m.seq_lens.cpu().tolist()
         qlens = [qsl[i + 1] - qsl[i] for i in range(m.num_reqs)]
         seq = seq[:m.num_reqs]
-        bt_cpu = m.block_table_tensor[:m.num_reqs].cpu()
-        st = self.store.step(seq, qlens, qsl, bt_cpu.tolist())
         dev = m.block_table_tensor.device
+        prev = [s - q for s, q in zip(seq, qlens)]
         batch = PagedBatch(
             query_start_loc=m.query_start_loc[:m.num_reqs + 1],
-            prev_lens=torch.tensor([s - q for s, q in zip(seq, qlens)], dtype=torch.int32, device=dev),
+            prev_lens=torch.tensor(prev, dtype=torch.int32, device=dev),
             block_table=m.block_table_tensor[:m.num_reqs],
             slot_mapping=m.slot_mapping[:m.num_actual_tokens],
-            fp_block_table=self.store.block_table(bt_cpu).to(dev),
-            fp_from=torch.tensor(st["fp_from"], dtype=torch.int32, device=dev),
-            sink_ok=torch.tensor(st["sink_ok"], dtype=torch.int32, device=dev),
-            fp_write_index=torch.tensor(st["w_index"], dtype=torch.long, device=dev),
-            fp_write_slot=torch.tensor(st["w_slot"], dtype=torch.long, device=dev),
-            host_query_start_loc=qsl[:m.num_reqs + 1], host_prev_lens=[s - q for s, q in zip(seq, qlens)])
+            host_query_start_loc=qsl[:m.num_reqs + 1], host_prev_lens=prev)
+        if self.store is None:
+            return OverdriveKVMetadata(m.num_actual_tokens, batch, 0)
+        bt_cpu = m.block_table_tensor[:m.num_reqs].cpu()
+        st = self.store.step(seq, qlens, qsl, bt_cpu.tolist())
+        batch.fp_block_table = self.store.block_table(bt_cpu).to(dev)
+        batch.fp_from = torch.tensor(st["fp_from"], dtype=torch.int32, device=dev)
+        batch.sink_ok = torch.tensor(st["sink_ok"], dtype=torch.int32, device=dev)
+        batch.fp_write_index = torch.tensor(st["w_index"], dtype=torch.long, device=dev)
+        batch.fp_write_slot = torch.tensor(st["w_slot"], dtype=torch.long, device=dev)
         return OverdriveKVMetadata(m.num_actual_tokens, batch, self.store.capacity)
 
 
@@ -80,8 +90,7 @@ class OverdriveKVImpl(AttentionImpl[OverdriveKVMetadata]):
         self.vllm_config = get_current_vllm_config()
         self.active = active_method(self.vllm_config)
         if self.active is None:
-            raise ConfigError("overdrive KV-cache attention backend selected without a plan: pass --additional-config "
-                              "'{\"pmkvq\": {\"plan\": \"PLAN.json\"}}' or set OVERDRIVE_PMKVQ_PLAN")
+            raise _no_plan()
         name = self.active.name
         unsupported = [what for what, bad in (
             (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
@@ -101,15 +110,17 @@ class OverdriveKVImpl(AttentionImpl[OverdriveKVMetadata]):
             raise ConfigError(f"overdrive {name}: attention layer head size {head_size} differs from the model's "
                               f"{ident.head_size}")
         block = self.vllm_config.cache_config.block_size
-        if block is None or block % BLOCK_MULTIPLE:
-            raise ConfigError(f"overdrive {name}: --block-size {block} is not a multiple of {BLOCK_MULTIPLE}, which the "
-                              "decode kernel needs")
-        self.formats = formats(self.active, ident, *tp_rank_size())  # plan vs model and head-size checks (ConfigError)
-        if self.formats and self.formats[0].sink > block:
-            raise ConfigError(f"overdrive {name}: {self.formats[0].sink} sink tokens do not fit one block of {block}")
-        if self.formats and self.formats[0].num_kv_heads != self.num_kv_heads:
-            raise ConfigError(f"overdrive {name}: the plan gives {self.formats[0].num_kv_heads} KV heads per rank, the "
-                              f"layer has {self.num_kv_heads}")
+        self.formats = formats(self.active, ident, *tp_rank_size())  # plan vs model checks (ConfigError)
+        problems = self.active.method.paged_geometry().problems(head_size, block)
+        if problems:
+            raise ConfigError(f"overdrive {name} ({self.active.source}): " + "; ".join(problems))
+        geo = store_geometry(self.formats, self.active.source)
+        if geo is not None and geo[0] > block:
+            raise ConfigError(f"overdrive {name}: {geo[0]} full-precision sink tokens do not fit one block of {block}")
+        wrong = [f.layer for f in self.formats if f.num_kv_heads != self.num_kv_heads]
+        if wrong:
+            raise ConfigError(f"overdrive {name}: the plan gives {self.formats[wrong[0]].num_kv_heads} KV heads per "
+                              f"rank (layer {wrong[0]}), the attention layers have {self.num_kv_heads}")
         self.fmt: LayerKVFormat | None = None
         self.layer_name: str | None = None
         self.fp_pool: torch.Tensor | None = None
@@ -128,15 +139,17 @@ class OverdriveKVImpl(AttentionImpl[OverdriveKVMetadata]):
             raise ConfigError(f"overdrive {self.active.name}: layer {self.layer_name} (index {idx}) is not in the plan "
                               f"({len(self.formats)} layers)")
         self.fmt = self.formats[idx]
-        # the layer's KV spec is sized from this layer's cell (per-layer attribute, not the class)
-        ctx[self.layer_name].attn_backend = cell_backend(self.active.name, self.fmt.cell_bytes)
+        # the layer's KV spec is sized from this layer's cell (per-layer attribute, not the class);
+        # cell_bytes 0 keeps vLLM's dense cell
+        ctx[self.layer_name].attn_backend = (cell_backend(self.active.name, self.fmt.cell_bytes) if self.fmt.cell_bytes
+                                             else method_backend(self.active.name))
 
     def _pool(self, meta: OverdriveKVMetadata, like: torch.Tensor, block_size: int) -> torch.Tensor:
         need = meta.fp_capacity
         pool = self.fp_pool
         if pool is None or pool.shape[0] < need or pool.dtype != like.dtype:
-            new = torch.zeros(max(need, 1), self.num_kv_heads, block_size, 2 * self.head_size, dtype=like.dtype,
-                              device=like.device)
+            new = torch.zeros(max(need, 1), self.num_kv_heads, block_size, self.fmt.fp_store_channels,
+                              dtype=like.dtype, device=like.device)
             if pool is not None and pool.dtype == like.dtype:
                 new[:pool.shape[0]] = pool
             if self.fmt is not None and self.fmt.layer == 0:
@@ -160,18 +173,21 @@ class OverdriveKVImpl(AttentionImpl[OverdriveKVMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         method, fmt, batch = self.active.method, self.fmt, attn_metadata.batch
-        q, k = method.transform_qk(fmt, q, k) if hasattr(method, "transform_qk") else (q, k)
-        pages = kv_cache.view(torch.int32)
-        pool = self._pool(attn_metadata, k, pages.shape[2])
+        q, k = method.transform_qk(fmt, q, k)
+        pages = kv_cache.view(torch.uint8)  # (blocks, KV heads, block size, cell bytes)
+        pool = (self._pool(attn_metadata, k, pages.shape[2])
+                if fmt.uses_fp_store and batch.fp_block_table is not None else None)
         out = method.attend(fmt, pages, batch, q, k, v, self.scale, pool)
-        method.store(fmt, pages, batch, k, v, pool)
+        method.store(fmt, pages, batch, k, v)
+        if pool is not None:
+            write_fp_store(pool, batch, k, v)
         output[:n] = out.view(output[:n].shape).to(output.dtype)
         return output
 
 
 # ------------------------------------------------------------------------------------- backends
 class OverdriveKVBackend(AttentionBackend):
-    """Base of the per-method backends (``--attention-backend PMKVQ``)."""
+    """Base of the per-method backends (``--attention-backend NAME``)."""
 
     method_name: ClassVar[str] = ""
     cell_bytes: ClassVar[int] = 0
@@ -180,13 +196,22 @@ class OverdriveKVBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
-        return [MultipleOf(BLOCK_MULTIPLE)]
+    @classmethod
+    def geometry(cls) -> PagedGeometry:
+        """The method's kernel limits (any, on the generic base class)."""
+        if not cls.method_name:
+            return PagedGeometry()
+        import overdrive
+
+        return overdrive.get_method(cls.method_name).load_impl().paged_geometry()
+
+    @classmethod
+    def get_supported_kernel_block_sizes(cls, kv_cache_spec=None) -> list:
+        return [MultipleOf(cls.geometry().block_multiple)]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return [d for d in range(32, 513, 32)]
+        return list(cls.geometry().head_sizes or [])  # empty: any (vLLM's convention)
 
     @classmethod
     def customize_spec(cls, spec):

@@ -1,62 +1,49 @@
 """vLLM side of KV-cache methods (kind ``kv_cache_attention``): registration, plan lookup, the
 full-precision store bookkeeping. Light: imports no vLLM attention code (the backend classes live in
 :mod:`overdrive.adapters.vllm_kv_backend`, which vLLM imports by path when it builds attention).
+Nothing here knows a method: everything comes from the contract (:mod:`overdrive.contracts.kv_cache`).
 
-How a method reaches vLLM 0.32:
+How a method NAME reaches vLLM 0.32:
 
 * :func:`register_backends` (from :func:`overdrive.adapters.vllm.register`) adds one attention
-  backend per method (``--attention-backend PMKVQ``) with ``register_backend``, and on the CPU
+  backend per method (``--attention-backend NAME`` upper-cased) with ``register_backend``, and on the CPU
   platform — which ignores ``--attention-backend`` and always builds ``CPU_ATTN`` — overrides
   ``CPU_ATTN`` with a subclass of vLLM's CPU backend that hands layers to the method only when a plan
   is configured and is vLLM's own CPU backend otherwise (``OVERDRIVE_VLLM_CPU_ATTN=0`` turns the
   override off).
-* The plan comes from ``--additional-config '{"pmkvq": {"plan": "PLAN.json"}}'`` or the environment
-  variable ``OVERDRIVE_PMKVQ_PLAN`` (generally ``OVERDRIVE_<METHOD>_PLAN``); it is checked against the
-  model (layers, KV heads, head size) and the kernels' limits (head size, block size) when the
-  attention layers are built, so a bad plan fails at startup.
+* The plan comes from ``--additional-config '{"NAME": {"plan": "PLAN.json"}}'`` or the environment
+  variable ``OVERDRIVE_<NAME>_PLAN``; it is checked against the model (the method's ``layer_formats``)
+  and the kernels' limits (``paged_geometry``: head sizes, block-size multiple) when the attention
+  layers are built, so a bad plan fails at startup.
 * Per-layer page sizes: after weights load, each attention layer's ``attn_backend`` (an attribute of
-  the layer object) becomes a backend class for its cell size, whose ``customize_spec`` sets the spec's
-  ``state_content_bytes``; vLLM sizes every layer's pages from its own cell size, so the KV capacity it
-  reports at startup grows by the compression factor.
-* Sink and recent-window tokens are kept at full precision in a per-layer store beside the pages,
-  managed per physical block by :class:`FullPrecisionStore`; its memory is outside
-  ``VLLM_CPU_KVCACHE_SPACE`` / ``gpu_memory_utilization`` and is logged when it grows.
+  the layer object) becomes a backend class for its ``cell_bytes``, whose ``customize_spec`` sets the
+  spec's ``state_content_bytes``; vLLM sizes every layer's pages from its own cell size, so the KV
+  capacity it reports at startup grows by the compression factor (``cell_bytes = 0``: vLLM's dense cell).
+* Layers whose format ``uses_fp_store`` keep their sink and recent-window tokens at full precision in a
+  per-layer store beside the pages, managed per physical block by :class:`FullPrecisionStore` and
+  written by the backend; its memory is outside ``VLLM_CPU_KVCACHE_SPACE`` / ``gpu_memory_utilization``
+  and is logged when it grows.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 from typing import Any
 
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import KVCacheMethod, LayerKVFormat, ModelIdentity
-from overdrive.kinds import Kind
+from overdrive.contracts.kv_cache import LayerKVFormat, ModelIdentity, PagedBatch
+
+from ._kv_cache import Active, kv_methods, load_active, paged_formats, plan_env
 
 BACKEND_MODULE = "overdrive.adapters.vllm_kv_backend"
 
+__all__ = ["Active", "FullPrecisionStore", "active_method", "backend_class_name", "backend_name", "formats",
+           "kv_methods", "model_identity", "plan_env", "register_backends", "store_geometry", "tp_rank_size",
+           "write_fp_store"]
+
 
 # ---------------------------------------------------------------------------------- active method
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (one object per loaded plan)
-class Active:
-    name: str
-    method: KVCacheMethod
-    cfg: Any
-    source: str
-
-
-def plan_env(name: str) -> str:
-    return f"OVERDRIVE_{name.upper()}_PLAN"
-
-
-def kv_methods() -> list[Any]:
-    import overdrive
-
-    return overdrive.list_methods(Kind.KV_CACHE)
-
-
 def active_method(vllm_config: Any = None) -> Active | None:
     """The KV-cache method configured for this engine (additional config or environment), or None."""
     if vllm_config is None:
@@ -78,20 +65,7 @@ def active_method(vllm_config: Any = None) -> Active | None:
     if len(found) > 1:
         raise ConfigError(f"several KV-cache methods are configured ({', '.join(f[2] for f in found)}); use one")
     spec, path, source = found[0]
-    return _load(spec.name, path, source)
-
-
-@functools.lru_cache(maxsize=8)
-def _load(name: str, path: str, source: str) -> Active:
-    import overdrive
-
-    spec = overdrive.get_method(name)
-    method = spec.load_impl()
-    try:
-        cfg = method.load_config(path)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return Active(name, method, cfg, f"{source}={path}")
+    return load_active(spec.name, path, source)
 
 
 def model_identity(vllm_config: Any) -> ModelIdentity:
@@ -107,12 +81,32 @@ def tp_rank_size() -> tuple[int, int]:
         return 0, 1
 
 
-@functools.lru_cache(maxsize=8)
 def formats(active: Active, ident: ModelIdentity, tp_rank: int, tp_size: int) -> tuple[LayerKVFormat, ...]:
-    try:
-        return tuple(active.method.layer_formats(active.cfg, ident, tp_rank=tp_rank, tp_size=tp_size))
-    except ConfigError as e:
-        raise ConfigError(f"{active.source}: {e}") from None
+    return paged_formats(active, ident, tp_rank, tp_size)
+
+
+def store_geometry(fmts: tuple[LayerKVFormat, ...], source: str) -> tuple[int, Any] | None:
+    """(sink, window_start) shared by the layers that use the full-precision store, or None when none does.
+
+    One store bookkeeping serves all layers of a step, so those layers must agree on sink and window."""
+    used = {(f.sink, f.window) for f in fmts if f.uses_fp_store}
+    if not used:
+        return None
+    if len(used) > 1:
+        raise ConfigError(f"{source}: layers keep different full-precision sinks/windows {sorted(used)}; the vLLM "
+                          "store bookkeeping needs one (sink, window) for all layers that use it")
+    first = next(f for f in fmts if f.uses_fp_store)
+    return first.sink, first.window_start
+
+
+def write_fp_store(pool: torch.Tensor, batch: PagedBatch, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write the step's sink/window tokens (``batch.fp_write_index``) into the full-precision store, K then V."""
+    if batch.fp_write_index is None or not batch.fp_write_index.numel():
+        return
+    bs = pool.shape[2]
+    idx = batch.fp_write_index.to(torch.long)
+    dst = batch.fp_write_slot.to(torch.long)
+    pool[dst // bs, :, dst % bs] = torch.cat([k[idx], v[idx]], dim=-1).to(pool.dtype)
 
 
 # ------------------------------------------------------------------------ full-precision store

@@ -25,7 +25,7 @@ PROBE = textwrap.dedent(r"""
     from overdrive.adapters.sglang_kv_cache import make_backend_class
     from overdrive.config import ConfigError
     from overdrive.contracts.kv_cache import ModelIdentity
-    from overdrive.pmkvq.cache import PMKVQLayer
+    from overdrive.adapters.transformers_kv_cache import OverdriveKVLayer
     from overdrive.pmkvq.config import make_plan
     from overdrive.pmkvq.method import METHOD
 
@@ -62,9 +62,9 @@ PROBE = textwrap.dedent(r"""
     runner = types.SimpleNamespace(device="cpu", req_to_token_pool=rtp, token_to_kv_pool=kvp)  # holds SGLang's pools
     be = make_backend_class()(runner, METHOD, fmts)
     layer = RadixAttention(hq, d, d ** -0.5, hk, 0)
-    # independent reference: the transformers cache layer (static 2 bits, sink 1, window 8) + float64 attention,
+    # independent reference: the generic transformers cache layer (static 2 bits, sink 1, window 8) + float64 attention,
     # with the key scale applied by hand (q * s, k / s)
-    refs = [PMKVQLayer(0, 2, None, 32, 1, window, progressive=False) for _ in range(2)]
+    refs = [OverdriveKVLayer(METHOD, fmts[0], "pmkvq") for _ in range(2)]
     slots = [list(range(0, 64)), list(range(100, 164))]
     for r in range(2):
         rtp.req_to_token[r, :64] = torch.tensor(slots[r], dtype=torch.int32)
@@ -96,7 +96,7 @@ PROBE = textwrap.dedent(r"""
             a += m
         cur = tot
     out["max_err"], out["lens"] = err, cur
-    out["body_quantized"] = refs[0]._body_len() > 0
+    out["body_quantized"] = refs[0].body_length() > 0
     print("RESULT " + json.dumps(out))
 """)
 

@@ -45,7 +45,7 @@ def plan_path(tmp_path_factory) -> Path:
 def _transformers_tokens(plan: PMKVQPlan | None) -> list[list[int]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import overdrive.pmkvq as pmkvq
+    import overdrive.transformers as ot
 
     d = tiny_llama()
     tok = AutoTokenizer.from_pretrained(d)
@@ -53,7 +53,7 @@ def _transformers_tokens(plan: PMKVQPlan | None) -> list[list[int]]:
     out = []
     for p in PROMPTS:
         ids = tok(p, return_tensors="pt").input_ids
-        kw = {"past_key_values": pmkvq.apply(model, plan, mode="static")} if plan is not None else {}
+        kw = {"past_key_values": ot.kv_cache(model, "pmkvq", plan=plan, mode="static")} if plan is not None else {}
         gen = model.generate(ids, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, **kw)
         out.append(gen[0, ids.shape[1]:].tolist())
     return out

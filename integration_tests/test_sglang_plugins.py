@@ -21,4 +21,4 @@ def test_sglang_load_plugins_registers_overdrive_methods(plugin_env, tmp_path):
     assert out["mbq_err"] < 1e-4 and out["mbq_choice"]
     assert out["skipped"] == "UnquantizedLinearMethod"
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
-    assert [x["registered"] for x in lines if x["framework"] == "sglang"] == [["example_w8", "mbq", "pmkvq"]]
+    assert [x["registered"] for x in lines if x["framework"] == "sglang"] == [["example_w8", "mbq", "example_int8kv", "pmkvq"]]

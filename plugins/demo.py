@@ -231,7 +231,7 @@ class Demo:
         tokens = int(cap[-1].replace(",", ""))
         print(f"  vLLM (--additional-config pmkvq plan, CPU_ATTN override): KV cache size {tokens:,} tokens at 1 GiB "
               f"({dense} -> {packed} bytes per token: {dense / packed:.1f}x the {2**30 // dense:,} of float32 pages)\n"
-              f"  vLLM tokens {got}\n  transformers (PMKVQCache, same plan) {want}")
+              f"  vLLM tokens {got}\n  transformers (overdrive.transformers.kv_cache, same plan) {want}")
         if got != want:
             raise AssertionError("vLLM and transformers disagree with the same PM-KVQ plan")
         return (f"PM-KVQ plan bits {plan.layer_bits}: vLLM holds {dense / packed:.1f}x more KV tokens and answers "

@@ -4,10 +4,11 @@ Only the contracts that methods already need are defined; the others arrive with
 (DESIGN.md: "define the kind contracts as the first methods need them").
 """
 from .dit_cache import Attachment, DenoiserInfo, DiTCacheMethod
-from .kv_cache import KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch
+from .kv_cache import (KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch,
+                       PagedGeometry, fold_qk_scale)
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
 from .weight_quant import ParamSpec, WeightQuantMethod
 
-__all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "KVCacheMethod", "LayerKVFormat", "ModelIdentity",
-           "PagedBatch", "LayerwiseReducer", "ParamSpec", "Selection",
+__all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat",
+           "ModelIdentity", "PagedBatch", "PagedGeometry", "fold_qk_scale", "LayerwiseReducer", "ParamSpec", "Selection",
            "TokenReductionMethod", "VideoGrid", "VisionSpan", "WeightQuantMethod"]

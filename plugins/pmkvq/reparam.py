@@ -1,4 +1,7 @@
-"""Fold PM-KVQ key scales into a transformers model: ``k_proj`` rows / s, ``q_proj`` rows * s.
+"""Fold PM-KVQ key scales into a transformers model during calibration: ``k_proj`` rows / s, ``q_proj`` rows * s.
+
+(At inference the transformers adapter folds the formats' ``q_scale`` itself; both use
+:func:`overdrive.contracts.kv_cache.fold_qk_scale`.)
 
 K is then produced already divided by ``s`` (flatter per token, so per-token quantization loses
 less) and q already multiplied by it, so q.k — and the model's function — is unchanged. Both
@@ -15,20 +18,11 @@ import json
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import ModelIdentity
+from overdrive.contracts.kv_cache import ModelIdentity, attention_modules, fold_qk_scale
 
 from .config import PMKVQPlan
 
 _MARK = "_overdrive_pmkvq_scales"
-
-
-def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Decoder self-attention modules by layer index."""
-    found = {}
-    for m in model.modules():
-        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj") and hasattr(m, "k_proj"):
-            found[m.layer_idx] = m
-    return found
 
 
 def _digest(plan: PMKVQPlan) -> str:
@@ -49,24 +43,13 @@ def fold_scales(model: torch.nn.Module, plan: PMKVQPlan) -> int:
     mods = attention_modules(model)
     if sorted(mods) != list(range(ident.num_layers)):
         raise ConfigError(f"found attention modules for layers {sorted(mods)}, expected 0..{ident.num_layers - 1}")
-    rep = ident.num_attention_heads // ident.num_kv_heads
-    d = ident.head_size
     changed = 0
     for i, entry in enumerate(plan.layers):
         ks = entry.get("key_scale")
         if ks is None:
             continue
         attn = mods[i]
-        s = torch.tensor(ks, dtype=torch.float64)  # (Hk, D)
-        sk = s.reshape(-1)
-        sq = s.repeat_interleave(rep, dim=0).reshape(-1)
-        for lin, f in ((attn.k_proj, 1.0 / sk), (attn.q_proj, sq)):
-            if lin.weight.shape[0] != f.numel():
-                raise ConfigError(f"layer {i}: {type(lin).__name__} has {lin.weight.shape[0]} output rows, expected "
-                                  f"{f.numel()} ({d} per head)")
-            lin.weight.copy_((lin.weight.double() * f[:, None]).to(lin.weight.dtype))
-            if lin.bias is not None:
-                lin.bias.copy_((lin.bias.double() * f).to(lin.bias.dtype))
+        fold_qk_scale(attn.q_proj, attn.k_proj, torch.tensor(ks, dtype=torch.float64))
         changed += 1
     setattr(model, _MARK, digest)
     return changed

@@ -138,6 +138,6 @@ def test_doctor_command_registers_into_every_engine(tmp_path):
     regs["vllm"] = [x for x in regs["vllm"] if x not in ("pmkvq", "framefusion")]
     assert "pmkvq" in regs["sglang"]  # KV-cache methods register an SGLang attention backend too
     regs["sglang"] = [x for x in regs["sglang"] if x != "pmkvq"]
-    assert regs == {
-        "vllm": ["example_w8", "mbq"], "sglang": ["example_w8", "mbq"], "transformers": ["example_w8", "mbq"],
-        "diffusers": None}
+    assert regs == {  # the example's KV-cache method registers an attention backend in both engines as well
+        "vllm": ["example_w8", "mbq", "example_int8kv"], "sglang": ["example_w8", "mbq", "example_int8kv"],
+        "transformers": ["example_w8", "mbq"], "diffusers": None}

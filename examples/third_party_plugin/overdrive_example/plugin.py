@@ -4,7 +4,7 @@ from __future__ import annotations
 import overdrive
 from overdrive import Kind, MethodCommand, MethodSpec
 
-from .configs import StepCacheConfig, W8Config
+from .configs import Int8KVConfig, StepCacheConfig, W8Config
 
 
 @overdrive.hookimpl
@@ -25,5 +25,11 @@ def overdrive_methods() -> list[MethodSpec]:
             paper="step-reuse baseline (no paper); example plugin",
             impl="overdrive_example.stepcache:METHOD",
             summary="reuse the denoiser output between recomputations every `interval` steps",
+        ),
+        MethodSpec(
+            name="example_int8kv", kind=Kind.KV_CACHE, config_cls=Int8KVConfig,
+            paper="per-token int8 KV baseline (no paper); example plugin",
+            impl="overdrive_example.int8kv:METHOD",
+            summary="per-token symmetric int8 K/V cache with a few full-precision sink tokens",
         ),
     ]

@@ -1,15 +1,27 @@
-"""The transformers PM-KVQ cache: storage semantics against an independent reconstruction, the
-progressive schedule, errors, and generation with a real transformers model."""
+"""PM-KVQ through the generic transformers KV cache (overdrive.transformers.kv_cache): storage semantics
+against an independent reconstruction, the progressive schedule, errors, and generation with a real
+transformers model."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import overdrive.transformers as ot
+from overdrive.adapters.transformers_kv_cache import OverdriveKVCache, OverdriveKVLayer
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import ModelIdentity
+from overdrive.contracts.kv_cache import KVBudgetError, LayerKVFormat, ModelIdentity
 from overdrive.kernels import kv_dequantize, kv_quantize
-from overdrive.pmkvq.cache import PMKVQBudgetError, PMKVQCache, PMKVQLayer
+from overdrive.kernels.kv_attention import cell_words
 from overdrive.pmkvq.config import layer_peak_bytes, make_plan, token_bytes
+from overdrive.pmkvq.method import METHOD
+
+
+def _layer(bits: int, budget: int | None, group: int, sink: int, window: int, heads: int, layer: int = 0,
+           d: int = 32) -> OverdriveKVLayer:
+    """One cache layer of PM-KVQ at ``bits`` (16 with a budget: the progressive start)."""
+    fmt = LayerKVFormat(layer=layer, num_kv_heads=heads, head_size=d, bits=bits, group=group, sink=sink, window=window,
+                        cell_bytes=4 * cell_words(d, bits, group), budget_bytes=budget)
+    return OverdriveKVLayer(METHOD, fmt, "pmkvq")
 
 
 def _qdq(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -23,7 +35,7 @@ def test_returned_keys_follow_sink_window_body_rule(bits):
     chunks quantized at ``bits`` — rebuilt here from the quantizer and the flush rule's closed form."""
     g = torch.Generator().manual_seed(bits)
     sink, window, group = 1, 8, 32
-    layer = PMKVQLayer(0, bits, None, group, sink, window, progressive=False)
+    layer = _layer(bits, None, group, sink, window, heads=2)
     steps = [5, 1, 1, 9, 1, 1, 20, 1]
     ks = torch.randn(2, 2, sum(steps), 32, generator=g)
     vs = torch.randn(2, 2, sum(steps), 32, generator=g)
@@ -46,19 +58,19 @@ def test_progressive_halving_and_memory_accounting():
     h, d, group, sink, window = 2, 32, 32, 1, 8
     fp = 2 * h * d * 4  # float32 sink/window tokens
     budget = layer_peak_bytes(2, 64, h, d, group, sink, window, fp_bytes=4)
-    layer = PMKVQLayer(3, 2, budget, group, sink, window, progressive=True)
+    layer = _layer(16, budget, group, sink, window, heads=h, layer=3)
     seen = 0
     while seen < 64:
         layer.update(torch.randn(1, h, 1, d, generator=g), torch.randn(1, h, 1, d, generator=g))
         seen += 1
-        body = layer._body_len()
+        body = layer.body_length()
         n_win = seen - min(seen, sink) - body
         # memory is the closed-form byte count of what is stored at the current width
-        assert layer.memory_bytes() == (min(seen, sink) + n_win) * fp + body * token_bytes(layer.bits, h, d, group)
+        assert layer.memory_bytes() == (min(seen, sink) + n_win) * fp + body * token_bytes(layer.fmt.bits, h, d, group)
         assert layer.memory_bytes() <= budget
     # the body went down one halving at a time, each when the layer was over budget
-    assert [(a, b) for _, a, b in layer.requant_events] == [(16, 8), (8, 4), (4, 2)]
-    with pytest.raises(PMKVQBudgetError, match="PM-KVQ layer 3: .* exceeds its budget .* at 2 bits"):
+    assert [(a, b) for _, a, b in layer.shrink_events] == [(16, 8), (8, 4), (4, 2)]
+    with pytest.raises(KVBudgetError, match="pmkvq layer 3: .* exceeds its budget .* at 2 bits"):
         for _ in range(64):
             layer.update(torch.randn(1, h, 1, d, generator=g), torch.randn(1, h, 1, d, generator=g))
 
@@ -70,15 +82,15 @@ def test_requantized_body_matches_integer_requant_of_16_bit_codes():
     g = torch.Generator().manual_seed(1)
     group, sink, window = 32, 1, 8
     x = torch.randn(1, 1, 1 + 16, 32, generator=g)
-    big = PMKVQLayer(0, 2, 10**9, group, sink, window, progressive=True)
+    big = _layer(16, 10**9, group, sink, window, heads=1)
     big.update(x, x)
-    assert big.bits == 16 and big._body_len() == 16
-    tight = PMKVQLayer(0, 2, big.memory_bytes() - 1, group, sink, window, progressive=True)
+    assert big.fmt.bits == 16 and big.body_length() == 16
+    tight = _layer(16, big.memory_bytes() - 1, group, sink, window, heads=1)
     tight.update(x, x)
-    assert tight.bits == 8
+    assert tight.fmt.bits == 8
     p, s, z = kv_quantize(x[:, :, 1:], 16, group)
     p8, s8 = kv_requantize(p, s, 16, 32)
-    assert torch.equal(tight._dequant_body()[0], kv_dequantize(p8, s8, z, 8, 32, group))
+    assert torch.equal(tight.decompressed_body()[0], kv_dequantize(p8, s8, z, 8, 32, group))
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +112,10 @@ def test_generate_at_16_bits_reproduces_the_unquantized_cache(llama):
     kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
     ref = model.generate(**enc, **kw)
     plan = make_plan(ident, [16, 16], 256, window=16, fp_bytes=4)  # window 16: several flushes in 40 tokens
-    static = PMKVQCache(plan, model.config, mode="static")
+    static = ot.kv_cache(model, "pmkvq", plan=plan, mode="static")
     assert torch.equal(model.generate(**enc, **kw, past_key_values=static), ref)
-    assert static.layers[0]._body_len() > 0  # the comparison did exercise the quantized body
-    prog = PMKVQCache(make_plan(ident, [2, 2], 512, window=16, fp_bytes=4), model.config)
+    assert static.layers[0].body_length() > 0  # the comparison did exercise the quantized body
+    prog = ot.kv_cache(model, "pmkvq", plan=make_plan(ident, [2, 2], 512, window=16, fp_bytes=4))
     assert torch.equal(model.generate(**enc, **kw, past_key_values=prog), ref)
     assert prog.layer_bits == [16, 16]
 
@@ -128,7 +140,8 @@ def test_lower_bits_stay_within_measured_error(llama):
     ref = _teacher_forced_logits(model, ids, DynamicCache(config=model.config))
     err = {}
     for bits in (16, 8, 4, 2):
-        cache = PMKVQCache(make_plan(ident, [bits, bits], 256, window=16, fp_bytes=4), model.config, mode="static")
+        cache = ot.kv_cache(model, "pmkvq", plan=make_plan(ident, [bits, bits], 256, window=16, fp_bytes=4),
+                            mode="static")
         err[bits] = float((_teacher_forced_logits(model, ids, cache) - ref).abs().max() / ref.std())
     assert err[16] < 2e-4 < err[8] < 0.05 and err[8] < err[4] < 0.5 and err[4] < err[2] < 3.0, err
 
@@ -137,14 +150,16 @@ def test_plan_for_another_model_is_rejected(llama):
     model, _ = llama
     other = ModelIdentity("LlamaForCausalLM", 3, 4, 1, 32)
     with pytest.raises(ConfigError, match="num_layers: plan 3 vs model 2; num_kv_heads: plan 1 vs model 2"):
-        PMKVQCache(make_plan(other, [4, 4, 4], 64), model.config)
+        ot.kv_cache(model, "pmkvq", plan=make_plan(other, [4, 4, 4], 64))
+    with pytest.raises(ConfigError, match=r"mode must be one of \('progressive', 'static'\), got 'fast'"):
+        ot.kv_cache(model, "pmkvq", plan=make_plan(ModelIdentity.from_hf_config(model.config), [4, 4], 64), mode="fast")
 
 
 def test_transformers_adapter_builds_the_cache_from_a_plan_file(llama, tmp_path):
-    """overdrive.transformers.kv_cache(model, "pmkvq", plan) == folding + PMKVQCache, from the registry."""
+    """overdrive.transformers.kv_cache(model, "pmkvq", plan): key scales folded into q_proj / k_proj (checked
+    against the weights by hand, once even when called twice), static widths per layer, generation runs."""
     import copy
 
-    import overdrive.transformers as ot
     from overdrive.pmkvq.calibrate import pair_max, scales_for
 
     model, tok = llama
@@ -154,9 +169,15 @@ def test_transformers_adapter_builds_the_cache_from_a_plan_file(llama, tmp_path)
     scales = [scales_for(pair_max(torch.rand(2, 32, generator=g) + 0.2), 0.5).tolist() for _ in range(2)]
     path = tmp_path / "plan.json"
     make_plan(ident, [4, 2], 256, window=16, fp_bytes=4, key_scales=scales).save(path)
+    attn = model.model.layers[1].self_attn
+    wq, wk = attn.q_proj.weight.detach().clone().double(), attn.k_proj.weight.detach().clone().double()
     cache = ot.kv_cache(model, "pmkvq", plan=str(path), mode="static")
-    assert isinstance(cache, PMKVQCache) and [layer.bits for layer in cache.layers] == [4, 2]
-    assert model._overdrive_pmkvq_scales  # the key scales were folded into this model
+    ot.kv_cache(model, "pmkvq", plan=str(path), mode="static")  # the same scales again: not folded twice
+    assert isinstance(cache, OverdriveKVCache) and cache.layer_bits == [4, 2]
+    s = torch.tensor(scales[1], dtype=torch.float64)  # (KV heads, D); q heads repeat each KV head's row
+    rep = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert torch.allclose(attn.k_proj.weight.double(), wk / s.reshape(-1, 1), rtol=1e-6)
+    assert torch.allclose(attn.q_proj.weight.double(), wq * s.repeat_interleave(rep, 0).reshape(-1, 1), rtol=1e-6)
     enc = tok(["the quick brown fox"], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=20, min_new_tokens=20, do_sample=False, past_key_values=cache)
     assert out.shape[1] == enc.input_ids.shape[1] + 20
