@@ -210,7 +210,7 @@ class Session:
             self.hooks.reset_caches()
 
     def install(self, hooks: H) -> H:
-        """Hook the levels ``hooks`` overrides; the model is unchanged until ``install`` returns."""
+        """Hook the levels ``hooks`` overrides (the denoiser always); on an error nothing stays attached."""
         if self.hooks is not None:
             raise RuntimeError("a session installs one set of hooks")
         self.hooks = hooks
