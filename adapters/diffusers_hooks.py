@@ -36,9 +36,6 @@ from overdrive.contracts.dit_cache import (AttentionOp, DenoiserInfo, DiTHooks, 
 DEFAULT_BRANCH = "default"
 _HOOK = {"denoiser": "overdrive_denoiser", "block": "overdrive_block", "attention": "overdrive_attention"}
 
-#: denoiser -> its session (one overdrive session per denoiser at a time)
-_sessions: "weakref.WeakKeyDictionary[torch.nn.Module, Session]" = weakref.WeakKeyDictionary()
-
 
 # ----------------------------------------------------------------------------------- step tracking
 @dataclasses.dataclass
@@ -173,8 +170,8 @@ class Session:
     """One method's hooks on one denoiser (:class:`~overdrive.contracts.dit_cache.DenoiserSession`)."""
 
     def __init__(self, method: str, model: torch.nn.Module, info: DenoiserInfo, pipeline: Any = None) -> None:
-        if model in _sessions:
-            other = _sessions[model].method
+        if session_of(model) is not None:
+            other = session_of(model).method
             raise RuntimeError(f"{other!r} is already enabled on this pipeline; call "
                                "overdrive.diffusers.disable(pipe) first")
         self.method, self.module, self.info = method, model, info
@@ -226,7 +223,6 @@ class Session:
         except BaseException:
             self.detach()
             raise
-        _sessions[self.module] = self
         self._invalidate()
         return hooks
 
@@ -242,8 +238,6 @@ class Session:
                     del module._diffusers_hook
         self._installed.clear()
         self.tracker.clear()
-        if _sessions.get(self.module) is self:
-            del _sessions[self.module]
         self._invalidate()
 
     def _add(self, module: torch.nn.Module, role: str, hook: ModelHook) -> None:
@@ -329,13 +323,16 @@ class Session:
 
 
 def session_of(model: torch.nn.Module) -> Session | None:
-    return _sessions.get(model)
+    """The overdrive session attached to ``model`` (found through its denoiser hook: no global state)."""
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(_HOOK["denoiser"]) if registry is not None else None
+    return hook.session if isinstance(hook, _DenoiserHook) else None
 
 
 def replay(model: torch.nn.Module, call: RecordedCall) -> torch.Tensor:
     """Run ``model`` on a recorded call in its recorded cache context; an attached session takes the
     recorded step context as is (no new-run or step inference). Returns the prediction tensor."""
-    session = _sessions.get(model)
+    session = session_of(model)
     ctx = call.replay_context
     if session is not None:
         session._forced = call.step

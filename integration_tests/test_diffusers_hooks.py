@@ -381,3 +381,16 @@ def test_calibration_errors_name_the_method_and_options(pipes, example_registry)
     finally:
         hooks.detach()
     assert odd.enabled(pipe) is None
+
+
+def test_no_global_state_keeps_a_model_alive():
+    import gc
+    import weakref
+
+    pipe = tiny_pipeline("flux")
+    hooks = _attach(pipe, Everything)
+    _run(pipe, "flux")
+    model = weakref.ref(pipe.transformer)
+    del pipe, hooks
+    gc.collect()
+    assert model() is None  # the session lives in the model's own hook registry, nowhere else
