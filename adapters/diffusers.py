@@ -11,7 +11,7 @@ layout), looked up by the denoiser's class (or a base class); add a model with
 :func:`register_denoiser`. The hooks themselves are the one diffusers hook layer in
 :mod:`overdrive.adapters.diffusers_hooks` (imported on first use: importing this module imports no
 diffusers); methods give it framework-neutral callbacks (``overdrive.contracts.dit_cache``). State
-lives in a weak map from the denoiser object to its session, never on classes.
+lives in the session, held by the denoiser's own hook registry (no global map), never on classes.
 """
 from __future__ import annotations
 
