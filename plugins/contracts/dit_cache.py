@@ -72,8 +72,9 @@ class StepContext:
                  ``"cond_uncond"``), ``"default"`` when the pipeline names none (SD3, PixArt)
     step         0-based denoising step of this branch's current run
     new_run      the first call of a run of this branch (caches of an earlier run must not be reused)
-    timestep     the timestep the denoiser was called with (its first element; Flux and SD3 pass
-                 the scheduler's timestep / 1000 or as is, per pipeline), None if it got none
+    timestep     the timestep the denoiser was called with (its first element), None if it got none;
+                 pipelines differ: FluxPipeline passes the scheduler's timestep / 1000, SD3, PixArt
+                 and Wan pass it as is (use ``step`` / ``num_steps`` for a scale-free position)
     num_steps    the run's step count when known (the pipeline's context or its scheduler), else None
     batch        batch size of the call's latents
     cfg_batched  both CFG halves are in this call's batch (identical latent halves: the
