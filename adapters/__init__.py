@@ -100,8 +100,10 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                        "saving)",
     }, "entry point sglang.srt.plugins"),
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43", {
-        Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)`: diffusers `ModelHook`s on the denoiser, per-model "
-                        "metadata (Flux, SD3, PixArt, Wan, CogVideoX)",
+        Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)` / `disable` / `calibrate`: one hook layer "
+                        "(`adapters/diffusers_hooks.py`): step/CFG-branch tracking, block and attention-module calls, "
+                        "attention-op interception, exact restore, calibration recording/replay; per-model metadata "
+                        "(Flux, SD3, PixArt, Wan, CogVideoX)",
     }, "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20", {
         Kind.WEIGHT_QUANT: "registered quantizer: `import overdrive.transformers`, then `from_pretrained(CKPT)`",

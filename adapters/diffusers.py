@@ -1,24 +1,31 @@
 """Diffusers adapter: explicit API (diffusers has no plugin entry points).
 
     import overdrive.diffusers as odd
-    odd.enable(pipe, "ditfastattn", plan="flux.json")   # any DiT-caching method, by name
+    att = odd.enable(pipe, "ditfastattn", plan="flux.json")   # any DiT-caching method, by name
     ...
-    odd.disable(pipe)                                     # model restored exactly
+    odd.disable(pipe)                                           # model restored exactly
+    plan = odd.calibrate(pipe, "ditfastattn", {"variant": "v2"}, prompt=..., num_inference_steps=28)
 
 Per-model knowledge is metadata (:data:`DENOISERS`: which block lists, which attention module, text
 layout), looked up by the denoiser's class (or a base class); add a model with
-:func:`register_denoiser`. State lives in a weak map from the denoiser object to its attachment —
-never on classes.
+:func:`register_denoiser`. The hooks themselves are the one diffusers hook layer in
+:mod:`overdrive.adapters.diffusers_hooks` (imported on first use: importing this module imports no
+diffusers); methods give it framework-neutral callbacks (``overdrive.contracts.dit_cache``). State
+lives in the session, held by the denoiser's own hook registry (no global map), never on classes.
 """
 from __future__ import annotations
 
-import weakref
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from overdrive.config import MethodConfig
-from overdrive.contracts.dit_cache import Attachment, DenoiserInfo, DiTCacheMethod
+from overdrive.config import ConfigError, MethodConfig
+from overdrive.contracts.dit_cache import DenoiserInfo, DiTCacheMethod, DiTHooks
 from overdrive.kinds import Kind
 
 #: denoiser class name -> metadata. Class names (not classes) so this module imports no diffusers.
@@ -29,8 +36,6 @@ DENOISERS: dict[str, DenoiserInfo] = {
     "WanTransformer3DModel": DenoiserInfo("wan", ("blocks",), "attn1", False),
     "CogVideoXTransformer3DModel": DenoiserInfo("cogvideox", ("transformer_blocks",), "attn1", True),
 }
-
-_attached: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, Attachment]]" = weakref.WeakKeyDictionary()
 
 
 def register_denoiser(class_name: str, info: DenoiserInfo) -> None:
@@ -62,41 +67,160 @@ def denoiser_info(model: torch.nn.Module) -> DenoiserInfo:
                     "Describe it with overdrive.diffusers.register_denoiser(class_name, DenoiserInfo(...)).")
 
 
-def enable(pipe: Any, method: str, config: MethodConfig | Mapping[str, Any] | None = None,
-           **options: Any) -> Attachment:
-    """Attach DiT-caching ``method`` to ``pipe`` (a pipeline or its transformer); returns the attachment.
-
-    ``config`` is the method's config object or a mapping of its options; keyword ``options`` override
-    fields. Unknown methods/options raise errors that list what is known.
-    """
+def _impl(method: str) -> tuple[Any, DiTCacheMethod]:
     import overdrive
 
     spec = overdrive.get_method(method, Kind.DIT_CACHE)
-    model = denoiser_of(pipe)
-    if model in _attached:
-        raise RuntimeError(f"{_attached[model][0]!r} is already enabled on this pipeline; call "
-                           "overdrive.diffusers.disable(pipe) first")
-    cfg = spec.make_config(config, **options)
     impl = spec.load_impl()
     if not isinstance(impl, DiTCacheMethod):
         raise TypeError(f"method {spec.name!r}: impl must be a DiTCacheMethod, got {type(impl).__name__}")
-    pipeline = None if isinstance(pipe, torch.nn.Module) else pipe
-    attachment = impl.attach_pipeline(pipeline, model, cfg, denoiser_info(model))
-    _attached[model] = (spec.name, attachment)
-    return attachment
+    return spec, impl
+
+
+def enable(pipe: Any, method: str, config: MethodConfig | Mapping[str, Any] | None = None,
+           **options: Any) -> DiTHooks:
+    """Attach DiT-caching ``method`` to ``pipe`` (a pipeline or its transformer).
+
+    Returns the method's hooks object (its counters and ``detach()``). ``config`` is the method's
+    config object or a mapping of its options; keyword ``options`` override fields. Unknown
+    methods/options raise errors that list what is known; nothing is attached on an error.
+    """
+    spec, impl = _impl(method)
+    model = denoiser_of(pipe)
+    if enabled(model):
+        raise RuntimeError(f"{enabled(model)!r} is already enabled on this pipeline; call "
+                           "overdrive.diffusers.disable(pipe) first")
+    cfg = spec.make_config(config, **options)
+    info = denoiser_info(model)
+    from .diffusers_hooks import Session
+
+    session = Session(spec.name, model, info, None if isinstance(pipe, torch.nn.Module) else pipe)
+    hooks = impl.hooks(session, cfg)
+    if not isinstance(hooks, DiTHooks):
+        raise TypeError(f"method {spec.name!r}: hooks() must return a DiTHooks, got {type(hooks).__name__}")
+    return session.install(hooks)
 
 
 def disable(pipe: Any) -> bool:
     """Detach whatever overdrive method is enabled on ``pipe``; False if none was."""
     model = denoiser_of(pipe)
-    entry = _attached.pop(model, None)
-    if entry is None:
+    if not enabled(model):
         return False
-    entry[1].detach()
+    from .diffusers_hooks import session_of
+
+    session_of(model).detach()
     return True
 
 
 def enabled(pipe: Any) -> str | None:
     """Name of the overdrive method enabled on ``pipe``, or None."""
-    entry = _attached.get(denoiser_of(pipe))
-    return entry[0] if entry else None
+    model = denoiser_of(pipe)
+    if "overdrive.adapters.diffusers_hooks" not in sys.modules:  # no session exists yet
+        return None
+    from .diffusers_hooks import session_of
+
+    session = session_of(model)
+    return session.method if session is not None else None
+
+
+# --------------------------------------------------------------------------------- calibration
+def calibrate(pipe: Any, method: str, options: Mapping[str, Any] | None = None, /, **call_kwargs: Any) -> Any:
+    """Calibrate DiT method ``method`` on one call ``pipe(**call_kwargs)``; returns its artifact (a plan).
+
+    ``options`` are the method's calibration options (e.g. ``{"variant": "v2", "alpha": 0.2}`` for
+    DiTFastAttn). The pipeline runs once unaccelerated (recorded), then the method replays the
+    recorded denoiser calls through its hooks; the pipeline is left exactly as before.
+    """
+    spec, impl = _impl(method)
+    if type(impl).calibrate is DiTCacheMethod.calibrate:
+        raise ConfigError(f"method {spec.name!r} has no calibration")
+    if isinstance(pipe, torch.nn.Module):
+        raise TypeError("calibration runs a pipeline: pass the diffusers pipeline, not its transformer")
+    model = denoiser_of(pipe)
+    info = denoiser_info(model)
+    if enabled(model):
+        raise ConfigError(f"{enabled(model)!r} is enabled on this pipeline; disable it before calibrating")
+    options = dict(options or {})
+    try:
+        inspect.signature(impl.calibrate).bind(None, **options)
+    except TypeError as e:
+        known = [n for n, p in inspect.signature(impl.calibrate).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and n != "run")]
+        raise ConfigError(f"{spec.name} calibration options: {e}; known: {', '.join(known)}") from None
+    from .diffusers_hooks import PipelineCalibration
+
+    run = PipelineCalibration(spec.name, pipe, model, info, call_kwargs)
+    try:
+        return impl.calibrate(run, **options)
+    finally:
+        run.close()
+
+
+def load_pipeline(directory: Path, dtype: str = "float32", device: str = "cpu") -> Any:
+    """A pipeline saved with ``save_pretrained``; components saved as None (no text encoders) stay None."""
+    if not (Path(directory) / "model_index.json").is_file():
+        raise ConfigError(f"--pipeline {directory}: no model_index.json (expected a diffusers pipeline directory)")
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((Path(directory) / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+    pipe = DiffusionPipeline.from_pretrained(str(directory), torch_dtype=getattr(torch, dtype), **absent)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_kwargs_from_args(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline call arguments from the shared calibration options, checked against the pipeline's signature."""
+    params = inspect.signature(type(pipeline).__call__).parameters
+    kw: dict[str, Any] = {"num_inference_steps": args.steps, "output_type": "latent",
+                          "generator": torch.Generator(args.device).manual_seed(args.seed)}
+    if args.prompt and args.embeds:
+        raise ConfigError("give --prompt or --embeds, not both")
+    if args.embeds:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not args.embeds.is_file():
+            raise ConfigError(f"--embeds {args.embeds}: no such file")
+        try:
+            tensors = load_file(str(args.embeds))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConfigError(f"--embeds {args.embeds}: not a safetensors file ({e})") from None
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ConfigError(f"--embeds {args.embeds}: tensors {unknown} are not arguments of "
+                              f"{type(pipeline).__name__}.__call__; expected names like "
+                              f"{sorted(n for n in params if 'embeds' in n or 'mask' in n)}")
+        dtype = getattr(torch, args.dtype)
+        kw.update({k: (v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device))
+                   for k, v in tensors.items()})
+    elif args.prompt:
+        kw["prompt"] = list(args.prompt)
+    else:
+        raise ConfigError("give calibration inputs: --prompt TEXT (repeatable) or --embeds FILE.safetensors")
+    for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.num_frames),
+                        ("guidance_scale", args.guidance_scale)):
+        if value is None:
+            continue
+        if name not in params:
+            raise ConfigError(f"--{name.replace('_', '-')}: {type(pipeline).__name__} takes no {name}")
+        kw[name] = value
+    return {k: v for k, v in kw.items() if k in params or k in ("num_inference_steps",)}
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """``overdrive calibrate --method NAME`` for any DiT method (its ``MethodCommand.run``): load the
+    pipeline, build the call from the shared options (``add_pipeline_arguments``), calibrate, save."""
+    label = f"overdrive calibrate --method {args.method}"
+    try:
+        _, impl = _impl(args.method)
+        options = impl.calibration_options(args)
+        pipe = load_pipeline(args.pipeline, args.dtype, args.device)
+        artifact = calibrate(pipe, args.method, options, **call_kwargs_from_args(pipe, args))
+    except (ConfigError, TypeError) as e:
+        print(f"{label}: {e}", file=sys.stderr)
+        return 2
+    artifact.save(args.output)
+    print(f"wrote {args.output}: {artifact.summary()}")
+    return 0

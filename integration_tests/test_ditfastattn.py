@@ -17,7 +17,6 @@ from torch.overrides import TorchFunctionMode
 
 import overdrive.diffusers as odd
 from overdrive.config import ConfigError
-from overdrive.ditfastattn.calibrate import calibrate
 from overdrive.ditfastattn.plan import Plan, band_for
 from overdrive.testing import pipeline_inputs, tiny_pipeline
 
@@ -239,7 +238,8 @@ def test_wars_and_arrow_against_float64_references():
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_calibrate_enable_generate(pipes, tmp_path, family, variant):
     pipe, base = pipes(family)
-    plan = calibrate(pipe, variant=variant, threshold=0.1, alpha=0.5, **_inputs(family, output_type="latent"))
+    plan = odd.calibrate(pipe, "ditfastattn", dict(variant=variant, threshold=0.1, alpha=0.5),
+                         **_inputs(family, output_type="latent"))
     path = plan.save(tmp_path / "plan.json")
     again = Plan.load(path)
     assert again.to_dict() == plan.to_dict()
@@ -262,7 +262,8 @@ def test_calibrate_enable_generate(pipes, tmp_path, family, variant):
 def test_all_full_plan_reproduces_the_pipeline_exactly(pipes, tmp_path):
     for family in ("sd3", "wan"):
         pipe, base = pipes(family)
-        plan = calibrate(pipe, variant="v1", threshold=0.1, **_inputs(family, output_type="latent"))
+        plan = odd.calibrate(pipe, "ditfastattn", dict(variant="v1", threshold=0.1),
+                             **_inputs(family, output_type="latent"))
         d = plan.to_dict()
         d["steps"] = [["full"] * plan.identity.blocks for _ in d["steps"]]
         (tmp_path / "full.json").write_text(json.dumps(d))
@@ -276,7 +277,8 @@ def test_all_full_plan_reproduces_the_pipeline_exactly(pipes, tmp_path):
 
 def test_mismatched_plans_fail_with_the_field_named(pipes, tmp_path):
     pipe, _ = pipes("flux")
-    plan = calibrate(pipe, variant="v1", threshold=0.1, **_inputs("flux", output_type="latent"))
+    plan = odd.calibrate(pipe, "ditfastattn", dict(variant="v1", threshold=0.1),
+                         **_inputs("flux", output_type="latent"))
     path = plan.save(tmp_path / "flux.json")
     for kwargs, match in ((dict(height=32, width=32), r"vision_tokens=64, but this model/call has vision_tokens=256"),
                           (dict(steps=3), r"steps=4, but this run has num_inference_steps=3")):

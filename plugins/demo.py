@@ -278,7 +278,6 @@ class Demo:
         from safetensors.torch import save_file
 
         import overdrive.diffusers as odd
-        from overdrive.ditfastattn.calibrate import calibrate
         from overdrive.ditfastattn.metrics import psnr
         from overdrive.testing import pipeline_inputs, tiny_pipeline
 
@@ -297,9 +296,10 @@ class Demo:
         if r.returncode:
             raise RuntimeError(f"calibration failed:\n{r.stderr[-3000:]}")
         print("  " + r.stdout.strip().splitlines()[-1])
-        plan = calibrate(pipe, variant="v2", alpha=0.5, **pipeline_inputs("sd3", seed=100, **kw))
+        plan = odd.calibrate(pipe, "ditfastattn", {"variant": "v2", "alpha": 0.5},
+                             **pipeline_inputs("sd3", seed=100, **kw))
         plan.save(self.work / "dfa-v2.json")
-        print(f"  calibrate(pipe, variant='v2', alpha=0.5): predicted attention FLOPs "
+        print(f"  odd.calibrate(pipe, 'ditfastattn', {{'variant': 'v2', 'alpha': 0.5}}): predicted attention FLOPs "
               f"{plan.meta['predicted_attention_flops_fraction']:.3f} of full")
 
         def run() -> tuple[torch.Tensor, float]:

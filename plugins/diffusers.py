@@ -1,4 +1,6 @@
-"""``overdrive.diffusers``: enable/disable overdrive's DiT methods on a diffusers pipeline."""
-from overdrive.adapters.diffusers import DENOISERS, denoiser_info, denoiser_of, disable, enable, enabled, register_denoiser
+"""``overdrive.diffusers``: enable/disable/calibrate overdrive's DiT methods on a diffusers pipeline."""
+from overdrive.adapters.diffusers import (DENOISERS, calibrate, calibrate_command, denoiser_info, denoiser_of, disable,
+                                          enable, enabled, register_denoiser)
 
-__all__ = ["DENOISERS", "denoiser_info", "denoiser_of", "disable", "enable", "enabled", "register_denoiser"]
+__all__ = ["DENOISERS", "calibrate", "calibrate_command", "denoiser_info", "denoiser_of", "disable", "enable",
+           "enabled", "register_denoiser"]

@@ -12,3 +12,9 @@ from .weight_quant import ParamSpec, WeightQuantMethod
 __all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat",
            "ModelIdentity", "PagedBatch", "PagedGeometry", "fold_qk_scale", "LayerwiseReducer", "ParamSpec", "Selection",
            "TokenReductionMethod", "VideoGrid", "VisionSpan", "WeightQuantMethod"]
+
+from .dit_cache import (AttentionOp, CalibrationArtifact, CalibrationRun, DenoiserSession, DiTHooks,  # noqa: E402
+                        ModuleCall, RecordedCall, StepContext)
+
+__all__ += ["AttentionOp", "CalibrationArtifact", "CalibrationRun", "DenoiserSession", "DiTHooks", "ModuleCall",
+            "RecordedCall", "StepContext"]

@@ -43,7 +43,6 @@ from torch.overrides import TorchFunctionMode
 
 import overdrive.diffusers as odd
 
-from .calibrate import calibrate
 from .metrics import psnr, ssim
 
 BENCH_FLUX = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4, attention_head_dim=32,
@@ -148,7 +147,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         for v in values:
             name = f"DiTFastAttn {variant} {'threshold' if variant == 'v1' else 'alpha'} {v}"
             t0 = time.perf_counter()
-            plan = calibrate(pipe, variant=variant, threshold=v, alpha=v, **calib_call())
+            plan = odd.calibrate(pipe, "ditfastattn", dict(variant=variant, threshold=v, alpha=v), **calib_call())
             calib_s[name] = time.perf_counter() - t0
             path = plan.save(tmp / f"{variant}-{v}.json")
             plans[name] = {"predicted_flops_fraction": plan.meta["predicted_attention_flops_fraction"],

@@ -4,15 +4,19 @@
 
 or from Python::
 
-    from overdrive.ditfastattn.calibrate import calibrate
-    plan = calibrate(pipe, variant="v2", alpha=0.2, num_inference_steps=20, prompt=[...])
+    import overdrive.diffusers as odd
+    plan = odd.calibrate(pipe, "ditfastattn", {"variant": "v2", "alpha": 0.2}, num_inference_steps=20, prompt=[...])
     plan.save("plan.json")
+
+The diffusers hook layer does the framework part (running and recording the pipeline, replaying
+denoiser calls in their recorded step contexts); this module only sees a
+:class:`~overdrive.contracts.dit_cache.CalibrationRun`.
 
 How it searches (both variants):
 
-1. the pipeline runs once unaccelerated; every denoiser call is recorded (inputs, cache context,
-   output), grouped into steps (a step ends when a cache context repeats: the pipelines' "cond"
-   and "uncond" calls are one step, batched-CFG pipelines make one call per step);
+1. the pipeline runs once unaccelerated; every denoiser call is recorded (inputs, step context,
+   output), grouped into steps (the layer's step rule: the pipelines' "cond" and "uncond" calls are
+   one step, batched-CFG pipelines make one call per step);
 2. step by step, the recorded calls of the step are replayed through DiTFastAttn with the plan chosen
    for the earlier steps in force (their caches: outputs for AST, residuals for WA-RS, per-head
    outputs for sharing), and candidates are judged against the recorded unaccelerated outputs.
@@ -39,103 +43,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
-import json
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from overdrive.config import ConfigError
+from overdrive.contracts.dit_cache import CalibrationRun, RecordedCall, add_pipeline_arguments
 
 from .plan import ARROW_KS, FULL, Entry, Identity, Plan, Schedule, band_for, flops_fraction
 
 V1_DEFAULT_THRESHOLD = 0.05
 V2_DEFAULT_ALPHA = 0.2
-
-
-# ------------------------------------------------------------------------------------ recording
-@dataclasses.dataclass
-class Call:
-    """One recorded denoiser call."""
-
-    context: Any            # diffusers CacheContext or None
-    args: tuple
-    kwargs: dict
-    out: torch.Tensor | None = None
-
-
-def _clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    return x
-
-
-def main_output(out: Any) -> torch.Tensor:
-    """The denoiser's prediction tensor from whatever it returned (tuple or output dataclass)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    raise TypeError(f"cannot find the prediction tensor in a denoiser output of type {type(out).__name__}")
-
-
-def _recorder(calls: list[Call]) -> Any:
-    from diffusers.hooks import ModelHook
-    from diffusers.hooks.hooks import StateManager
-
-    from .runtime import _NoState
-
-    class Recorder(ModelHook):
-        _is_stateful = True  # receives the pipeline's cache context
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.state_manager = StateManager(_NoState)
-
-        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-            calls.append(Call(self.state_manager._context, _clone(args), _clone(kwargs)))
-            return args, kwargs
-
-        def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-            calls[-1].out = main_output(output).detach().clone()
-            return output
-
-        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-            return module
-
-    return Recorder()
-
-
-def record(pipeline: Any, denoiser: torch.nn.Module, call_kwargs: dict[str, Any]) -> tuple[Any, list[list[Call]]]:
-    """Run ``pipeline(**call_kwargs)`` unaccelerated; return its output and the denoiser calls by step."""
-    from diffusers.hooks import HookRegistry
-
-    calls: list[Call] = []
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    registry.register_hook(_recorder(calls), "overdrive_ditfastattn_record")
-    try:
-        with torch.no_grad():
-            result = pipeline(**call_kwargs)
-    finally:
-        registry.remove_hook("overdrive_ditfastattn_record", recurse=False)
-    steps: list[list[Call]] = []
-    for c in calls:
-        name = c.context.name if c.context is not None else None
-        if not steps or any((p.context.name if p.context is not None else None) == name for p in steps[-1]):
-            steps.append([])
-        steps[-1].append(c)
-    if not steps:
-        raise ConfigError(f"{type(pipeline).__name__}: the pipeline made no denoiser calls")
-    return result, steps
 
 
 # --------------------------------------------------------------------------------- replay state
@@ -174,20 +92,6 @@ def _restore(att: Any, snap: tuple[dict, dict]) -> None:
     att.runs, att.cross, att.current = _copy_runs(snap[0]), dict(snap[1]), None
 
 
-def _replay(denoiser: torch.nn.Module, calls: Sequence[Call]) -> list[torch.Tensor]:
-    outs = []
-    with torch.no_grad():
-        for c in calls:
-            if c.context is not None:
-                fields = {f.name: getattr(c.context, f.name) for f in dataclasses.fields(c.context) if f.name != "name"}
-                with denoiser.cache_context(c.context.name, **fields):
-                    out = denoiser(*c.args, **c.kwargs)
-            else:
-                out = denoiser(*c.args, **c.kwargs)
-            outs.append(main_output(out))
-    return outs
-
-
 def v1_loss(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
     """DiTFastAttn's loss: mean clip(|a - b| / (max(|a|, |b|) + 1e-6), 0, 10) over every call of the step."""
     total = count = 0.0
@@ -199,20 +103,17 @@ def v1_loss(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float
     return total / count
 
 
-def _cfg_in(calls: Sequence[Call]) -> bool:
-    if len(calls) > 1:
-        return True
-    hidden = calls[0].kwargs.get("hidden_states", calls[0].args[0] if calls[0].args else None)
-    n = hidden.shape[0] if isinstance(hidden, torch.Tensor) else 0
-    return bool(n and n % 2 == 0 and torch.equal(hidden[: n // 2], hidden[n // 2:]))
+def _cfg_in(calls: Sequence[RecordedCall]) -> bool:
+    """Whether a step runs classifier-free guidance: one call per branch, or both halves in one batch."""
+    return len(calls) > 1 or calls[0].step.cfg_batched
 
 
 # ---------------------------------------------------------------------------------- the search
 @dataclasses.dataclass
 class _Search:
     att: Any
-    denoiser: torch.nn.Module
-    steps: list[list[Call]]
+    run: CalibrationRun
+    steps: list[list[RecordedCall]]
     sched: CalibrationSchedule
 
     @property
@@ -222,7 +123,7 @@ class _Search:
     def commit(self, t: int, row: list[Entry], snap: tuple[dict, dict]) -> None:
         self.sched.rows[t] = row
         _restore(self.att, snap)
-        _replay(self.denoiser, self.steps[t])
+        self.run.replay(self.steps[t])
 
 
 def _v1(search: _Search, threshold: float, window: int) -> tuple[list[list[Entry]], list[float]]:
@@ -235,7 +136,7 @@ def _v1(search: _Search, threshold: float, window: int) -> tuple[list[list[Entry
     full_seen = [True] * n  # step 0 is full for every block
     for t in range(1, len(search.steps)):
         calls = search.steps[t]
-        refs = [c.out for c in calls]
+        refs = [c.output for c in calls]
         cfg = _cfg_in(calls)
         snap = _snapshot(att)
         row = [FULL] * n
@@ -248,7 +149,7 @@ def _v1(search: _Search, threshold: float, window: int) -> tuple[list[list[Entry
                 row[b] = cand
                 search.sched.rows[t] = row
                 _restore(att, snap)
-                trial = v1_loss(_replay(search.denoiser, calls), refs)
+                trial = v1_loss(search.run.replay(calls), refs)
                 if trial < bound:
                     loss = trial
                     break
@@ -328,7 +229,7 @@ def _v2(search: _Search, alpha: float, vision: int) -> tuple[list[list[Entry]], 
         search.sched.rows[t] = [FULL] * n
         att.observer = observer
         try:
-            _replay(search.denoiser, search.steps[t])
+            search.run.replay(search.steps[t])
         finally:
             att.observer = None
         row, spent = [], 0.0
@@ -350,17 +251,15 @@ def _v2(search: _Search, alpha: float, vision: int) -> tuple[list[list[Entry]], 
     return [search.sched.rows[t] for t in range(len(search.steps))], predicted
 
 
-def calibrate(pipeline: Any, variant: str = "v1", threshold: float = V1_DEFAULT_THRESHOLD,
-              alpha: float = V2_DEFAULT_ALPHA, window_fraction: float = 0.125, **call_kwargs: Any) -> Plan:
-    """Calibrate a DiTFastAttn plan on ``pipeline`` for the call ``pipeline(**call_kwargs)``.
+def calibrate(run: CalibrationRun, variant: str = "v1", threshold: float = V1_DEFAULT_THRESHOLD,
+              alpha: float = V2_DEFAULT_ALPHA, window_fraction: float = 0.125) -> Plan:
+    """Calibrate a DiTFastAttn plan on one recorded pipeline call (``overdrive.diffusers.calibrate``).
 
     The plan fits the call's resolution (vision tokens), text length and ``num_inference_steps``;
     a batch of several prompts in the call calibrates on all of them at once.
     """
-    from overdrive.adapters.diffusers import denoiser_info, denoiser_of, enabled
-
     from .config import DiTFastAttnConfig
-    from .runtime import DiTFastAttnAttachment
+    from .runtime import DiTFastAttnHooks
 
     if variant not in ("v1", "v2"):
         raise ConfigError(f"variant must be 'v1' or 'v2', got {variant!r}")
@@ -370,18 +269,14 @@ def calibrate(pipeline: Any, variant: str = "v1", threshold: float = V1_DEFAULT_
         raise ConfigError(f"alpha must be > 0, got {alpha}")
     if not 0 < window_fraction < 1:
         raise ConfigError(f"window_fraction must be in (0, 1), got {window_fraction}")
-    denoiser = denoiser_of(pipeline)
-    info = denoiser_info(denoiser)
-    if enabled(pipeline):
-        raise ConfigError(f"{enabled(pipeline)!r} is enabled on this pipeline; disable it before calibrating")
-    _, steps = record(pipeline, denoiser, call_kwargs)
+    steps = run.record()
     if len(steps) < 2:
         raise ConfigError("calibration needs at least 2 denoising steps (step 0 is always full attention)")
-    att = DiTFastAttnAttachment(denoiser, DiTFastAttnConfig(strategy="full"), info, None)
+    att = run.attach(lambda session: DiTFastAttnHooks(session, DiTFastAttnConfig(strategy="full")))
     try:
         sched = CalibrationSchedule(None)
         att.schedule = sched
-        search = _Search(att, denoiser, steps, sched)
+        search = _Search(att, run, steps, sched)
         empty = _snapshot(att)
         search.commit(0, [FULL] * len(att.modules), empty)
         if att.geometry is None:
@@ -396,19 +291,18 @@ def calibrate(pipeline: Any, variant: str = "v1", threshold: float = V1_DEFAULT_
             entries, per_step = _v2(search, alpha, vision)
     finally:
         att.detach()
+    info = run.info
     cfg = _cfg_in(steps[0])
-    identity = Identity(type(denoiser).__name__, info.family, len(att.modules), att.heads, att.head_dim,
+    identity = Identity(run.architecture, info.family, len(att.modules), att.heads, att.head_dim,
                         vision, text, len(steps))
     s_total = vision + text
-    text_range = (0, 0) if not text else ((0, text) if info.text_first else (vision, s_total))
-    first = steps[0][0]
-    hidden = first.kwargs.get("hidden_states", first.args[0] if first.args else None)
+    text_range = info.text_span(s_total, text)
     meta = {
         "calibrated": datetime.date.today().isoformat(),
         "variant": variant,
         "threshold" if variant == "v1" else "alpha": threshold if variant == "v1" else alpha,
         "window_fraction": window_fraction,
-        "samples": int(hidden.shape[0]) // (2 if cfg and len(steps[0]) == 1 else 1),
+        "samples": steps[0][0].step.batch // (2 if cfg and len(steps[0]) == 1 else 1),
         "cfg": cfg,
         "teacher_forced": True,
         "per_step": ["v1 loss" if variant == "v1" else "max block sum(rse)", [round(x, 6) for x in per_step]],
@@ -420,90 +314,11 @@ def calibrate(pipeline: Any, variant: str = "v1", threshold: float = V1_DEFAULT_
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pipeline", required=True, type=Path,
-                   help="diffusers pipeline directory (DiffusionPipeline.from_pretrained)")
-    p.add_argument("--output", required=True, type=Path, help="plan JSON to write (atomically)")
+    """``overdrive calibrate --method ditfastattn``: the shared pipeline options plus the search's own."""
+    add_pipeline_arguments(p)
     p.add_argument("--variant", choices=("v1", "v2"), default="v1",
                    help="v1: per-block greedy (AST / WA-RS / ASC); v2: per-head integer program (share / arrow)")
     p.add_argument("--threshold", type=float, default=V1_DEFAULT_THRESHOLD, help="v1 loss threshold")
     p.add_argument("--alpha", type=float, default=V2_DEFAULT_ALPHA, help="v2 per-block error budget sum(rse)")
     p.add_argument("--window-fraction", type=float, default=0.125,
                    help="v1 WA-RS window half-width as a fraction of the vision tokens")
-    p.add_argument("--steps", type=int, required=True, help="num_inference_steps the plan is for")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="calibration prompt (repeat for several; needs the pipeline's text encoders)")
-    p.add_argument("--embeds", type=Path, default=None,
-                   help="safetensors file of pipeline inputs instead of prompts (prompt_embeds, "
-                        "negative_prompt_embeds, pooled_prompt_embeds, ...; batch = calibration prompts)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-frames", type=int, default=None, help="video pipelines")
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu")
-
-
-def call_kwargs_from_args(pipeline: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Pipeline call arguments from the CLI options, checked against the pipeline's signature."""
-    params = inspect.signature(type(pipeline).__call__).parameters
-    kw: dict[str, Any] = {"num_inference_steps": args.steps, "output_type": "latent",
-                          "generator": torch.Generator(args.device).manual_seed(args.seed)}
-    if args.prompt and args.embeds:
-        raise ConfigError("give --prompt or --embeds, not both")
-    if args.embeds:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not args.embeds.is_file():
-            raise ConfigError(f"--embeds {args.embeds}: no such file")
-        try:
-            tensors = load_file(str(args.embeds))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ConfigError(f"--embeds {args.embeds}: not a safetensors file ({e})") from None
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ConfigError(f"--embeds {args.embeds}: tensors {unknown} are not arguments of "
-                              f"{type(pipeline).__name__}.__call__; expected names like "
-                              f"{sorted(n for n in params if 'embeds' in n or 'mask' in n)}")
-        dtype = getattr(torch, args.dtype)
-        kw.update({k: (v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device))
-                   for k, v in tensors.items()})
-    elif args.prompt:
-        kw["prompt"] = list(args.prompt)
-    else:
-        raise ConfigError("give calibration inputs: --prompt TEXT (repeatable) or --embeds FILE.safetensors")
-    for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.num_frames),
-                        ("guidance_scale", args.guidance_scale)):
-        if value is None:
-            continue
-        if name not in params:
-            raise ConfigError(f"--{name.replace('_', '-')}: {type(pipeline).__name__} takes no {name}")
-        kw[name] = value
-    return {k: v for k, v in kw.items() if k in params or k in ("num_inference_steps",)}
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        if not (args.pipeline / "model_index.json").is_file():
-            raise ConfigError(f"--pipeline {args.pipeline}: no model_index.json (expected a diffusers pipeline directory)")
-        from diffusers import DiffusionPipeline
-
-        index = json.loads((args.pipeline / "model_index.json").read_text())
-        # components saved as None (e.g. no text encoders: calibration from --embeds) load as None
-        absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
-        pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), torch_dtype=getattr(torch, args.dtype), **absent)
-        pipe.to(args.device)
-        pipe.set_progress_bar_config(disable=True)
-        kwargs = call_kwargs_from_args(pipe, args)
-        plan = calibrate(pipe, variant=args.variant, threshold=args.threshold, alpha=args.alpha,
-                         window_fraction=args.window_fraction, **kwargs)
-    except (ConfigError, TypeError) as e:
-        print(f"overdrive calibrate --method ditfastattn: {e}", file=sys.stderr)
-        return 2
-    plan.save(args.output)
-    ident = plan.identity
-    print(f"wrote {args.output}: {ident.architecture} ({ident.family}), {ident.blocks} attention modules x "
-          f"{ident.heads} heads, {ident.vision_tokens} vision + {ident.text_tokens} text tokens, {ident.steps} steps; "
-          f"{plan.variant} predicted attention FLOPs {plan.meta['predicted_attention_flops_fraction']:.3f} of full")
-    return 0

@@ -153,7 +153,6 @@ def run_e2e(double: int, single: int, steps: int, tiny: bool, repeats: int) -> d
     import tempfile
 
     import overdrive.diffusers as odd
-    from overdrive.ditfastattn.calibrate import calibrate
 
     device = torch.device("cpu" if tiny else "cuda")
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -178,7 +177,7 @@ def run_e2e(double: int, single: int, steps: int, tiny: bool, repeats: int) -> d
     calib_s = {}
     for variant, val in (("v2", 0.2), ("v1", 0.1)):
         t0 = time.perf_counter()
-        plan = calibrate(pipe, variant=variant, threshold=val, alpha=val, **call(100))
+        plan = odd.calibrate(pipe, "ditfastattn", dict(variant=variant, threshold=val, alpha=val), **call(100))
         calib_s[variant] = time.perf_counter() - t0
         plans[f"calibrated {variant} ({'alpha' if variant == 'v2' else 'threshold'} {val})"] = str(plan.save(tmp / f"{variant}.json"))
         print(f"calibrated {variant} in {calib_s[variant]:.1f} s: predicted FLOPs "

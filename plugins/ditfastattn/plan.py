@@ -231,6 +231,14 @@ class Plan(Schedule):
     def save(self, path: str | os.PathLike[str]) -> Path:
         return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
+    def summary(self) -> str:
+        """One line: what the plan is for and its predicted attention cost."""
+        ident = self.identity
+        text = (f"{ident.architecture} ({ident.family}), {ident.blocks} attention modules x {ident.heads} heads, "
+                f"{ident.vision_tokens} vision + {ident.text_tokens} text tokens, {ident.steps} steps; {self.variant}")
+        predicted = self.meta.get("predicted_attention_flops_fraction")
+        return text + (f" predicted attention FLOPs {predicted:.3f} of full" if predicted is not None else "")
+
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> "Plan":
         if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -16,5 +16,5 @@ def overdrive_methods() -> list[MethodSpec]:
         commands={"calibrate": MethodCommand(
             help="calibrate a DiTFastAttn plan (v1 greedy or v2 integer program) on a diffusers pipeline",
             add_arguments="overdrive.ditfastattn.calibrate:add_arguments",
-            run="overdrive.ditfastattn.calibrate:run")},
+            run="overdrive.diffusers:calibrate_command")},
     )]
