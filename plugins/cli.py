@@ -1,4 +1,4 @@
-"""The ``overdrive`` command: ``list``, ``doctor``, and the verbs methods add (``quantize``, ``calibrate``).
+"""The ``overdrive`` command: ``list``, ``doctor``, and the verbs methods add (``quantize``, ``calibrate``, ``export``).
 
 A method declares verbs in ``MethodSpec.commands``; ``overdrive VERB --method NAME [options]`` then
 parses the method's own options (``overdrive VERB --method NAME --help`` lists them). Plugins may add
@@ -23,6 +23,7 @@ from .registry import UnknownMethodError, get_registry
 SHARED_VERBS = {
     "quantize": "quantize a model offline into an overdrive checkpoint (--method NAME)",
     "calibrate": "calibrate a method and write its plan JSON (--method NAME)",
+    "export": "convert a method's checkpoint to another format (--method NAME)",
 }
 
 

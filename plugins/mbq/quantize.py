@@ -171,6 +171,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=128,
                    help="calibration samples: text chunks, and at most this many image/prompt/answer records")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per text calibration chunk")
+    p.add_argument("--format", choices=("mbq", "compressed-tensors"), default="mbq",
+                   help="mbq: overdrive's format (vLLM/SGLang/transformers through overdrive); compressed-tensors: "
+                        "the engines' own format and kernels (see `overdrive export --method mbq`)")
     p.add_argument("--search-scope", choices=("module", "linear"), default="module",
                    help="judge q,k,v / gate,up scales on the attention / MLP output (module, as AWQ) or on "
                         "their own linear outputs (linear)")
@@ -181,7 +184,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits,
                     baseline=args.baseline or "mbq")
-    out = quantize(args.model, args.output, cfg, calib_data=args.calib_data, loss_mode=args.loss,
-                   distort=args.distort, n_samples=args.samples, seq_len=args.seq_len, scope=args.search_scope)
-    print(f"wrote {out} (mbq {cfg.scheme}, group {cfg.group_size}, {cfg.baseline})")
+    kw = dict(calib_data=args.calib_data, loss_mode=args.loss, distort=args.distort, n_samples=args.samples,
+              seq_len=args.seq_len, scope=args.search_scope)
+    if args.format == "mbq":
+        out = quantize(args.model, args.output, cfg, **kw)
+    else:
+        from .export import export
+
+        if Path(args.output).exists():
+            raise ConfigError(f"{args.output}: already exists; choose a new --output directory")
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".mbq-export-", dir=Path(args.output).parent) as tmp:
+            out = export(quantize(args.model, Path(tmp) / "mbq", cfg, **kw), args.output, args.format)
+    print(f"wrote {out} (mbq {cfg.scheme}, group {cfg.group_size}, {cfg.baseline}, format {args.format})")
     return 0
