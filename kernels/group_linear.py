@@ -90,53 +90,50 @@ _OP_KN = register_op(Op("group_linear_kn", group_linear_kn_reference, "group_lin
 def group_linear_kn(x: torch.Tensor, qweight_kn: torch.Tensor, scales_kn: torch.Tensor, szeros_kn: torch.Tensor,
                     bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` on the kernel layout made by :func:`prepare_group_weight`."""
-    if bits not in BITS:
-        raise ValueError(f"group_linear_kn: bits={bits} is not supported; use one of {BITS}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"group_linear_kn: x must be float16/bfloat16/float32, got {x.dtype}")
-    k = x.shape[-1]
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"group_linear_kn: input features {k} are not a multiple of group_size {group_size}")
     n = qweight_kn.shape[-1]
-    want = {"qweight_kn": ((packed_length(k, bits), n), (torch.int32,)),
-            "scales_kn": ((k // group_size, n), (torch.float16, torch.bfloat16, torch.float32)),
-            "szeros_kn": ((k // group_size, n), (torch.float16, torch.bfloat16, torch.float32))}
-    for name, t in (("qweight_kn", qweight_kn), ("scales_kn", scales_kn), ("szeros_kn", szeros_kn)):
-        shape, dtypes = want[name]
+    k = _check("group_linear_kn", x, bits, group_size, bias, n)
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    _check_tensors("group_linear_kn", k, bits, group_size, {
+        "qweight_kn": (qweight_kn, (packed_length(k, bits), n), (torch.int32,)),
+        "scales_kn": (scales_kn, (k // group_size, n), floats),
+        "szeros_kn": (szeros_kn, (k // group_size, n), floats)})
+    return _OP_KN(x, qweight_kn, scales_kn, szeros_kn, bits, group_size, bias, device=x.device)
+
+
+def _check(op: str, x: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None, n: int) -> int:
+    """Checks shared by both layouts; returns K."""
+    if bits not in BITS:
+        raise ValueError(f"{op}: bits={bits} is not supported; use one of {BITS}")
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"{op}: group_size must be a positive multiple of 32, got {group_size}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"{op}: x must be float16/bfloat16/float32, got {x.dtype}")
+    k = x.shape[-1]
+    if k % group_size:
+        raise ValueError(f"{op}: input features {k} are not a multiple of group_size {group_size}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({n},)")
+    return k
+
+
+def _check_tensors(op: str, k: int, bits: int, group_size: int,
+                   specs: dict[str, tuple[torch.Tensor, tuple[int, ...], tuple[torch.dtype, ...]]]) -> None:
+    for name, (t, shape, dtypes) in specs.items():
         if tuple(t.shape) != shape or t.dtype not in dtypes:
-            raise ValueError(f"group_linear_kn: {name} has shape {tuple(t.shape)} and dtype {t.dtype}, expected "
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} and dtype {t.dtype}, expected "
                              f"{shape} and {' or '.join(str(d) for d in dtypes)} for K={k}, bits={bits}, "
                              f"group_size={group_size}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"group_linear_kn: bias has shape {tuple(bias.shape)}, expected ({n},)")
-    return _OP_KN(x, qweight_kn, scales_kn, szeros_kn, bits, group_size, bias, device=x.device)
 
 
 def check_group_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        bits: int, group_size: int, bias: torch.Tensor | None = None) -> None:
     """Validate shapes/dtypes, naming the tensor and what was expected."""
-    if bits not in BITS:
-        raise ValueError(f"group_linear: bits={bits} is not supported; use one of {BITS}")
-    if group_size <= 0 or group_size % 32:
-        raise ValueError(f"group_linear: group_size must be a positive multiple of 32, got {group_size}")
-    if x.dtype not in ACT_DTYPES:
-        raise TypeError(f"group_linear: x must be float16/bfloat16/float32, got {x.dtype}")
-    k = x.shape[-1]
-    if k % group_size:
-        raise ValueError(f"group_linear: input features {k} are not a multiple of group_size {group_size}")
     n = qweight.shape[0]
-    want = {"qweight": ((n, packed_length(k, bits)), (torch.int32,)),
-            "scales": ((n, k // group_size), (torch.float16, torch.bfloat16, torch.float32)),
-            "zeros": ((n, k // group_size), (torch.uint8,))}
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        shape, dtypes = want[name]
-        if tuple(t.shape) != shape or t.dtype not in dtypes:
-            raise ValueError(f"group_linear: {name} has shape {tuple(t.shape)} and dtype {t.dtype}, expected "
-                             f"{shape} and {' or '.join(str(d) for d in dtypes)} for K={k}, bits={bits}, "
-                             f"group_size={group_size}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"group_linear: bias has shape {tuple(bias.shape)}, expected ({n},)")
-
+    k = _check("group_linear", x, bits, group_size, bias, n)
+    _check_tensors("group_linear", k, bits, group_size, {
+        "qweight": (qweight, (n, packed_length(k, bits)), (torch.int32,)),
+        "scales": (scales, (n, k // group_size), (torch.float16, torch.bfloat16, torch.float32)),
+        "zeros": (zeros, (n, k // group_size), (torch.uint8,))})
 
 def group_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from overdrive.kernels import (dequantize_kn_reference, group_linear_kn, group_l
                                prepare_group_weight)
 
 from .conftest import needs_cuda
+from .test_group_linear import _float64
 
 
 def _inputs(m, k, n, group, bits, dtype=torch.float32, seed=0):
@@ -20,12 +21,6 @@ def _inputs(m, k, n, group, bits, dtype=torch.float32, seed=0):
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g)
     return codes, prepare_group_weight(pack(codes, bits), scales, zeros, bits, group), scales, zeros, x, bias
-
-
-def _float64(codes, scales, zeros, x, bias, group):
-    w = (codes.double() - zeros.double().repeat_interleave(group, 1)) * scales.double().repeat_interleave(group, 1)
-    y = x.double() @ w.T
-    return y + bias.double() if bias is not None else y
 
 
 @pytest.mark.parametrize("bits", [3, 4])
