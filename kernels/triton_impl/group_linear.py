@@ -27,25 +27,42 @@ from . import as_2d_with_output
 
 
 @triton.jit
-def _dequant_tile(q_ptr, s_ptr, z_ptr, kk, rn, k_ok, n_ok, N,
-                  BITS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr):
-    """(BK, BN) float32 weights W^T[kk, rn] = code * scale - szero."""
-    pos = BITS * (kk % G)
-    word = (kk // G) * W + pos // 32
-    sh = (pos % 32).to(tl.uint32)
+def _dequant_tile(q_ptr, s_ptr, z_ptr, k_first, rn, n_ok, K, N,
+                  BITS: tl.constexpr, G: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
+                  BK: tl.constexpr, BN: tl.constexpr):
+    """(BK, BN) float32 weights W^T[k_first + i, rn] = code * scale - szero (0 past K); ``k_first`` is a
+    multiple of BK and of 32 (split and tile starts)."""
+    kk = k_first + tl.arange(0, BK)
+    k_ok = kk < K
     mask2 = k_ok[:, None] & n_ok[None, :]
-    lo = tl.load(q_ptr + word[:, None] * N + rn[None, :], mask=mask2, other=0).to(tl.uint32, bitcast=True)
-    v = lo >> sh[:, None]
-    if BITS == 3:  # codes 10 and 21 of each 32-code group straddle two words
+    if BITS == 4:
+        # each word holds 8 consecutive k: load the (BK/8, BN) words once and expand them in registers
+        kw = k_first // 8 + tl.arange(0, BK // 8)
+        words = tl.load(q_ptr + kw[:, None] * N + rn[None, :], mask=(kw[:, None] * 8 < K) & n_ok[None, :],
+                        other=0).to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, 8) * 4).to(tl.uint32)
+        v = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BK, BN))
+    else:
+        pos = BITS * (kk % G)
+        word = (kk // G) * W + pos // 32
+        sh = (pos % 32).to(tl.uint32)
+        lo = tl.load(q_ptr + word[:, None] * N + rn[None, :], mask=mask2, other=0).to(tl.uint32, bitcast=True)
+        v = lo >> sh[:, None]
+        # codes 10 and 21 of each 32-code group straddle two words
         straddle = (pos % 32 + BITS) > 32
         hi = tl.load(q_ptr + (word[:, None] + 1) * N + rn[None, :], mask=mask2 & straddle[:, None],
                      other=0).to(tl.uint32, bitcast=True)
         v = tl.where(straddle[:, None], v | (hi << (32 - sh)[:, None]), v)
     code = (v & ((1 << BITS) - 1)).to(tl.float32)
-    off = (kk // GROUP)[:, None] * N + rn[None, :]
-    s = tl.load(s_ptr + off, mask=mask2, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + off, mask=mask2, other=0.0).to(tl.float32)
-    return code * s - z
+    if GROUP % BK == 0:  # the tile lies in one quantization group: one row of scales / zeros
+        off = (k_first // GROUP) * N + rn
+        s = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        off = (kk // GROUP)[:, None] * N + rn[None, :]
+        s = tl.load(s_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+    return tl.where(mask2, code * s - z, 0.0)
 
 
 @triton.jit
@@ -62,7 +79,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, K_PER_SPLIT, sx
         kk = k_start + k0 + tl.arange(0, BK)
         k_ok = kk < K
         x = tl.load(x_ptr + kk * sxk, mask=k_ok, other=0.0).to(tl.float32)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, kk, rn, k_ok, n_ok, N, BITS, G, W, GROUP)
+        w = _dequant_tile(q_ptr, s_ptr, z_ptr, k_start + k0, rn, n_ok, K, N, BITS, G, W, GROUP, BK, BN)
         acc += tl.sum(x[:, None] * w, axis=0)
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -91,7 +108,7 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
         kk = k_start + k0 + tl.arange(0, BK)
         k_ok = kk < K
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, kk, rn, k_ok, n_ok, N, BITS, G, W, GROUP)
+        w = _dequant_tile(q_ptr, s_ptr, z_ptr, k_start + k0, rn, n_ok, K, N, BITS, G, W, GROUP, BK, BN)
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
