@@ -107,7 +107,7 @@ def int8_linear_cases(device: torch.device, quick: bool) -> list[Case]:
 
 def group_linear_cases(device: torch.device, quick: bool) -> list[Case]:
     """MBQ W3/W4 group-128 dequant GEMV/GEMM at 7B-class layer shapes vs a 16-bit matmul."""
-    from . import group_linear
+    from . import group_linear_kn, prepare_group_weight
     from .packing import packed_length
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -124,12 +124,14 @@ def group_linear_cases(device: torch.device, quick: bool) -> list[Case]:
             sc = (torch.rand(n, k // 128, device=device) / 50).to(dtype)
             zr = torch.randint(0, 1 << bits, (n, k // 128), dtype=torch.uint8, device=device)
             w16 = torch.randn(n, k, device=device, dtype=dtype)
+            p = prepare_group_weight(qw, sc, zr, bits, 128)  # the kernel layout, made once at load time
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=dtype)
-                weight_bytes = qw.numel() * 4 + sc.numel() * sc.element_size() + zr.numel()
+                weight_bytes = sum(t.numel() * t.element_size() for t in p.values())
                 cases.append(Case(
                     "group_linear", f"W{bits} M={m} K={k} N={n}",
-                    lambda x=x, qw=qw, sc=sc, zr=zr, bits=bits: group_linear(x, qw, sc, zr, bits, 128),
+                    lambda x=x, p=p, bits=bits: group_linear_kn(x, p["qweight_kn"], p["scales_kn"], p["szeros_kn"],
+                                                                bits, 128),
                     {f"{str(dtype).removeprefix('torch.')} matmul": lambda x=x, w=w16: x @ w.T},
                     bytes_moved=weight_bytes + (m * k + m * n) * x.element_size(), flops=2 * m * n * k))
     return cases

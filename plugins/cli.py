@@ -1,4 +1,4 @@
-"""The ``overdrive`` command: ``list``, ``doctor``, and the verbs methods add (``quantize``, ``calibrate``).
+"""The ``overdrive`` command: ``list``, ``doctor``, and the verbs methods add (``quantize``, ``calibrate``, ``export``).
 
 A method declares verbs in ``MethodSpec.commands``; ``overdrive VERB --method NAME [options]`` then
 parses the method's own options (``overdrive VERB --method NAME --help`` lists them). Plugins may add
@@ -23,6 +23,7 @@ from .registry import UnknownMethodError, get_registry
 SHARED_VERBS = {
     "quantize": "quantize a model offline into an overdrive checkpoint (--method NAME)",
     "calibrate": "calibrate a method and write its plan JSON (--method NAME)",
+    "export": "convert a method's checkpoint to another format (--method NAME)",
 }
 
 
@@ -212,7 +213,25 @@ def _run_method_verb(verb: str, argv: Sequence[str]) -> int:
                                 description=spec.commands[verb].help)
     p.add_argument("--method", required=True)
     add_arguments(p)
-    return int(run(p.parse_args(argv)) or 0)
+    args = p.parse_args(argv)
+    return _run_reporting_config_errors(f"overdrive {verb}", run, args)
+
+
+def _run_reporting_config_errors(prog: str, run: Callable[[argparse.Namespace], int],
+                                 args: argparse.Namespace) -> int:
+    """Run a verb; a :class:`ConfigError` (bad user input) becomes one line on stderr and exit status 2.
+
+    Verbs write their outputs atomically, so an error leaves nothing behind. Other exceptions are
+    bugs and keep their traceback.
+    """
+    from .config import ConfigError
+
+    try:
+        return int(run(args) or 0)
+    except ConfigError as e:
+        msg = " ".join(str(e).split())  # one line, whatever the message's own line breaks
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -248,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         return cmd_doctor(args)
     if args.command in extra:
-        return int(extra[args.command].run(args) or 0)
+        return _run_reporting_config_errors(f"overdrive {args.command}", extra[args.command].run, args)
     parser.print_help()
     return 0
 

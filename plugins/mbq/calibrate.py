@@ -19,15 +19,16 @@ Pipeline (``calibrate(model, samples, cfg)``), on a transformers (vision-)langua
 4. ``distort``: each block is calibrated on the outputs of the already-quantized earlier blocks
    (their weights quantized; for W4A8/W8A8 their activations are not).
 
-The loss is measured on the outputs of the group's linear layers (AWQ measures it on the output of
-the enclosing module for q,k,v and gate,up); see docs/methods/mbq.md.
+The loss of q,k,v is measured on the attention block's output and that of gate,up on the MLP's
+output (the enclosing module, as AWQ does); v->o and up->down on their own linear outputs
+(``scope="linear"`` judges every group on its own linear outputs); see docs/methods/mbq.md.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -161,8 +162,7 @@ def gradient_ratios(model: torch.nn.Module, samples: Sequence[CalibSample]) -> l
             counts["cap"] += int(masks["cap"].sum())
             model.zero_grad(set_to_none=True)
             ids = smp.inputs["input_ids"]
-            labels = torch.full_like(ids, -100)
-            labels[0, smp.caption_mask] = ids[0, smp.caption_mask]
+            labels = torch.where(smp.caption_mask.reshape(ids.shape), ids, torch.full_like(ids, -100))
             out = model(**smp.inputs, labels=labels, use_cache=False)
             if not torch.isfinite(out.loss):
                 raise ConfigError(f"calibration loss is {out.loss.item()} on a sample; check the model and data")
@@ -189,29 +189,110 @@ def _loss(out: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, mode: str) -> f
     return float((d.mean(dim=-1) * w).sum() / w.sum().clamp_min(1e-12))
 
 
-@torch.no_grad()
-def search_group(x: torch.Tensor, group: Group, tok_w: torch.Tensor, cfg: MBQConfig, mode: str,
-                 ) -> tuple[torch.Tensor, float, float, float]:
-    """Best scales for one group: (s, rho, loss, loss at rho=0 i.e. RTN)."""
-    x = x.to(torch.float32)
-    ref = torch.cat([torch.nn.functional.linear(x, l.weight.float(), None) for l in group.linears], dim=-1)
-    x_mean = x.abs().mean(dim=0).clamp_min(1e-6)
-    best = (None, 0.0, math.inf)
-    rtn_loss = math.inf
+def _grid_scales(x_mean: torch.Tensor) -> Iterable[tuple[float, torch.Tensor]]:
     for rho in GRID:
         s = x_mean.pow(rho)
-        s = s / (s.max() * s.min()).sqrt()
-        xs = x / s[None, :]
-        if cfg.act_bits == 8:
-            xs = fake_quant_act(xs)
-        outs = [torch.nn.functional.linear(xs, fake_quant_weight(l.weight.float() * s[None, :], cfg), None)
-                for l in group.linears]
-        loss = _loss(torch.cat(outs, dim=-1), ref, tok_w, mode)
+        yield rho, s / (s.max() * s.min()).sqrt()
+
+
+def _search(x_mean: torch.Tensor, evaluate: Callable[[torch.Tensor], torch.Tensor], ref: torch.Tensor,
+            tok_w: torch.Tensor, mode: str) -> tuple[torch.Tensor, float, float, float]:
+    """Grid search over rho: (best s, rho, its loss, the loss at rho = 0, i.e. RTN)."""
+    best: tuple[torch.Tensor | None, float, float] = (None, 0.0, math.inf)
+    rtn_loss = math.inf
+    for rho, s in _grid_scales(x_mean):
+        loss = _loss(evaluate(s), ref, tok_w, mode)
         if rho == 0.0:
             rtn_loss = loss
         if loss < best[2]:
             best = (s, rho, loss)
+    assert best[0] is not None, "every grid point gave a NaN loss"
     return best[0], best[1], best[2], rtn_loss
+
+
+@torch.no_grad()
+def search_group(x: torch.Tensor, group: Group, tok_w: torch.Tensor, cfg: MBQConfig, mode: str,
+                 ) -> tuple[torch.Tensor, float, float, float]:
+    """Best scales for one group judged on the group's own linear outputs: (s, rho, loss, RTN loss)."""
+    x = x.to(torch.float32)
+    ref = torch.cat([torch.nn.functional.linear(x, l.weight.float(), None) for l in group.linears], dim=-1)
+
+    def evaluate(s: torch.Tensor) -> torch.Tensor:
+        xs = x / s[None, :]
+        if cfg.act_bits == 8:
+            xs = fake_quant_act(xs)
+        return torch.cat([torch.nn.functional.linear(xs, fake_quant_weight(l.weight.float() * s[None, :], cfg), None)
+                          for l in group.linears], dim=-1)
+
+    return _search(x.abs().mean(dim=0).clamp_min(1e-6), evaluate, ref, tok_w, mode)
+
+
+@dataclasses.dataclass
+class _Calls:
+    """Recorded calls of one module over the calibration batches: (args, kwargs) and outputs."""
+
+    calls: list[tuple[tuple, dict]] = dataclasses.field(default_factory=list)
+    outs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def input_rows(self) -> torch.Tensor:
+        """The first input (hidden states) of every call, as (tokens, features) rows."""
+        rows = []
+        for args, kwargs in self.calls:
+            h = args[0] if args else kwargs["hidden_states"]
+            rows.append(h.reshape(-1, h.shape[-1]))
+        return torch.cat(rows)
+
+    def ref(self) -> torch.Tensor:
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in self.outs])
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _record(module: torch.nn.Module, rec: _Calls) -> list[Any]:
+    def pre(_m, args, kwargs):
+        rec.calls.append((args, dict(kwargs)))
+
+    def post(_m, _args, _kwargs, out):
+        rec.outs.append(_first(out).detach())
+
+    return [module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post, with_kwargs=True)]
+
+
+@torch.no_grad()
+def search_group_on_module(group: Group, module: torch.nn.Module, rec: _Calls, tok_w: torch.Tensor,
+                           cfg: MBQConfig, mode: str) -> tuple[torch.Tensor, float, float, float]:
+    """Best scales for one group judged on the output of its enclosing ``module`` (as AWQ does: q,k,v
+    on the attention block's output, gate,up on the MLP's output), from the recorded calls.
+
+    For a candidate s the group's weights become Q(W s) / s (and, with int8 activations, each
+    linear's input x becomes Qa(x / s) s), so the module computes Qa(x / s) Q(W s)^T exactly as the
+    folded, quantized model will; every other weight of the module stays float.
+    """
+    x_mean = rec.input_rows().float().abs().mean(dim=0).clamp_min(1e-6)
+    ref = rec.ref().float()
+    saved = [l.weight.detach().clone() for l in group.linears]
+
+    def evaluate(s: torch.Tensor) -> torch.Tensor:
+        hooks = []
+        for l, w0 in zip(group.linears, saved):
+            sw = s.to(w0.dtype)
+            l.weight.copy_(fake_quant_weight(w0 * sw[None, :], cfg) / sw[None, :])
+            if cfg.act_bits == 8:
+                hooks.append(l.register_forward_pre_hook(
+                    lambda _m, args, s=s: (fake_quant_act(args[0] / s.to(args[0].dtype)) * s.to(args[0].dtype),
+                                           *args[1:])))
+        try:
+            return torch.cat([_first(module(*a, **k)).reshape(-1, ref.shape[-1]).float() for a, k in rec.calls])
+        finally:
+            for h in hooks:
+                h.remove()
+            for l, w0 in zip(group.linears, saved):
+                l.weight.copy_(w0)
+
+    return _search(x_mean, evaluate, ref, tok_w, mode)
 
 
 def _capture_layer0_inputs(model: torch.nn.Module, samples: Sequence[CalibSample]) -> list[tuple[tuple, dict]]:
@@ -245,19 +326,45 @@ def _capture_layer0_inputs(model: torch.nn.Module, samples: Sequence[CalibSample
 
 
 def _layer_out(layer: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = layer(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return _first(layer(*args, **kwargs))
+
+
+def _to_float32(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.float() if v.is_floating_point() else v
+    if isinstance(v, tuple):
+        return tuple(_to_float32(t) for t in v)
+    return v
+
+
+#: which enclosing module judges a group's scales ("attn": the attention block; "mlp": the MLP);
+#: groups not listed are judged on their own linear outputs (as AWQ does for v->o and up->down)
+ENCLOSING = {"qkv": "attn", "gate_up": "mlp"}
 
 
 @torch.no_grad()
 def search_and_fold(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
                     ratios: list[dict[str, float]] | None, loss_mode: str = "mae", distort: bool = False,
-                    ) -> list[GroupResult]:
-    """Run the block-wise scale search and fold the chosen scales into ``model`` in place."""
+                    scope: str = "module") -> list[GroupResult]:
+    """Run the block-wise scale search and fold the chosen scales into ``model`` in place.
+
+    Block by block: only the current decoder block's inputs, its recorded sub-module calls and its
+    outputs are held in memory (one block's activations over the calibration set). A model held in
+    16 bits is searched with the current block in float32 and cast back after folding.
+    ``scope``: "module" judges q,k,v and gate,up on the attention / MLP output (AWQ); "linear" on the
+    group's own linear outputs.
+    """
+    if scope not in ("module", "linear"):
+        raise ConfigError(f"search scope must be 'module' or 'linear', got {scope!r}")
     layers = decoder_layers(model)
-    inputs = _capture_layer0_inputs(model, samples)
+    inputs = [(_to_float32(a), {k: _to_float32(v) for k, v in kw.items()})
+              for a, kw in _capture_layer0_inputs(model, samples)]
     results: list[GroupResult] = []
     for i, layer in enumerate(progress(layers, desc=f"mbq search ({cfg.baseline})", total=len(layers), unit="block")):
+        dtype = next(layer.parameters()).dtype
+        layer.float()
+        groups = layer_groups(layer)
+        recs = {"attn": _Calls(), "mlp": _Calls()}
         feats: dict[str, list[torch.Tensor]] = {}
 
         def grab(name: str):
@@ -265,24 +372,30 @@ def search_and_fold(model: torch.nn.Module, samples: Sequence[CalibSample], cfg:
                 feats.setdefault(name, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
             return hook
 
-        groups = layer_groups(layer)
-        hs = [g.linears[0].register_forward_hook(grab(g.name)) for g in groups]
+        hs = [g.linears[0].register_forward_hook(grab(g.name)) for g in groups
+              if scope == "linear" or g.name not in ENCLOSING]
+        if scope == "module":
+            hs += _record(layer.self_attn, recs["attn"]) + _record(layer.mlp, recs["mlp"])
         try:
             for j, (args, kwargs) in enumerate(inputs):
-                _layer_out(layer, args, kwargs)
-                for g in groups:
-                    if not torch.isfinite(feats[g.name][-1]).all():
-                        raise ConfigError(f"NaN/inf activations at decoder layer {i} (input of {g.name}) on "
-                                          f"calibration sample {j}; nothing was written")
+                out = _layer_out(layer, args, kwargs)
+                if not torch.isfinite(out).all():
+                    raise ConfigError(f"NaN/inf activations at decoder layer {i} (block output) on calibration sample {j}; "
+                                      "nothing was written")
         finally:
             for h in hs:
                 h.remove()
         for g in groups:
-            x = torch.cat(feats[g.name])
             tok_w = _token_weights(samples, g.branch, ratios[i] if ratios else None)
-            s, rho, loss, rtn_loss = search_group(x, g, tok_w, cfg, loss_mode)
+            if scope == "module" and g.name in ENCLOSING:
+                module = layer.self_attn if ENCLOSING[g.name] == "attn" else layer.mlp
+                s, rho, loss, rtn_loss = search_group_on_module(g, module, recs[ENCLOSING[g.name]], tok_w, cfg,
+                                                                loss_mode)
+            else:
+                s, rho, loss, rtn_loss = search_group(torch.cat(feats.pop(g.name)), g, tok_w, cfg, loss_mode)
             fold_scales(g, s)
             results.append(GroupResult(i, g.name, rho, loss, rtn_loss))
+        del recs, feats
         if distort:
             saved = {n: p.detach().clone() for n, p in layer.named_parameters()}
             _fake_quantize_layer(layer, cfg)
@@ -291,6 +404,7 @@ def search_and_fold(model: torch.nn.Module, samples: Sequence[CalibSample], cfg:
                 p.copy_(saved[n])
         else:
             inputs = [((_layer_out(layer, a, k), *a[1:]), k) for a, k in inputs]
+        layer.to(dtype)
     return results
 
 
@@ -313,7 +427,7 @@ def _token_weights(samples: Sequence[CalibSample], branch: str, ratio: dict[str,
 
 
 def calibrate(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
-              loss_mode: str = "mae", distort: bool = False) -> list[GroupResult]:
+              loss_mode: str = "mae", distort: bool = False, scope: str = "module") -> list[GroupResult]:
     """Search and fold scales into ``model`` per ``cfg.baseline`` ("mbq" or "awq"); returns per-group results."""
     if cfg.baseline == "rtn":
         return []
@@ -328,7 +442,7 @@ def calibrate(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQCo
                           stacklevel=2)
         else:
             ratios = gradient_ratios(model, samples)
-    return search_and_fold(model, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort)
+    return search_and_fold(model, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort, scope=scope)
 
 
 def iter_finite(results: Iterable[GroupResult]) -> bool:

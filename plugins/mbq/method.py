@@ -12,6 +12,10 @@ linear layer ``P`` (docs/methods/mbq.md):
 ===============  =========================  ===========================================================
 
 ``W[n, k] = (code[n, k] - zeros[n, k // group]) * scales[n, k // group]``.
+
+At load time :meth:`MBQMethod.process_after_loading` turns W3/W4 tensors into the kernels' layout
+(overdrive.kernels.prepare_group_weight: codes with N contiguous, scales and pre-multiplied zeros
+as (K/group, N)); ``apply`` then runs ``group_linear_kn`` (the split-K GEMV/GEMM).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import ACT_DTYPE, ParamSpec, WeightQuantMethod, check_quant_method
-from overdrive.kernels import act8_linear, group_linear, packed_length
+from overdrive.kernels import act8_linear, group_linear_kn, packed_length, prepare_group_weight
 
 from .config import MBQConfig
 
@@ -65,11 +69,18 @@ class MBQMethod(WeightQuantMethod):
             ParamSpec("zeros", (out_features, groups), torch.uint8, output_dim=0, input_dim=1),
         ]
 
+    def process_after_loading(self, params: dict[str, torch.Tensor], cfg: MBQConfig) -> dict[str, torch.Tensor]:
+        if cfg.act_bits == 8:
+            return params
+        return prepare_group_weight(params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size)
+
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: MBQConfig) -> torch.Tensor:
+        """``params``: what :meth:`process_after_loading` returned."""
         if cfg.act_bits == 8:
             return act8_linear(x, params["qweight"], params["scales"], cfg.bits, bias)
-        return group_linear(x, params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size, bias)
+        return group_linear_kn(x, params["qweight_kn"], params["scales_kn"], params["szeros_kn"], cfg.bits,
+                               cfg.group_size, bias)
 
 
 METHOD = MBQMethod()

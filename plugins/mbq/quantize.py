@@ -1,13 +1,13 @@
 """``overdrive quantize --method mbq``: write an MBQ-format checkpoint.
 
-With ``--baseline rtn`` the float weights are rounded to nearest per group directly; with ``awq``
-or ``mbq`` (the default) scales are first searched and folded into the float model on calibration
-data (:mod:`.calibrate`: AWQ's uniform token weighting, or MBQ's modality-balanced weighting), then
-rounded. The checkpoint layout is in docs/methods/mbq.md.
+``--baseline rtn`` rounds the float weights to nearest; ``awq`` / ``mbq`` (default) first search and
+fold AWQ-style scales on calibration data (:mod:`.calibrate`), then round. Options are checked
+against the checkpoint's tensor shapes before any calibration, and the output is written atomically.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -63,37 +63,80 @@ def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[st
             "zeros": zeros.to(torch.uint8)}
 
 
+def quantized_shapes(model: Path, cfg: MBQConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the checkpoint's weights that ``cfg`` quantizes (read from safetensors headers only)."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in checkpoint_shards(model):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("_proj.weight") and METHOD.is_quantized_layer(name.removesuffix(".weight"), cfg):
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if len(shape) == 2:
+                        out[name] = shape
+    return out
+
+
+def check_group_size(model: Path, cfg: MBQConfig) -> None:
+    """Reject a ``group_size`` that does not divide every quantized layer's input features, naming a
+    layer that fails and the group sizes that divide them all (before any calibration runs)."""
+    if cfg.act_bits == 8:
+        return
+    shapes = quantized_shapes(model, cfg)
+    bad = {n: s for n, s in shapes.items() if s[1] % cfg.group_size}
+    if not bad:
+        return
+    k_all = sorted({s[1] for s in shapes.values()})
+    g = math.gcd(*k_all)
+    ok = [d for d in range(32, g + 1, 32) if g % d == 0]
+    name, shape = next(iter(bad.items()))
+    hint = (f"group sizes that divide every layer's input features ({', '.join(map(str, k_all))}): "
+            f"{', '.join(map(str, ok))}") if ok else \
+        f"no multiple of 32 divides every layer's input features ({', '.join(map(str, k_all))})"
+    raise ConfigError(f"--group-size {cfg.group_size} does not divide the {shape[1]} input features of {name} "
+                      f"{shape} ({len(bad)} of {len(shapes)} quantized layers); {hint}")
+
+
 def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None = None,
-             loss_mode: str = "mae", distort: bool = False) -> Path:
+             loss_mode: str = "mae", distort: bool = False, n_samples: int = 128, seq_len: int = 512,
+             scope: str = "module") -> Path:
     """Quantize a transformers checkpoint's language-decoder linear layers into ``output``.
 
     ``cfg.baseline``: "rtn" writes round-to-nearest codes directly; "awq" / "mbq" first calibrate
     (search and fold scales on the float model, see :mod:`.calibrate`), then round to nearest.
     """
+    model, output = Path(model), Path(output)
+    if output.exists():
+        raise ConfigError(f"{output}: already exists; choose a new --output directory")
+    check_group_size(model, cfg)
     if cfg.baseline != "rtn":
-        with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=Path(output).parent) as tmp:
-            _calibrated_copy(Path(model), Path(tmp), cfg, calib_data, loss_mode, distort)
-            return _write(Path(tmp), Path(output), cfg)
-    return _write(Path(model), Path(output), cfg)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=output.parent) as tmp:
+            _calibrated_copy(model, Path(tmp), cfg, calib_data, loss_mode, distort, n_samples, seq_len, scope)
+            return _write(Path(tmp), output, cfg)
+    return _write(model, output, cfg)
 
 
 def _calibrated_copy(model_dir: Path, out: Path, cfg: MBQConfig, calib_data: Path | None, loss_mode: str,
-                     distort: bool) -> None:
+                     distort: bool, n_samples: int = 128, seq_len: int = 512, scope: str = "module") -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
     from .calibrate import calibrate
-    from .data import build_samples, builtin_records, load_jsonl
+    from .data import build_calibration, builtin_records, load_records
 
     checkpoint_shards(model_dir)  # clear error for a folder that is not a safetensors checkpoint
     conf = AutoConfig.from_pretrained(model_dir)
     is_vlm = hasattr(conf, "vision_config")
     processor = AutoProcessor.from_pretrained(model_dir)
-    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model = auto.from_pretrained(model_dir, dtype=torch.float32)
-    records = load_jsonl(calib_data) if calib_data is not None else builtin_records(with_images=is_vlm)
+    records = load_records(calib_data) if calib_data is not None else builtin_records(with_images=is_vlm)
     vision_ids = [getattr(conf, k) for k in ("image_token_id", "video_token_id") if getattr(conf, k, None) is not None]
-    samples = build_samples(processor, records, vision_ids)
-    calibrate(model, samples, cfg, loss_mode=loss_mode, distort=distort)
+    samples = build_calibration(processor, records, vision_ids, n_samples=n_samples, seq_len=seq_len)
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    # weights stay in the checkpoint's dtype (16-bit checkpoints: half the memory of float32); the
+    # block under search runs in float32 (calibrate.search_and_fold)
+    model = auto.from_pretrained(model_dir, dtype="auto")
+    calibrate(model, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -123,7 +166,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", choices=("rtn", "awq"), default=None,
                    help="rtn: round to nearest (no calibration); awq: uniform token weighting. Default: MBQ")
     p.add_argument("--calib-data", type=Path, default=None,
-                   help='jsonl of {"image": path|null, "prompt": ..., "answer": ...}; default: a small built-in sample')
+                   help='jsonl of {"image": path|null, "prompt": ..., "answer": ...} and/or {"text": ...} records, '
+                        "or a .txt file or folder of .txt files (plain LLMs, as AWQ); default: a small built-in sample")
+    p.add_argument("--samples", type=int, default=128,
+                   help="calibration samples: text chunks, and at most this many image/prompt/answer records")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per text calibration chunk")
+    p.add_argument("--format", choices=("mbq", "compressed-tensors"), default="mbq",
+                   help="mbq: overdrive's format (vLLM/SGLang/transformers through overdrive); compressed-tensors: "
+                        "the engines' own format and kernels (see `overdrive export --method mbq`)")
+    p.add_argument("--search-scope", choices=("module", "linear"), default="module",
+                   help="judge q,k,v / gate,up scales on the attention / MLP output (module, as AWQ) or on "
+                        "their own linear outputs (linear)")
     p.add_argument("--loss", choices=("mae", "mse"), default="mae", help="reconstruction loss of the scale search")
     p.add_argument("--distort", action="store_true", help="calibrate each block on the quantized earlier blocks")
 
@@ -131,7 +184,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits,
                     baseline=args.baseline or "mbq")
-    out = quantize(args.model, args.output, cfg, calib_data=args.calib_data, loss_mode=args.loss,
-                   distort=args.distort)
-    print(f"wrote {out} (mbq {cfg.scheme}, group {cfg.group_size}, {cfg.baseline})")
+    kw = dict(calib_data=args.calib_data, loss_mode=args.loss, distort=args.distort, n_samples=args.samples,
+              seq_len=args.seq_len, scope=args.search_scope)
+    if args.format == "mbq":
+        out = quantize(args.model, args.output, cfg, **kw)
+    else:
+        from .export import export
+
+        if Path(args.output).exists():
+            raise ConfigError(f"{args.output}: already exists; choose a new --output directory")
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".mbq-export-", dir=Path(args.output).parent) as tmp:
+            out = export(quantize(args.model, Path(tmp) / "mbq", cfg, **kw), args.output, args.format)
+    print(f"wrote {out} (mbq {cfg.scheme}, group {cfg.group_size}, {cfg.baseline}, format {args.format})")
     return 0

@@ -63,7 +63,7 @@ def test_method_apply_matches_dequantized_float64():
     for name, t in p.items():
         assert tuple(t.shape) == specs[name].shape, name
     x = torch.randn(3, 128, generator=g)
-    y = METHOD.apply(x, p, None, cfg)
+    y = METHOD.apply(x, METHOD.process_after_loading(dict(p), cfg), None, cfg)
     ref = x.double() @ dequantize_reference(p["qweight"], p["scales"], p["zeros"], 3, 64, 128).double().T
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -136,7 +136,8 @@ def test_act8_method_matches_float64(bits):
     sx = x.abs().amax(-1) / 127
     xq = torch.clamp(torch.sign(x / sx[:, None]) * torch.floor((x / sx[:, None]).abs() + 0.5), -127, 127)
     ref = (xq @ codes.T) * sx[:, None] * p["scales"].double()[None, :]
-    torch.testing.assert_close(METHOD.apply(x.float(), p, None, cfg).double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(METHOD.apply(x.float(), METHOD.process_after_loading(dict(p), cfg), None, cfg).double(),
+                               ref, rtol=1e-4, atol=1e-4)
     assert MBQConfig(bits=bits, act_bits=8).zero_point is False
     with pytest.raises(ConfigError, match="symmetric"):
         MBQConfig(bits=bits, act_bits=8, zero_point=True)

@@ -1,0 +1,48 @@
+"""Greedy generation with transformers (overdrive's quantizers registered) in a child process.
+
+    python -m overdrive.testing.hf_generate '{"model": DIR, "prompts": [...], "max_tokens": 8}'
+
+prints one line ``OVERDRIVE_RESULT {"tokens": [[...], ...], "layer": "<class of layer 0's down_proj>"}``.
+A child process because transformers' quantizer registry is filled once per process; float32.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .vllm_generate import RESULT_PREFIX
+
+
+def main(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import overdrive.transformers  # noqa: F401 - registers overdrive's quantizers
+
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+    n = spec.get("max_tokens", 8)
+    tokens = []
+    for p in spec["prompts"]:
+        ids = tok(p, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        tokens.append(out[0, ids.shape[1]:].tolist())
+    return {"tokens": tokens, "layer": type(model.model.layers[0].mlp.down_proj).__name__}
+
+
+def greedy_tokens(model: Path, prompts: Sequence[str], max_tokens: int = 8, timeout: int = 600) -> dict:
+    """Run :func:`main` in a child process; its result."""
+    spec = {"model": str(model), "prompts": list(prompts), "max_tokens": max_tokens}
+    r = subprocess.run([sys.executable, "-m", "overdrive.testing.hf_generate", json.dumps(spec)],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"overdrive.testing.hf_generate failed on {model}:\n{r.stderr[-4000:]}")
+    line = next(x for x in r.stdout.splitlines() if x.startswith(RESULT_PREFIX))
+    return json.loads(line[len(RESULT_PREFIX):])
+
+
+if __name__ == "__main__":
+    print(RESULT_PREFIX + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
