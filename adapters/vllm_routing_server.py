@@ -16,8 +16,9 @@ Per request (:meth:`RoutingEngines.generate`), with the shared
 
 HTTP: ``/v1/completions`` and ``/v1/chat/completions`` (streaming or not, ``n`` = 1), ``/v1/models``,
 ``/health``, ``/r2r/stats``. Extensions: request field ``router_threshold``; response
-``choices[0].token_ids`` and ``choices[0].routed`` (per-token flags); ``usage.routed_tokens`` and
-``usage.small_tokens``. SIGINT/SIGTERM stop the HTTP server, then shut both engines down.
+``choices[0].token_ids`` and ``choices[0].routed`` (per-token flags), and with
+``return_router_scores: true`` ``choices[0].router_scores`` (the router logit per token, non-streaming);
+``usage.routed_tokens`` and ``usage.small_tokens``. SIGINT/SIGTERM stop the HTTP server, then shut both engines down.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import torch
+from fastapi import Request  # module level: FastAPI resolves handler annotations from module globals
 
 import overdrive
 from overdrive.config import ConfigError
@@ -129,6 +131,7 @@ class Sampling:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     threshold: float | None = None
+    return_scores: bool = False
 
     def engine_params(self) -> Any:
         from vllm import SamplingParams
@@ -192,9 +195,20 @@ class RoutingEngines:
                 await large.close(abort=not ok)
 
     def shutdown(self) -> None:
-        for engine in (self.small, self.large):
+        """Shut both engines down (concurrently: each may wait out vLLM's grace period); idempotent."""
+        import threading
+
+        engines, self._engines_down = ([] if getattr(self, "_engines_down", False) else [self.small, self.large]), True
+
+        def stop(engine: Any) -> None:
             with contextlib.suppress(Exception):
                 engine.shutdown()
+
+        threads = [threading.Thread(target=stop, args=(e,), daemon=True) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
 
 
 # ------------------------------------------------------------------------------------------ startup
@@ -277,7 +291,8 @@ def parse_sampling(body: dict) -> Sampling:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
             raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {v!r}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise BadRequest(f"'{name}' must be within [{lo}, {hi}], got {v!r}")
+            bound = f">= {lo}" if hi is None else f"within [{lo}, {hi}]"
+            raise BadRequest(f"'{name}' must be {bound}, got {v!r}")
         return kind(v)
 
     if body.get("n", 1) != 1 or body.get("best_of", 1) not in (None, 1):
@@ -295,7 +310,8 @@ def parse_sampling(body: dict) -> Sampling:
     return Sampling(max_tokens=num(max_name, 16, int, 1), temperature=num("temperature", 1.0, float, 0.0, 2.0),
                     top_p=num("top_p", 1.0, float, 0.0, 1.0), top_k=num("top_k", 0, int, -1), seed=seed,
                     ignore_eos=bool(body.get("ignore_eos", False)), stop_token_ids=tuple(stop_ids),
-                    threshold=num("router_threshold", None, float, 0.0, 1.0))
+                    threshold=num("router_threshold", None, float, 0.0, 1.0),
+                    return_scores=bool(body.get("return_router_scores", False)))
 
 
 def parse_stop(body: dict) -> list[str]:
@@ -339,7 +355,7 @@ class TextStream:
 def build_app(model_name: str, lifespan: Any = None) -> Any:
     """The FastAPI app; its handlers use ``app.state.engines`` (a :class:`RoutingEngines`) and
     ``app.state.tokenizer``, set by ``lifespan`` (or by the caller) before requests arrive."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title=f"overdrive {model_name} routing server", lifespan=lifespan)
@@ -413,13 +429,14 @@ def build_app(model_name: str, lifespan: Any = None) -> Any:
             return StreamingResponse(stream(engines, tok, rid, ids, sp, stop, chat, bool(opts.get("include_usage"))),
                                      media_type="text/event-stream")
         text = TextStream(tok, stop)
-        tokens, routed = [], []
+        tokens, routed, scores = [], [], []
         seqs: list[RoutedSequence] = []
         gen = engines.generate(ids, sp, seqs)
         try:
             async for ev in gen:
                 tokens.append(ev.token)
                 routed.append(ev.routed)
+                scores.append(ev.score)
                 text.push(ev.token, final=seqs[0].finished)
                 if text.stopped:
                     break
@@ -427,6 +444,8 @@ def build_app(model_name: str, lifespan: Any = None) -> Any:
             await gen.aclose()
         finish = "stop" if text.stopped else (seqs[0].finish_reason or "length")
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": tokens, "routed": routed}
+        if sp.return_scores:
+            choice["router_scores"] = scores
         if chat:
             choice["message"] = {"role": "assistant", "content": text.text}
         else:

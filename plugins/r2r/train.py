@@ -118,7 +118,7 @@ def train_router(data: LabelSet, cfg: R2RRouterConfig, embedding: torch.Tensor, 
             optim.zero_grad()
             loss.backward()
             optim.step()
-            total += float(loss) * b.numel()
+            total += float(loss.detach()) * b.numel()
         losses.append(total / idx.numel())
     pick = val if int(y[val].sum()) >= opts.min_val_positives else train
     p = probabilities(net, emb, data, pick)

@@ -57,3 +57,33 @@ def _build_large(out: Path, small: Path, extra_layers: int, extra_scale: float, 
     for f in small.iterdir():  # the very same tokenizer files
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
             shutil.copy2(f, out / f.name)
+
+
+#: router trained by :func:`tiny_r2r_router` (small, quick: the tiny pair has hidden size 128)
+ROUTER_OPTIONS = {"topk": 100, "width": 64, "blocks": 2, "epochs": 60, "batch_size": 64, "lr": 1e-3,
+                  "max_new_tokens": 32, "continuation_tokens": 4}
+
+
+def tiny_r2r_router() -> Path:
+    """Folder of an R2R router trained on the tiny pair with ``overdrive calibrate --method r2r``'s
+    pipeline (built-in prompts, agreement judge), cached like the checkpoints."""
+    small, large = tiny_r2r_pair()
+    params = {"builder": "tiny_r2r_router", "version": BUILDER_VERSION, "small": small.name, "large": large.name,
+              **ROUTER_OPTIONS}
+    return cached_build("tiny-r2r-router", params, lambda out: _build_router(out / "router", small, large)) / "router"
+
+
+def _build_router(out: Path, small: Path, large: Path) -> None:
+    import argparse
+
+    from overdrive.r2r import calibrate
+
+    p = argparse.ArgumentParser()
+    calibrate.add_arguments(p)
+    o = ROUTER_OPTIONS
+    args = p.parse_args(["--small", str(small), "--large", str(large), "--output", str(out), "--topk", str(o["topk"]),
+                         "--width", str(o["width"]), "--blocks", str(o["blocks"]), "--epochs", str(o["epochs"]),
+                         "--batch-size", str(o["batch_size"]), "--lr", str(o["lr"]),
+                         "--max-new-tokens", str(o["max_new_tokens"]),
+                         "--continuation-tokens", str(o["continuation_tokens"])])
+    calibrate.calibrate(args)
