@@ -92,12 +92,16 @@ def calibrate(args: argparse.Namespace) -> Path:
 
     from overdrive.contracts.token_routing import check_shared_tokenizer
 
+    if args.labels_only and (args.labels_out is None or args.labels is not None):
+        raise ConfigError("--labels-only needs --labels-out (and no --labels)")
+    if not args.labels_only and Path(args.output).exists():
+        raise ConfigError(f"{args.output}: already exists; choose a new --output directory")
     ident, emb = small_model_identity(args.small)
-    arch = R2RRouterConfig(topk=args.topk, width=args.width, num_blocks=args.blocks, expansion=args.expansion,
-                           dropout=args.dropout, small_model=ident)
     if args.labels is not None:
         data = LabelSet.load(args.labels)
+        topk = args.topk or int(data.topk_logits.shape[1])
     else:
+        topk = args.topk or 100
         if args.large is None:
             raise ConfigError("--large is required unless --labels gives ready labels")
         tok = AutoTokenizer.from_pretrained(args.small)
@@ -109,7 +113,7 @@ def calibrate(args: argparse.Namespace) -> Path:
         if args.limit:
             prompts, answers = prompts[:args.limit], answers[:args.limit]
         small, large = _load_lm(args.small, args.device), _load_lm(args.large, args.device)
-        opts = LabelOptions(topk=args.topk, max_new_tokens=args.max_new_tokens,
+        opts = LabelOptions(topk=topk, max_new_tokens=args.max_new_tokens,
                             continuation_tokens=args.continuation_tokens, sentence_end=args.sentence_end)
         judge = make_judge(args.judge, args.judge_margin, small, large, tok)
         data = label_pairs(small, large, tok, prompts, opts, judge, answers)
@@ -118,6 +122,11 @@ def calibrate(args: argparse.Namespace) -> Path:
         if args.labels_out is not None:
             data.save(args.labels_out)
         del small, large
+        if args.labels_only:
+            print(f"r2r labels -> {args.labels_out}: {data.counts()}", file=sys.stderr)
+            return args.labels_out
+    arch = R2RRouterConfig(topk=topk, width=args.width, num_blocks=args.blocks, expansion=args.expansion,
+                           dropout=args.dropout, small_model=ident)
     topts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          recall=args.recall, val_fraction=args.val_fraction, seed=args.seed)
     net, cfg = train_router(data, arch, emb, topts)
@@ -132,11 +141,13 @@ def calibrate(args: argparse.Namespace) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", required=True, type=Path, help="small model checkpoint (transformers folder)")
     p.add_argument("--large", type=Path, help="large model checkpoint (same tokenizer); not needed with --labels")
-    p.add_argument("--output", required=True, type=Path, help="router folder to write (must not exist)")
+    p.add_argument("--output", required=True, type=Path, help="router folder to write (must not exist; unused with "
+                                                              "--labels-only)")
     p.add_argument("--data", type=Path, help="queries, JSON lines: {'prompt'|'messages', optional 'answer'}")
     p.add_argument("--limit", type=int, default=0, help="use only the first N queries")
     p.add_argument("--labels", type=Path, help="train from this labels file instead of labelling")
     p.add_argument("--labels-out", type=Path, help="also save the labels (safetensors)")
+    p.add_argument("--labels-only", action="store_true", help="stop after writing --labels-out (train later with --labels)")
     p.add_argument("--device", default="cpu", help="device for the models while labelling")
     g = p.add_argument_group("labelling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="length of the large model's answers")
@@ -148,7 +159,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-margin", type=float, default=math.inf,
                    help="agreement judge: also require log p_large(own) - log p_large(small token) <= this (nats)")
     g = p.add_argument_group("router")
-    g.add_argument("--topk", type=int, default=100, help="top logits the router reads")
+    g.add_argument("--topk", type=int, default=None,
+                   help="top logits the router reads (default 100; with --labels, as many as the labels carry)")
     g.add_argument("--width", type=int, default=1024)
     g.add_argument("--blocks", type=int, default=6)
     g.add_argument("--expansion", type=int, default=4)
