@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--large-gpu-memory-utilization", type=float, default=0.6)
     p.add_argument("--small-tensor-parallel-size", type=int, default=1)
     p.add_argument("--large-tensor-parallel-size", type=int, default=1)
-    p.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="CPU only: KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--kv-cache-gib", type=int, default=None,
+                   help="CPU only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE; default 1 unless set)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (always on CPU)")
     p.add_argument("--router-device", default=None, help="device of the router (default: cuda if present, else cpu)")
 

@@ -216,9 +216,10 @@ def _set_cpu_env(args: Any) -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib or 1))
         if args.kv_cache_gib:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(args.kv_cache_gib))
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def check_inputs(args: Any, method: str) -> tuple[Any, Any, int]:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
 from .cache import cached_build
 from .llm import tiny_llama
+from .vllm_server import VllmServer
 
 BUILDER_VERSION = 1
 
@@ -87,3 +90,16 @@ def _build_router(out: Path, small: Path, large: Path) -> None:
                          "--max-new-tokens", str(o["max_new_tokens"]),
                          "--continuation-tokens", str(o["continuation_tokens"])])
     calibrate.calibrate(args)
+
+
+class RoutingServer(VllmServer):
+    """``overdrive serve-METHOD`` on a free port as a subprocess (own session), used like :class:`VllmServer`:
+    ``with RoutingServer(small, large, router) as srv: srv.client().completions.create(model="r2r", ...)``."""
+
+    def __init__(self, small: Path, large: Path, router: Path, args: Sequence[str] = (), method: str = "r2r",
+                 **kw: Any) -> None:
+        super().__init__(small, (), **kw)
+        self.model = method  # the served model name
+        self.command = [sys.executable, "-m", "overdrive.cli", f"serve-{method}", "--small", str(small), "--large",
+                        str(large), "--router", str(router), "--host", "127.0.0.1", "--port", str(self.port),
+                        "--dtype", "float32", *args]
