@@ -264,17 +264,53 @@ def engine_args(args: Any, which: str, topk: int) -> Any:
     return AsyncEngineArgs(**kw)
 
 
+def cpu_binds(cores: list[int], tp_small: int, tp_large: int) -> tuple[str, str] | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` values giving each engine its own half of ``cores`` (each half split
+    over the engine's tensor-parallel ranks with ``|``), or None when there are too few cores. Without
+    it both engines' CPU workers bind the same cores and the idle one's OpenMP threads slow the other
+    (measured on a 2-core machine: a small-model step 12-16 ms shared, 9-10 ms split)."""
+    half = len(cores) // 2
+    if half < max(tp_small, tp_large):
+        return None
+
+    def bind(part: list[int], tp: int) -> str:
+        per = len(part) // tp
+        ranks = [part[i * per:(i + 1) * per] for i in range(tp)]
+        return "|".join(",".join(str(c) for c in r) for r in ranks)
+
+    return bind(cores[:half], tp_small), bind(cores[half:2 * half], tp_large)
+
+
 def start_engines(args: Any, router: Router, topk: int, eos_ids: frozenset[int]) -> RoutingEngines:
     """Start the small engine (capture worker), then the large one; a failure stops what started."""
+    from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM
 
     _set_cpu_env(args)
-    small = AsyncLLM.from_engine_args(engine_args(args, "small", topk))
+    binds = None
+    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        binds = cpu_binds(sorted(os.sched_getaffinity(0)), args.small_tensor_parallel_size,
+                          args.large_tensor_parallel_size)
+    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     try:
-        large = AsyncLLM.from_engine_args(engine_args(args, "large", topk))
-    except BaseException:
-        small.shutdown()
-        raise
+        if binds:  # engine processes read it when they start
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binds[0]
+        small = AsyncLLM.from_engine_args(engine_args(args, "small", topk))
+        try:
+            if binds:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binds[1]
+            large = AsyncLLM.from_engine_args(engine_args(args, "large", topk))
+        except BaseException:
+            small.shutdown()
+            raise
+    finally:
+        if binds:
+            if saved is None:
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+    if binds:
+        log.info("CPU threads: small engine on cores %s, large engine on cores %s", *binds)
     threshold = router.threshold if args.threshold is None else args.threshold
     return RoutingEngines(small, large, router, topk, threshold, eos_ids)
 

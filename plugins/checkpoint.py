@@ -24,10 +24,10 @@ from .progress import progress
 Transform = Callable[[str, torch.Tensor], Mapping[str, torch.Tensor]]
 
 
-def checkpoint_shards(model: Path) -> list[Path]:
+def checkpoint_shards(model: Path, option: str = "--model") -> list[Path]:
     model = Path(model)
     if not (model / "config.json").is_file():
-        raise ConfigError(f"{model / 'config.json'}: not found; --model must be a transformers checkpoint directory")
+        raise ConfigError(f"{model / 'config.json'}: not found; {option} must be a transformers checkpoint directory")
     shards = sorted(model.glob("*.safetensors"))
     if not shards:
         raise ConfigError(f"{model}: no *.safetensors files (only safetensors checkpoints are read)")

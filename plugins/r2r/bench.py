@@ -3,10 +3,11 @@
     python -m overdrive.r2r.bench --out docs/benchmarks/r2r-cpu-DATE.json           # the tiny pair
     python -m overdrive.r2r.bench --small S --large L --router R --out r2r-gpu.json  # a real pair
 
-Measured, with the same prompts, lengths (``--tokens``, end-of-sequence ignored) and greedy decoding:
+Measured on the same workload — every prompt of :data:`overdrive.testing.r2r.PROMPTS` (or ``--prompts``),
+``--tokens`` tokens each (end-of-sequence ignored), greedy — run with at most ``--batch`` requests at a time:
 
-* **plain engines**: the small and the large model each in an ordinary vLLM engine (``AsyncLLM.generate``),
-  ``--batch`` concurrent requests — what a user runs without routing;
+* **plain engines**: the small and the large model each in an ordinary vLLM engine (``AsyncLLM.generate``)
+  — what a user runs without routing;
 * **routing server path** (:class:`overdrive.adapters.vllm_routing_server.RoutingEngines`, no HTTP): threshold 1
   (small only, through the per-token session loop), the router's threshold, threshold 0 (every token routed);
 * **router** forward time alone at batch 1, 8 and 64.
@@ -15,8 +16,10 @@ From those, per-token costs (seconds per generated token per request, at batch 1
 ``large_plain``, ``small_loop`` (threshold 1: one session step + router), ``routed_call`` (threshold 0
 minus threshold 1: the large session's extend + 1 token), and the projection
 ``t(f) = small_loop + f * routed_call`` against ``large_plain`` for routed fractions f. The JSON also
-gives a memory-bound projection for a real pair where each decode step costs its parameter bytes
-(``--project-params small,large`` in billions; assumption stated in the output, not a measurement).
+gives a memory-bound projection for a real pair (``--project-params small,large`` in billions of
+parameters): speedup ``1 / (small/large + o + f)`` with each decode step costing its parameter bytes
+and ``o`` the loop's per-step overhead in large-step times (0, 0.1, 0.25, 0.5) — stated in the output as
+an assumption, not a measurement. ``--reproject`` recomputes both from an existing file.
 
 Engines are started one after another (4 starts); scripts that create engines need the ``__main__`` guard.
 """
@@ -33,6 +36,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _device() -> str:
@@ -66,13 +75,28 @@ async def _plain(model: str, prompts: list[list[int]], tokens: int, batches: lis
             times = []
             for rep in range(args.repeats):
                 t0 = time.perf_counter()
-                await asyncio.gather(*[one(i, prompts[i % len(prompts)]) for i in range(b)])
+                await _with_concurrency(b, [lambda i=i, ids=ids: one(i, ids) for i, ids in enumerate(prompts)])
                 times.append(time.perf_counter() - t0)
-            t = statistics.median(times)
-            res[str(b)] = {"seconds": t, "tokens_per_s": b * tokens / t, "s_per_token_per_request": t / tokens}
+            res[str(b)] = _rates(statistics.median(times), len(prompts) * tokens, b)
         return res
     finally:
         engine.shutdown()
+
+
+async def _with_concurrency(b: int, jobs: list) -> list:
+    """Run every job (a zero-argument coroutine function), at most ``b`` at a time."""
+    sem = asyncio.Semaphore(b)
+
+    async def run(job):
+        async with sem:
+            return await job()
+
+    return await asyncio.gather(*[run(j) for j in jobs])
+
+
+def _rates(seconds: float, total_tokens: int, b: int) -> dict:
+    return {"seconds": seconds, "tokens_per_s": total_tokens / seconds,
+            "s_per_token_per_request": seconds * b / total_tokens}
 
 
 async def _routed(args: Any, prompts: list[list[int]], tokens: int, batches: list[int]) -> tuple[dict, dict, float]:
@@ -98,11 +122,10 @@ async def _routed(args: Any, prompts: list[list[int]], tokens: int, batches: lis
                 times, fracs = [], []
                 for rep in range(args.repeats):
                     t0 = time.perf_counter()
-                    outs = await asyncio.gather(*[one(prompts[i % len(prompts)], t) for i in range(b)])
+                    outs = await _with_concurrency(b, [lambda ids=ids: one(ids, t) for ids in prompts])
                     times.append(time.perf_counter() - t0)
                     fracs.append(sum(r for _, r in outs) / sum(n for n, _ in outs))
-                s = statistics.median(times)
-                res[name][str(b)] = {"seconds": s, "tokens_per_s": b * tokens / s, "s_per_token_per_request": s / tokens,
+                res[name][str(b)] = {**_rates(statistics.median(times), len(prompts) * tokens, b),
                                      "routed_fraction": statistics.mean(fracs)}
         return res, _router_times(router, topk), router.threshold
     finally:
@@ -136,11 +159,32 @@ def projection(costs: dict, fractions: list[float]) -> list[dict]:
             for f in fractions]
 
 
-def memory_bound_projection(small_b: float, large_b: float, overhead_ratio: float, fractions: list[float]) -> list[dict]:
-    """Decode-step cost proportional to parameter bytes; a routed call costs one large decode step; the routing
-    loop adds ``overhead_ratio`` (measured: small_loop / small_plain - 1) to each small step."""
-    return [{"routed_fraction": f,
-             "speedup_vs_large": large_b / (small_b * (1 + overhead_ratio) + f * large_b)} for f in fractions]
+def memory_bound_projection(small_b: float, large_b: float, fractions: list[float],
+                            overheads: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)) -> list[dict]:
+    """Speedup over the large model alone when a decode step costs its parameter bytes (memory-bound),
+    a routed call costs one large step, and the routing loop adds ``o`` large-step times of overhead
+    (IPC, scheduling, router) to every small step: ``1 / (small/large + o + f)``."""
+    s = small_b / large_b
+    return [{"routed_fraction": f, "loop_overhead_in_large_steps": o, "speedup_vs_large": 1.0 / (s + o + f)}
+            for o in overheads for f in fractions]
+
+
+def add_projections(result: dict, project_params: tuple[float, float]) -> dict:
+    """The two projections (module docstring) from a result's measured costs."""
+    costs = result["per_token_costs_batch1"]
+    measured_f = result["routing"]["router_threshold"][str(result["setup"]["batches"][0])]["routed_fraction"]
+    fracs = sorted({round(measured_f, 4), 0.05, 0.1, 0.2, 0.3})
+    ps, pl = project_params
+    result["projection_from_measured_costs"] = projection(costs, fracs)
+    result["memory_bound_projection"] = {
+        "assumption": "a projection, not a measurement: decode step cost proportional to parameter bytes "
+                      "(memory-bound GPU decode), a routed call (extend of a few tokens + 1) costs one large "
+                      "decode step, the routing loop adds a fixed overhead per small step expressed in large-step "
+                      "times; speedup = 1 / (small/large + overhead + routed fraction)",
+        "params_billions": [ps, pl],
+        "measured_loop_overhead_seconds_per_step": costs["small_loop"] - costs["small_plain"],
+        "rows": memory_bound_projection(ps, pl, fracs)}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-params", default="1.5,32", help="billions of parameters (small,large) for the "
                    "memory-bound projection (default: R1-1.5B + R1-32B, R2R's headline pair)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reproject", action="store_true",
+                   help="recompute the projections of an existing --out file from its measurements (no engines)")
     args = p.parse_args(argv)
+    if args.reproject:
+        result = add_projections(json.loads(args.out.read_text()), _params(args.project_params))
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     from transformers import AutoTokenizer
 
     from overdrive.testing.r2r import PROMPTS, tiny_r2r_pair, tiny_r2r_router
@@ -173,8 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tok(x).input_ids for x in PROMPTS]
     batches = [int(b) for b in args.batch.split(",")]
     t_start = time.time()
+    print(f"load average at start: {os.getloadavg()}", file=sys.stderr)
+    # the plain engines get the same CPU split the routing server uses (one half of the cores each)
+    from overdrive.adapters.vllm_routing_server import cpu_binds
+
+    binds = cpu_binds(sorted(os.sched_getaffinity(0)), 1, 1) if not _cuda() else None
+    if binds:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binds[0]
     small_plain = asyncio.run(_plain(str(args.small), prompts, args.tokens, batches, args))
+    if binds:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binds[1]
     large_plain = asyncio.run(_plain(str(args.large), prompts, args.tokens, batches, args))
+    if binds:
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     routed, router_s, thr = asyncio.run(_routed(args, prompts, args.tokens, batches))
     b1 = str(batches[0])
     costs = {"small_plain": small_plain[b1]["s_per_token_per_request"],
@@ -182,35 +243,33 @@ def main(argv: list[str] | None = None) -> int:
              "small_loop": routed["small_only_t1"][b1]["s_per_token_per_request"],
              "routed_call": routed["large_only_t0"][b1]["s_per_token_per_request"]
              - routed["small_only_t1"][b1]["s_per_token_per_request"]}
-    measured_f = routed["router_threshold"][b1]["routed_fraction"]
-    fracs = sorted({round(measured_f, 4), 0.05, 0.1, 0.2, 0.3})
-    ps, pl = (float(x) for x in args.project_params.split(","))
-    overhead = max(0.0, costs["small_loop"] / costs["small_plain"] - 1)
     result = {
         "benchmark": "r2r", "date": datetime.date.today().isoformat(), "device": _device(),
         "python": platform.python_version(), "versions": _versions(),
         "models": {"small": str(args.small), "large": str(args.large), "router": str(args.router),
                    "router_threshold": thr},
         "setup": {"tokens": args.tokens, "batches": batches, "repeats": args.repeats, "dtype": args.dtype,
-                  "prompts": len(prompts), "decoding": "greedy, end-of-sequence ignored"},
+                  "prompts": len(prompts), "decoding": "greedy, end-of-sequence ignored",
+                  "workload": "every prompt once per run, at most `batch` requests at a time; medians of `repeats` runs",
+                  "cpu_binds": list(binds) if binds else None},
         "plain_engines": {"small": small_plain, "large": large_plain},
         "routing": routed,
         "router_forward_seconds": router_s,
         "per_token_costs_batch1": costs,
-        "projection_from_measured_costs": projection(costs, fracs),
-        "memory_bound_projection": {
-            "assumption": "decode step cost proportional to parameter bytes (memory-bound GPU decode), a routed call "
-                          "costs one large decode step, the routing loop's measured relative overhead on small steps "
-                          "carries over; a projection, not a measurement",
-            "params_billions": [ps, pl], "loop_overhead_ratio_measured": overhead,
-            "rows": memory_bound_projection(ps, pl, overhead, fracs)},
         "wall_seconds": time.time() - t_start,
+        "load_average_at_end": list(os.getloadavg()),
     }
+    add_projections(result, _params(args.project_params))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"per_token_costs_batch1": costs, "routed_fraction": measured_f,
-                      "projection": result["projection_from_measured_costs"]}, indent=2))
+    print(json.dumps({"per_token_costs_batch1": costs, "projection": result["projection_from_measured_costs"]},
+                     indent=2))
     return 0
+
+
+def _params(spec: str) -> tuple[float, float]:
+    ps, pl = (float(x) for x in spec.split(","))
+    return ps, pl
 
 
 def _versions() -> dict:

@@ -13,14 +13,13 @@ serving). Steps and defaults: :mod:`overdrive.r2r.labels` and :mod:`overdrive.r2
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from overdrive.config import ConfigError
+from overdrive.config import ConfigError, read_jsonl
 
 from .config import R2RRouterConfig
 from .labels import AgreementJudge, LabelOptions, LabelSet, label_pairs
@@ -40,16 +39,8 @@ def read_queries(path: Path | None, tokenizer) -> tuple[list[list[int]], list[li
     """(prompt ids, answer ids or None) per query."""
     if path is None:
         return [tokenizer(p, add_special_tokens=False).input_ids for p in BUILTIN_PROMPTS], [None] * len(BUILTIN_PROMPTS)
-    if not path.is_file():
-        raise ConfigError(f"--data {path}: file not found")
     prompts, answers = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from None
+    for n, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
             raise ConfigError(f"{path}:{n}: expected an object with a string 'prompt' or a list 'messages'")
         if "messages" in rec:

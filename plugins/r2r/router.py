@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from overdrive.checkpoint import atomic_directory
+from overdrive.checkpoint import atomic_directory, checkpoint_shards
 from overdrive.config import ConfigError
 from overdrive.contracts.token_routing import RouterInputs
 
@@ -93,14 +93,8 @@ class R2RRouter:
 def _shard_keys(model: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
-    model = Path(model)
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"{model / 'config.json'}: not found; the small model must be a transformers checkpoint directory")
-    shards = sorted(model.glob("*.safetensors"))
-    if not shards:
-        raise ConfigError(f"{model}: no *.safetensors files (only safetensors checkpoints are read)")
     keys: dict[str, Path] = {}
-    for shard in shards:
+    for shard in checkpoint_shards(Path(model), option="the small model"):
         with safe_open(str(shard), framework="pt") as f:
             for k in f.keys():
                 keys[k] = shard
