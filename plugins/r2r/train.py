@@ -5,9 +5,10 @@ Binary cross-entropy on the router logit (AdamW; R2R: lr 5e-5, weight decay 5e-4
 (labels are heavily imbalanced: most positions are identical). Queries are split into training and
 validation sets by query, not by position, so a query's positions never sit on both sides.
 
-The threshold is the largest one at which the router still routes at least ``recall`` of the
-validation set's divergent tokens (R2R: 0.95): with the divergent probabilities sorted descending,
-``p_(ceil(recall * n))``. Fewer than ``min_val_positives`` divergent validation tokens and the
+The threshold keeps at least ``recall`` of the validation set's divergent tokens routed (R2R: 0.95)
+and routes no more of that set than the largest such threshold, ``p_(ceil(recall * n))`` of the
+divergent probabilities sorted descending, would; it sits in the middle of the gap below that value
+(:func:`threshold_for_recall`). Fewer than ``min_val_positives`` divergent validation tokens and the
 threshold is picked on the training set instead (recorded in ``training.threshold_from``).
 """
 from __future__ import annotations
@@ -47,14 +48,21 @@ class TrainOptions:
                               "must be positive")
 
 
-def threshold_for_recall(probs: torch.Tensor, recall: float) -> float:
-    """Largest t with mean(probs >= t) >= recall, for the probabilities of the positive rows."""
+def threshold_for_recall(probs: torch.Tensor, recall: float, others: torch.Tensor | None = None) -> float:
+    """A threshold routing at least ``recall`` of the positive rows (probabilities ``probs``) and nothing
+    more on this data than the largest such threshold would: with ``p`` the positives' probability of rank
+    ``ceil(recall * n)``, the midpoint between ``p`` and the largest probability of any row (``probs`` and
+    ``others``) below it (0 if none). No observed probability sits on the threshold, so float noise
+    between engines cannot flip a decision on a token seen in training."""
     if probs.numel() == 0:
         raise ConfigError("no divergent tokens to pick a threshold from; label more data (or a judge that finds "
                           "divergences)")
     ordered = probs.double().sort(descending=True).values
     need = max(1, math.ceil(recall * ordered.numel() - 1e-9))
-    return float(ordered[need - 1])
+    p = ordered[need - 1]
+    seen = ordered if others is None else torch.cat([ordered, others.double().flatten()])
+    below = seen[seen < p]
+    return float((p + (below.max() if below.numel() else torch.tensor(0.0, dtype=torch.float64))) / 2)
 
 
 def split_by_query(data: LabelSet, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +131,7 @@ def train_router(data: LabelSet, cfg: R2RRouterConfig, embedding: torch.Tensor, 
     pick = val if int(y[val].sum()) >= opts.min_val_positives else train
     p = probabilities(net, emb, data, pick)
     labels = data.label[pick].bool()
-    threshold = threshold_for_recall(p[labels], opts.recall)
+    threshold = threshold_for_recall(p[labels], opts.recall, p[~labels])
     routed = p >= threshold
     record = {
         "labels": data.counts(), "train_positions": int(train.sum()), "val_positions": int(val.sum()),

@@ -1,6 +1,8 @@
 """Router training: the recall threshold (closed form), query-level splits, learning a separable rule."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -21,15 +23,21 @@ def _ident() -> dict:
 
 def test_threshold_for_recall_closed_form():
     p = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.3])
-    # sorted: .9 .7 .5 .3 .1; recall 0.6 of 5 -> 3 must pass -> t = .5; recall 0.61 -> 4 -> .3; 1.0 -> .1
-    assert threshold_for_recall(p, 0.6) == pytest.approx(0.5)
-    assert threshold_for_recall(p, 0.61) == pytest.approx(0.3)
-    assert threshold_for_recall(p, 1.0) == pytest.approx(0.1)
-    assert threshold_for_recall(p, 0.2) == pytest.approx(0.9)
+    # sorted: .9 .7 .5 .3 .1; recall 0.6 of 5 -> 3 must pass -> p_3 = .5, next below .3 -> (.5 + .3) / 2
+    assert threshold_for_recall(p, 0.6) == pytest.approx(0.4)
+    assert threshold_for_recall(p, 0.61) == pytest.approx(0.2)     # 4 must pass: (.3 + .1) / 2
+    assert threshold_for_recall(p, 1.0) == pytest.approx(0.05)     # all: (.1 + 0) / 2
+    assert threshold_for_recall(p, 0.2) == pytest.approx(0.8)
+    # negatives between .5 and .3 narrow the gap: the routed set on this data stays the same
+    others = torch.tensor([0.45, 0.95, 0.05])
+    assert threshold_for_recall(p, 0.6, others) == pytest.approx(0.475)
     for r in (0.2, 0.6, 0.61, 0.95, 1.0):
-        t = threshold_for_recall(p, r)
-        assert float((p >= t).float().mean()) >= r
-        assert float((p > t).float().mean()) < r  # the largest such threshold
+        t = threshold_for_recall(p, r, others)
+        need = math.ceil(r * 5 - 1e-9)
+        assert int((p >= t).sum()) == need                       # the recall target, and no positive more
+        p_need = p.sort(descending=True).values[need - 1]
+        assert int((others >= t).sum()) == int((others >= p_need).sum())  # no negative more than at p_need
+        assert not torch.isclose(torch.cat([p, others]), torch.tensor(t)).any()
     with pytest.raises(ConfigError, match="no divergent tokens"):
         threshold_for_recall(torch.zeros(0), 0.9)
 
