@@ -92,7 +92,15 @@ def probabilities(net: R2RRouterNet, embedding: torch.Tensor, data: LabelSet, ro
 def train_router(data: LabelSet, cfg: R2RRouterConfig, embedding: torch.Tensor, opts: TrainOptions
                  ) -> tuple[R2RRouterNet, R2RRouterConfig]:
     """Train a router for ``cfg`` (architecture + small_model identity); returns it and ``cfg`` with the
-    chosen threshold and a training record."""
+    chosen threshold and a training record. Deterministic for a given ``opts.seed`` on one machine
+    (initialisation, shuffling and dropout draw from seeded generators; the global RNG is restored)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(opts.seed)
+        return _train(data, cfg, embedding, opts)
+
+
+def _train(data: LabelSet, cfg: R2RRouterConfig, embedding: torch.Tensor, opts: TrainOptions
+           ) -> tuple[R2RRouterNet, R2RRouterConfig]:
     if data.topk_logits.shape[1] < cfg.topk:
         raise ConfigError(f"labels carry the top {data.topk_logits.shape[1]} logits; the router reads {cfg.topk}")
     if data.hidden.shape[1] != cfg.hidden_size:

@@ -21,7 +21,7 @@ from .cache import cached_build
 from .llm import tiny_llama
 from .vllm_server import VllmServer
 
-BUILDER_VERSION = 2  # 2: router thresholds in the middle of a probability gap
+BUILDER_VERSION = 3  # 2: router thresholds in the middle of a probability gap; 3: seeded dropout
 
 #: prompts the tests, calibration smoke runs and the benchmark use
 PROMPTS = ["the quick brown fox", "hello world, this is", "one two three four", "describe the video.",
