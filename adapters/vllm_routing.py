@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE; default 1 unless set)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (always on CPU)")
     p.add_argument("--router-device", default=None, help="device of the router (default: cuda if present, else cpu)")
+    p.add_argument("--router-threads", type=int, default=1,
+                   help="torch threads of the server process when the router runs on the CPU (default 1: a small "
+                        "batched MLP; measured on a shared 2-core machine, two threads made a batch-1 call ~10x slower)")
 
 
 def run(args: argparse.Namespace, method: str) -> int:

@@ -157,6 +157,7 @@ class RoutingEngines:
         self.eos_ids = eos_ids
         self.batcher = RouterBatcher(router)
         self.totals = {"requests": 0, "tokens": 0, "routed_tokens": 0, "large_calls": 0}
+        self._down = False
 
     async def generate(self, prompt: list[int], sp: Sampling, seq_out: list[RoutedSequence] | None = None
                        ) -> AsyncIterator[StepEvent]:
@@ -171,7 +172,6 @@ class RoutingEngines:
         small = _Session(self.small, f"{rid}-small", params)
         large: _Session | None = None
         self.totals["requests"] += 1
-        ok = False
         try:
             while not seq.finished:
                 out = await small.step(seq.small_feed())
@@ -188,17 +188,16 @@ class RoutingEngines:
                 self.totals["tokens"] += 1
                 self.totals["routed_tokens"] += int(routed)
                 yield StepEvent(token, routed, z)
-            ok = True
-        finally:
-            await small.close(abort=not ok)
+        finally:  # a finished sequence ends its sessions; a cancelled or failed one aborts them
+            await small.close(abort=not seq.finished)
             if large is not None:
-                await large.close(abort=not ok)
+                await large.close(abort=not seq.finished)
 
     def shutdown(self) -> None:
         """Shut both engines down (concurrently: each may wait out vLLM's grace period); idempotent."""
         import threading
 
-        engines, self._engines_down = ([] if getattr(self, "_engines_down", False) else [self.small, self.large]), True
+        engines, self._down = ([] if self._down else [self.small, self.large]), True
 
         def stop(engine: Any) -> None:
             with contextlib.suppress(Exception):
@@ -240,6 +239,8 @@ def check_inputs(args: Any, method: str) -> tuple[Any, Any, int]:
         raise ConfigError(f"--threshold {args.threshold}: must be within [0, 1]")
     impl = overdrive.get_method(method, Kind.ROUTING).load_impl()
     device = args.router_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu" and getattr(args, "router_threads", None):
+        torch.set_num_threads(args.router_threads)
     router = impl.load_router(args.router, args.small, device=device)
     return tok_s, router, int(router.topk)
 
