@@ -92,6 +92,9 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                        "`--additional-config`",
         Kind.TOKEN_REDUCTION: "before the decoder (Qwen2.5-VL): configuration hook + vLLM's video-pruning pipeline "
                               "(placeholders, M-RoPE recompute), options in `--additional-config`",
+        Kind.ROUTING: "two `AsyncLLM` engines behind one OpenAI server (`overdrive serve-NAME`): streaming-input "
+                      "sessions, `worker_cls` capture worker (hidden state + top-k logits), prefix caching on the large "
+                      "engine; CPU: each engine bound to half the cores",
     }, "entry point vllm.general_plugins"),
     AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6", {
         Kind.WEIGHT_QUANT: "`QUANTIZATION_METHODS` + `--quantization` choices (registries on CPU; server needs CUDA)",
@@ -112,6 +115,8 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.KV_CACHE: "one generic `Cache` for `past_key_values`: `overdrive.transformers.kv_cache(model, NAME, "
                        "plan, **options)`; `q_scale` folded into the projections, bodies through "
                        "`compress`/`decompress`/`shrink`",
+        Kind.ROUTING: "reference loop with two `DynamicCache`s: `overdrive.transformers.routed_generate(small, large, "
+                      "NAME, router=...)`",
     }, "import overdrive.transformers"),
 )
 

@@ -8,12 +8,13 @@ read (never pickles).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -23,10 +24,10 @@ from .progress import progress
 Transform = Callable[[str, torch.Tensor], Mapping[str, torch.Tensor]]
 
 
-def checkpoint_shards(model: Path) -> list[Path]:
+def checkpoint_shards(model: Path, option: str = "--model") -> list[Path]:
     model = Path(model)
     if not (model / "config.json").is_file():
-        raise ConfigError(f"{model / 'config.json'}: not found; --model must be a transformers checkpoint directory")
+        raise ConfigError(f"{model / 'config.json'}: not found; {option} must be a transformers checkpoint directory")
     shards = sorted(model.glob("*.safetensors"))
     if not shards:
         raise ConfigError(f"{model}: no *.safetensors files (only safetensors checkpoints are read)")
@@ -40,11 +41,7 @@ def rewrite_checkpoint(model: Path, output: Path, transform: Transform, quantiza
 
     model, output = Path(model), Path(output)
     shards = checkpoint_shards(model)
-    if output.exists():
-        raise ConfigError(f"{output}: already exists; choose a new --output directory")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_directory(output) as tmp:
         for f in model.iterdir():
             if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
                 shutil.copy2(f, tmp / f.name)
@@ -60,11 +57,24 @@ def rewrite_checkpoint(model: Path, output: Path, transform: Transform, quantiza
         conf = json.loads((model / "config.json").read_text())
         conf["quantization_config"] = dict(quantization_config)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    return output
+
+
+@contextlib.contextmanager
+def atomic_directory(output: Path, option: str = "--output") -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``output`` (which must not exist); renamed into place when
+    the block completes, removed if it raises, so an interrupted write leaves no half-written folder."""
+    output = Path(output)
+    if output.exists():
+        raise ConfigError(f"{output}: already exists; choose a new {option} directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield tmp
         os.rename(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

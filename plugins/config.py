@@ -144,3 +144,20 @@ def atomic_write_text(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_jsonl(path: Path, option: str = "--data") -> list[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a JSON-lines file; ConfigError naming
+    ``path:line`` on invalid JSON, and naming ``option`` when the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: file not found")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from None
+    return out

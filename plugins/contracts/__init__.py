@@ -3,18 +3,18 @@
 Only the contracts that methods already need are defined; the others arrive with their first method
 (DESIGN.md: "define the kind contracts as the first methods need them").
 """
-from .dit_cache import Attachment, DenoiserInfo, DiTCacheMethod
+from .dit_cache import (Attachment, AttentionOp, CalibrationArtifact, CalibrationRun, DenoiserInfo, DenoiserSession,
+                        DiTCacheMethod, DiTHooks, ModuleCall, RecordedCall, StepContext)
 from .kv_cache import (KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch,
                        PagedGeometry, fold_qk_scale)
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
+from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMethod, check_shared_tokenizer, route_mask,
+                            threshold_logit)
 from .weight_quant import ParamSpec, WeightQuantMethod
 
-__all__ = ["Attachment", "DenoiserInfo", "DiTCacheMethod", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat",
-           "ModelIdentity", "PagedBatch", "PagedGeometry", "fold_qk_scale", "LayerwiseReducer", "ParamSpec", "Selection",
-           "TokenReductionMethod", "VideoGrid", "VisionSpan", "WeightQuantMethod"]
-
-from .dit_cache import (AttentionOp, CalibrationArtifact, CalibrationRun, DenoiserSession, DiTHooks,  # noqa: E402
-                        ModuleCall, RecordedCall, StepContext)
-
-__all__ += ["AttentionOp", "CalibrationArtifact", "CalibrationRun", "DenoiserSession", "DiTHooks", "ModuleCall",
-            "RecordedCall", "StepContext"]
+__all__ = ["Attachment", "AttentionOp", "CalibrationArtifact", "CalibrationRun", "DenoiserInfo", "DenoiserSession",
+           "DiTCacheMethod", "DiTHooks", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
+           "ModelIdentity", "ModuleCall", "PagedBatch", "PagedGeometry", "ParamSpec", "RecordedCall", "RoutedSequence",
+           "Router", "RouterInputs", "Selection", "StepContext", "TokenReductionMethod", "TokenRoutingMethod",
+           "VideoGrid", "VisionSpan", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",
+           "threshold_logit"]

@@ -47,6 +47,8 @@ class VllmServer:
         self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-{self.port}.log"
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
+        #: the server's command line (subclasses start other OpenAI-compatible servers the same way)
+        self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *self.args]
 
     @property
     def base_url(self) -> str:
@@ -54,8 +56,7 @@ class VllmServer:
 
     def __enter__(self) -> "VllmServer":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *self.args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

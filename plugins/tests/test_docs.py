@@ -52,7 +52,7 @@ def test_support_matrix_lists_every_builtin_method_where_its_kind_reaches():
         for a in ADAPTERS:
             cell = rows[name][names[a.framework]]
             served = spec.kind in a.kinds
-            assert (cell != "–") == served, f"support matrix: {name} x {a.framework} says {cell!r}"
+            assert (not cell.startswith("–")) == served, f"support matrix: {name} x {a.framework} says {cell!r}"
 
 
 def test_every_engine_symbol_an_adapter_imports_is_in_the_ledger():

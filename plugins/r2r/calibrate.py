@@ -1,0 +1,175 @@
+"""``overdrive calibrate --method r2r``: label small/large mismatches and train the router.
+
+    overdrive calibrate --method r2r --small ./R1-1.5B --large ./R1-32B --data queries.jsonl \\
+        --output ./router --labels-out labels.safetensors
+    overdrive calibrate --method r2r --small ./R1-1.5B --labels labels.safetensors --output ./router2  # retrain
+
+``--data`` is JSON lines, one query per line: ``{"prompt": "..."}`` (plain text),
+``{"messages": [{"role": "user", "content": "..."}]}`` (rendered with the tokenizer's chat template
+and its generation prompt), either optionally with ``"answer": "..."`` (the large model's answer is
+then not generated). Without ``--data`` a few built-in prompts run (a smoke test, not a router worth
+serving). Steps and defaults: :mod:`overdrive.r2r.labels` and :mod:`overdrive.r2r.train`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from overdrive.config import ConfigError, read_jsonl
+
+from .config import R2RRouterConfig
+from .labels import AgreementJudge, LabelOptions, LabelSet, label_pairs
+from .router import save_router, small_model_identity
+from .train import TrainOptions, train_router
+
+#: built-in queries so the command runs out of the box (a smoke test; real routers need real data)
+BUILTIN_PROMPTS = [
+    "the quick brown fox", "hello world, this is", "one two three four five", "describe the video.",
+    "the model answers questions about", "a cat sits on a red mat", "quantization of weights and",
+    "overdrive makes efficient inference", "what happens in this image?", "seven eight nine ten",
+    "the lazy dog", "tokens, frames, pixels",
+]
+
+
+def read_queries(path: Path | None, tokenizer) -> tuple[list[list[int]], list[list[int] | None]]:
+    """(prompt ids, answer ids or None) per query."""
+    if path is None:
+        return [tokenizer(p, add_special_tokens=False).input_ids for p in BUILTIN_PROMPTS], [None] * len(BUILTIN_PROMPTS)
+    prompts, answers = [], []
+    for n, rec in read_jsonl(path):
+        if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
+            raise ConfigError(f"{path}:{n}: expected an object with a string 'prompt' or a list 'messages'")
+        if "messages" in rec:
+            ids = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = tokenizer(rec["prompt"], add_special_tokens=False).input_ids
+        if not ids:
+            raise ConfigError(f"{path}:{n}: the prompt has no tokens")
+        answer = rec.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise ConfigError(f"{path}:{n}: 'answer' must be a string")
+        prompts.append(list(ids))
+        answers.append(tokenizer(answer, add_special_tokens=False).input_ids if answer else None)
+    if not prompts:
+        raise ConfigError(f"--data {path}: no queries")
+    return prompts, answers
+
+
+def make_judge(spec: str, margin: float, small, large, tokenizer):
+    if spec == "agreement":
+        return AgreementJudge(margin=margin)
+    from overdrive.spec import _resolve
+
+    try:
+        factory = _resolve(spec)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"--judge {spec!r}: cannot import it ({e}); use 'agreement' or 'package.module:factory'") from None
+    return factory(small=small, large=large, tokenizer=tokenizer)
+
+
+def _load_lm(path: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+def calibrate(args: argparse.Namespace) -> Path:
+    from transformers import AutoTokenizer
+
+    from overdrive.contracts.token_routing import check_shared_tokenizer
+
+    if args.labels_only and (args.labels_out is None or args.labels is not None):
+        raise ConfigError("--labels-only needs --labels-out (and no --labels)")
+    if not args.labels_only and Path(args.output).exists():
+        raise ConfigError(f"{args.output}: already exists; choose a new --output directory")
+    ident, emb = small_model_identity(args.small)
+    if args.labels is not None:
+        data = LabelSet.load(args.labels)
+        topk = args.topk or int(data.topk_logits.shape[1])
+    else:
+        topk = args.topk or 100
+        if args.large is None:
+            raise ConfigError("--large is required unless --labels gives ready labels")
+        tok = AutoTokenizer.from_pretrained(args.small)
+        try:
+            check_shared_tokenizer(tok, AutoTokenizer.from_pretrained(args.large), str(args.small), str(args.large))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        prompts, answers = read_queries(args.data, tok)
+        if args.limit:
+            prompts, answers = prompts[:args.limit], answers[:args.limit]
+        small, large = _load_lm(args.small, args.device), _load_lm(args.large, args.device)
+        opts = LabelOptions(topk=topk, max_new_tokens=args.max_new_tokens,
+                            continuation_tokens=args.continuation_tokens, sentence_end=args.sentence_end)
+        judge = make_judge(args.judge, args.judge_margin, small, large, tok)
+        data = label_pairs(small, large, tok, prompts, opts, judge, answers)
+        data.meta.update({"small": str(args.small), "large": str(args.large),
+                          "data": str(args.data) if args.data else "builtin", "judge": args.judge})
+        if args.labels_out is not None:
+            data.save(args.labels_out)
+        del small, large
+        if args.labels_only:
+            print(f"r2r labels -> {args.labels_out}: {data.counts()}", file=sys.stderr)
+            return args.labels_out
+    arch = R2RRouterConfig(topk=topk, width=args.width, num_blocks=args.blocks, expansion=args.expansion,
+                           dropout=args.dropout, small_model=ident)
+    topts = TrainOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         recall=args.recall, val_fraction=args.val_fraction, seed=args.seed)
+    net, cfg = train_router(data, arch, emb, topts)
+    out = save_router(args.output, cfg, net)
+    t = cfg.training
+    print(f"r2r router -> {out}: threshold {cfg.threshold:.4g} (recall {t['recall']:.3f} of divergent tokens, routes "
+          f"{t['routed_fraction']:.3f} of positions on the {t['threshold_from']} split); labels {t['labels']}",
+          file=sys.stderr)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--small", required=True, type=Path, help="small model checkpoint (transformers folder)")
+    p.add_argument("--large", type=Path, help="large model checkpoint (same tokenizer); not needed with --labels")
+    p.add_argument("--output", required=True, type=Path, help="router folder to write (must not exist; unused with "
+                                                              "--labels-only)")
+    p.add_argument("--data", type=Path, help="queries, JSON lines: {'prompt'|'messages', optional 'answer'}")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N queries")
+    p.add_argument("--labels", type=Path, help="train from this labels file instead of labelling")
+    p.add_argument("--labels-out", type=Path, help="also save the labels (safetensors)")
+    p.add_argument("--labels-only", action="store_true", help="stop after writing --labels-out (train later with --labels)")
+    p.add_argument("--device", default="cpu", help="device for the models while labelling")
+    g = p.add_argument_group("labelling")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="length of the large model's answers")
+    g.add_argument("--continuation-tokens", type=int, default=32, help="longest continuation from a mismatch")
+    g.add_argument("--sentence-end", default=".!?\n", help="characters whose token ends a sentence")
+    g.add_argument("--judge", default="agreement",
+                   help="'agreement' (the large model's own continuation agreement) or package.module:factory, "
+                        "called as factory(small=, large=, tokenizer=) and returning a Judge")
+    g.add_argument("--judge-margin", type=float, default=math.inf,
+                   help="agreement judge: also require log p_large(own) - log p_large(small token) <= this (nats)")
+    g = p.add_argument_group("router")
+    g.add_argument("--topk", type=int, default=None,
+                   help="top logits the router reads (default 100; with --labels, as many as the labels carry)")
+    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--blocks", type=int, default=6)
+    g.add_argument("--expansion", type=int, default=4)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=50)
+    g.add_argument("--batch-size", type=int, default=1024)
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--recall", type=float, default=0.95, help="divergent-token recall the threshold must keep")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="fraction of queries held out to pick the threshold")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        calibrate(args)
+    except ConfigError as e:
+        print(f"overdrive calibrate --method r2r: {e}", file=sys.stderr)
+        return 2
+    return 0
