@@ -2,18 +2,17 @@
 
     python -m overdrive.testing.hf_generate '{"model": DIR, "prompts": [...], "max_tokens": 8}'
 
-prints one line ``OVERDRIVE_RESULT {"tokens": [[...], ...], "layer": "<class of layer 0's down_proj>"}``.
+emits ``{"tokens": [[...], ...], "layer": "<class of layer 0's down_proj>"}`` (:mod:`overdrive.testing.probe`).
 A child process because transformers' quantizer registry is filled once per process; float32.
 """
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from .vllm_generate import RESULT_PREFIX
+from .probe import child_env, emit, run_probe
 
 
 def main(spec: dict) -> dict:
@@ -36,13 +35,8 @@ def main(spec: dict) -> dict:
 def greedy_tokens(model: Path, prompts: Sequence[str], max_tokens: int = 8, timeout: int = 600) -> dict:
     """Run :func:`main` in a child process; its result."""
     spec = {"model": str(model), "prompts": list(prompts), "max_tokens": max_tokens}
-    r = subprocess.run([sys.executable, "-m", "overdrive.testing.hf_generate", json.dumps(spec)],
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"overdrive.testing.hf_generate failed on {model}:\n{r.stderr[-4000:]}")
-    line = next(x for x in r.stdout.splitlines() if x.startswith(RESULT_PREFIX))
-    return json.loads(line[len(RESULT_PREFIX):])
+    return run_probe("overdrive.testing.hf_generate", spec, env=child_env(engine=True), timeout=timeout).result
 
 
 if __name__ == "__main__":
-    print(RESULT_PREFIX + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    emit(main(json.loads(sys.argv[1])))
