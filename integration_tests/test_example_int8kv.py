@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,19 +184,12 @@ def test_vllm_serves_example_int8kv_like_transformers(example_registry, plugin_e
 def test_sglang_backend_of_the_example_follows_its_semantics(plugin_env, tmp_path):
     """SGLang (registries and pools on CPU; its server needs CUDA): the example's backend is registered by name and,
     over SGLang's real pools, attends like the generic cache + float64 (tokens past the sink int8-rounded in place)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from overdrive.testing.probe import child_env, run_probe
 
     plan = tmp_path / "int8kv.json"
     plan.write_text(json.dumps({"version": 1, "sink": 3}))
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **plugin_env}
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_probe_sglang_kv.py")), "example_int8kv",
-                        str(plan)], capture_output=True, text=True, timeout=300, env=env)
-    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, r.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = run_probe(Path(__file__).parent / "probes" / "sglang_kv.py", "example_int8kv", str(plan),
+                    env=child_env(plugin_env, engine=True)).result
     assert out["registered"] and out["choices"] == 1 and out["cli"] == "example_int8kv"
     assert out["lens"] == [22, 16] and out["body"] == 22 - 3  # every token past the sink was compressed
     assert out["max_err"] < 1e-5, out

@@ -6,9 +6,6 @@ Reference: transformers on a float32 checkpoint whose linear weights are the deq
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from overdrive.kernels import dequantize_reference
 from overdrive.mbq.config import MBQConfig
 from overdrive.mbq.quantize import quantize
 from overdrive.testing import tiny_llama
+from overdrive.testing.hf_generate import greedy_tokens
 from overdrive.testing.vllm_server import VllmServer
 
 pytestmark = pytest.mark.slow
@@ -75,31 +73,11 @@ def dequantized_reference(ckpt: Path, out: Path) -> Path:
     return out
 
 
-TRANSFORMERS_PROBE = textwrap.dedent("""
-    import json, sys, torch
-    import overdrive.transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = {}
-    for key, path in [("mbq", sys.argv[1])] + ([("ref", sys.argv[2])] if sys.argv[2] != "-" else []):
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        toks = []
-        for p in json.loads(sys.argv[3]):
-            ids = tok(p, return_tensors="pt").input_ids
-            toks.append(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
-        out[key] = toks
-        out[key + "_layer"] = type(model.model.layers[0].mlp.down_proj).__name__
-    print(json.dumps(out))
-""")
-
-
 @pytest.fixture(scope="module")
 def transformers_tokens(w3, tmp_path_factory) -> dict:
     ref = dequantized_reference(w3, tmp_path_factory.mktemp("ref") / "deq")
-    r = subprocess.run([sys.executable, "-c", TRANSFORMERS_PROBE, str(w3), str(ref), json.dumps(PROMPTS)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    mbq, deq = greedy_tokens(w3, PROMPTS, MAX_TOKENS), greedy_tokens(ref, PROMPTS, MAX_TOKENS)
+    return {"mbq": mbq["tokens"], "mbq_layer": mbq["layer"], "ref": deq["tokens"], "ref_layer": deq["layer"]}
 
 
 def test_transformers_loads_mbq_through_the_registered_quantizer(transformers_tokens):
@@ -119,14 +97,11 @@ def test_vllm_serves_act8_schemes_with_the_same_tokens_as_transformers(checkpoin
     """At TP > 1 a row-parallel shard quantizes its own slice of each token (per-shard activation
     scales, as vLLM's own int8 W8A8 does), so tokens are compared with transformers at TP 1 only."""
     ckpt = checkpoints(scheme)
-    r = subprocess.run([sys.executable, "-c", TRANSFORMERS_PROBE, str(ckpt), "-", json.dumps(PROMPTS)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    hf = json.loads(r.stdout.strip().splitlines()[-1])
-    assert hf["mbq_layer"] == "OverdriveLinear"
+    hf = greedy_tokens(ckpt, PROMPTS, MAX_TOKENS)
+    assert hf["layer"] == "OverdriveLinear"
     with VllmServer(ckpt, SERVE, log_path=tmp_path / "vllm.log", tp=tp) as srv:
         got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
-    assert got == hf["mbq"]
+    assert got == hf["tokens"]
 
 
 def test_vllm_rejects_groups_straddling_tp_shards_at_startup(tmp_path):

@@ -19,9 +19,12 @@ from overdrive.contracts.kv_cache import ModelIdentity
 from overdrive.kernels.kv_attention import cell_words
 from overdrive.pmkvq.config import PMKVQPlan, make_plan
 from overdrive.testing import tiny_llama
+from overdrive.testing.probe import child_env, run_probe
 from overdrive.testing.vllm_server import VllmServer
 
 pytestmark = pytest.mark.slow
+
+PROBES = Path(__file__).parent / "probes"
 
 PROMPTS = ["the quick brown fox", "hello world"]
 MAX_TOKENS = 40  # with a 16-token window, most of each answer is read back from 4/2-bit pages
@@ -130,23 +133,6 @@ def test_plan_for_another_model_fails_at_startup(tmp_path):
     assert "was made for another model" in log and "num_kv_heads: plan 1 vs model 2" in log
 
 
-CHECK = r"""
-import json, os, sys
-from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
-from overdrive.adapters.vllm_kv_backend import OverdriveKVImpl
-from overdrive.config import ConfigError
-for name, model, block, plan, head in json.loads(sys.argv[1]):
-    os.environ["OVERDRIVE_PMKVQ_PLAN"] = plan
-    cfg = VllmConfig(model_config=ModelConfig(model=model, dtype="float32"), cache_config=CacheConfig(block_size=block))
-    try:
-        with set_current_vllm_config(cfg):
-            OverdriveKVImpl(4, head, head ** -0.5, 2)  # what vLLM builds for each attention layer at startup
-        print("RESULT " + json.dumps([name, "ok"]))
-    except ConfigError as e:
-        print("RESULT " + json.dumps([name, str(e)]))
-"""
-
-
 def _head80_model(tmp_path: Path) -> tuple[Path, Path]:
     """The fixture's files with head_dim 80 (not a multiple of 32) and a hand-written plan for that geometry
     (``overdrive calibrate`` refuses such a head size, so only a hand-made plan can get this far)."""
@@ -170,45 +156,17 @@ def _head80_model(tmp_path: Path) -> tuple[Path, Path]:
 def test_block_size_or_head_size_the_kernel_cannot_take_is_a_startup_error(plan_path, tmp_path):
     """The impl vLLM builds per attention layer while constructing the model (before any request)
     rejects a block size and a head size the kernels cannot take, naming the value."""
-    import os
-
     m80, p80 = _head80_model(tmp_path)
     cases = [("block 24", str(tiny_llama()), 24, str(plan_path), 32), ("block 32", str(tiny_llama()), 32, str(plan_path), 32),
              ("head 80", str(m80), 32, str(p80), 80)]
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", CHECK, json.dumps(cases)], capture_output=True, text=True, timeout=300,
-                       env=env)
-    out = dict(json.loads(x[len("RESULT "):]) for x in r.stdout.splitlines() if x.startswith("RESULT "))
-    assert len(out) == 3, r.stderr[-3000:]
+    out = run_probe(PROBES / "vllm_kv_impl_check.py", "pmkvq", cases, env=child_env(engine=True)).result
     assert out["block 32"] == "ok"
     assert "--block-size 24 is not a multiple of 16" in out["block 24"]
     assert "needs a head size that is a multiple of 32, got 80" in out["head 80"]
     assert "OVERDRIVE_PMKVQ_PLAN" in out["head 80"]  # names where the plan came from
 
 
-REGISTRY = r"""
-import json
-from overdrive.adapters import vllm as adapter
-adapter.register()
-from vllm.config import AttentionConfig
-from vllm.v1.attention.backends.registry import AttentionBackendEnum
-import overdrive.adapters.vllm_kv_backend as kb
-cls = AttentionBackendEnum["PMKVQ"].get_class()
-cell = kb.PmkvqBackend_48B  # per-cell-size classes resolve by name (vLLM imports backends by path)
-print("RESULT " + json.dumps({
-    "name": cls.get_name(), "cli": AttentionConfig(backend="pmkvq").backend.name,
-    "cpu": AttentionBackendEnum.CPU_ATTN.get_path(), "cell_parent": cell.__mro__[1].__name__,
-    "blocks": [str(x) for x in cls.get_supported_kernel_block_sizes()], "heads": cls.get_supported_head_sizes()[:3]}))
-"""
-
-
 def test_backend_is_in_vllms_registry_by_name():
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", REGISTRY], capture_output=True, text=True, timeout=300, env=env)
-    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-    assert lines, r.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = run_probe(PROBES / "vllm_kv_registry.py", "pmkvq", "48", env=child_env(engine=True)).result
     assert out == {"name": "PMKVQ", "cli": "PMKVQ", "cpu": "overdrive.adapters.vllm_kv_backend.OverdriveCPUAttentionBackend",
                    "cell_parent": "PmkvqBackend", "blocks": ["MultipleOf(16)"], "heads": [32, 64, 96]}

@@ -1,21 +1,24 @@
-"""Probe program (``python integration_tests/_probe_sglang_kv.py NAME PLAN.json``): a KV-cache method's SGLang
-backend, as overdrive's generic adapter registers it, run over SGLang's real pools for two requests (a prefill,
-then decodes) and compared with an independent reference: the generic transformers cache layer of the same
-format (what attention should read) and float64 softmax attention. Prints one ``RESULT {json}`` line.
+"""A KV-cache method's SGLang backend, as overdrive's generic adapter registers it, over SGLang's real pools.
 
-Run in a subprocess because SGLang's plugin loader and pools change process-wide state; needs the method's
-plugin importable (PYTHONPATH) and a plan without a model identity (a 1-layer geometry is used here).
+    python sglang_kv.py NAME PLAN.json [--lens 11,5] [--steps 12] [--wrong-plan PLAN2.json --model DIR]
+
+Two requests (prefills of ``--lens`` tokens, then decodes) are compared with an independent reference: the
+generic transformers cache layer of the same format (what attention should read) and float64 softmax
+attention. Also reports the registry/CLI state, the factory's error without a plan, and (``--wrong-plan``)
+the error for a plan made for another model than ``--model``. Emits one result (overdrive.testing.probe).
+
+A fresh process because SGLang's plugin loader and pools change process-wide state; needs the method's
+plugin importable (PYTHONPATH) and a plan for a 1-layer model with 4 query heads, 2 KV heads of size 32.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import types
 
 import torch
 
 
-def main(name: str, plan: str) -> dict:
+def main(name: str, plan: str, lens: list[int], steps: int, wrong_plan: str | None, model: str | None) -> dict:
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -25,7 +28,8 @@ def main(name: str, plan: str) -> dict:
     from sglang.srt.server_args import ServerArgs
 
     import overdrive
-    from overdrive.adapters.sglang_kv_cache import make_backend_class
+    from overdrive.adapters.sglang_kv_cache import load_formats, make_backend_class
+    from overdrive.config import ConfigError
     from overdrive.adapters.transformers_kv_cache import OverdriveKVLayer
     from overdrive.contracts.kv_cache import ModelIdentity
 
@@ -34,6 +38,21 @@ def main(name: str, plan: str) -> dict:
     ServerArgs.add_cli_args(p)
     out = {"registered": name in ATTENTION_BACKENDS, "choices": ATTENTION_BACKEND_CHOICES.count(name),
            "cli": p.parse_args(["--model-path", "m", "--attention-backend", name]).attention_backend}
+    try:  # the factory without a plan: a clear error before touching the runner
+        ATTENTION_BACKENDS[name](None)
+    except ConfigError as e:
+        out["no_plan"] = str(e)
+    if wrong_plan:
+        import os
+
+        from transformers import AutoConfig
+
+        os.environ[f"OVERDRIVE_{name.upper()}_PLAN"] = wrong_plan
+        try:
+            load_formats(name, AutoConfig.from_pretrained(model))
+        except ConfigError as e:
+            out["wrong_plan"] = str(e)
+        del os.environ[f"OVERDRIVE_{name.upper()}_PLAN"]
     method = overdrive.get_method(name).load_impl()
     hq, hk, d = 4, 2, 32
     fmts = method.layer_formats(method.load_config(plan), ModelIdentity("LlamaForCausalLM", 1, hq, hk, d))
@@ -49,8 +68,8 @@ def main(name: str, plan: str) -> dict:
         rtp.req_to_token[r, :64] = torch.tensor(slots[r], dtype=torch.int32)
     g = torch.Generator().manual_seed(0)
     cur, err = [0, 0], 0.0
-    for step in range(12):
-        new = [11, 5] if step == 0 else [1, 1]
+    for step in range(steps):
+        new = lens if step == 0 else [1, 1]
         tot = [c + n for c, n in zip(cur, new)]
         n = sum(new)
         q = torch.randn(n, hq * d, generator=g)
@@ -82,5 +101,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
     ap.add_argument("plan")
+    ap.add_argument("--lens", default="11,5")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--wrong-plan")
+    ap.add_argument("--model")
     args = ap.parse_args()
-    print("RESULT " + json.dumps(main(args.name, args.plan)))
+    from overdrive.testing.probe import emit
+
+    emit(main(args.name, args.plan, [int(x) for x in args.lens.split(",")], args.steps, args.wrong_plan, args.model))
