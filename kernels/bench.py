@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -364,26 +361,16 @@ def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, 
             })
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "triton": _triton_version(),
-        "backend": active_backend(device), "ceilings": dataclasses.asdict(ceil), "results": results,
-    }
+    from overdrive.benchmarks import header
 
-
-def _triton_version() -> str | None:
-    try:
-        import importlib.metadata as md
-
-        return md.version("triton")
-    except Exception:  # noqa: BLE001
-        return None
+    return header("kernels", device, backend=active_backend(device), ceilings=dataclasses.asdict(ceil),
+                  results=results)
 
 
 def format_report(r: dict[str, Any]) -> str:
     c = r["ceilings"]
-    lines = [f"device: {r['device']}  torch {r['torch']}  triton {r['triton']}  backend: {r['backend']}  {r['date']}",
+    v = r["versions"]
+    lines = [f"device: {r['device']}  torch {v.get('torch')}  triton {v.get('triton')}  backend: {r['backend']}  {r['date']}",
              f"ceilings (same run): copy {c['bandwidth_gbs']:.1f} GB/s, {c['matmul_dtype']} matmul {c['flops'] / 1e12:.3f} TFLOP/s",
              "", f"{'op':20s} {'shape':44s} {'time':>10s}  {'GB/s (of ceil)':>16s}  {'TFLOP/s (of ceil)':>18s}  speedup vs baselines"]
     for x in r["results"]:
@@ -408,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     r = run(args.op, torch.device(args.device), args.quick)
     print(format_report(r))
     if args.json:
-        from overdrive.config import atomic_write_text
+        from overdrive.benchmarks import write_json
 
-        atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+        write_json(args.json, r)
     return 0
 
 

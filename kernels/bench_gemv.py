@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib.util
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -178,24 +175,17 @@ def run(device: torch.device, quick: bool, reps: int) -> dict[str, Any]:
             print(f"{case['scheme']} M={case['m']} K={case['k']} N={case['n']}: {type(e).__name__}: {e}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    try:
-        import triton
+    from overdrive.benchmarks import header
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-        "torch": torch.__version__, "triton": triton_version, "backend": active_backend(device),
-        "timing": ("CUDA graph of reps launches, L2 flushed before each (2x L2 write), flush-only graph subtracted"
+    return header(
+        "gemv", device, backend=active_backend(device),
+        timing=("CUDA graph of reps launches, L2 flushed before each (2x L2 write), flush-only graph subtracted"
                    if device.type == "cuda" else "perf_counter median (CPU smoke run: torch references)"),
-        "reps": reps, "ceilings": ceil, "goals": GOALS,
-        "vllm_kernels": ("not timed: vLLM is importable but its kernels are not wired into this script"
+        reps=reps, ceilings=ceil, goals=GOALS,
+        vllm_kernels=("not timed: vLLM is importable but its kernels are not wired into this script"
                          if importlib.util.find_spec("vllm") else "vLLM not importable on this machine"),
-        "results": rows,
-    }
+        results=rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{r['device']}  {r['date']}  copy {c['copy_gbs']:.0f} GB/s  {c['matmul_dtype']} matmul "
           f"{c['matmul_tflops']:.1f} TFLOP/s")
     if args.json:
-        from overdrive.config import atomic_write_text
+        from overdrive.benchmarks import write_json
 
-        atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+        write_json(args.json, r)
     return 0
 
 

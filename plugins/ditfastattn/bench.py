@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
-import json
-import platform
 import re
 import statistics
 import tempfile
@@ -42,6 +39,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import overdrive.diffusers as odd
+from overdrive.benchmarks import header, write_json
 
 from .metrics import psnr, ssim
 
@@ -204,10 +202,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         })
     tr = pipe.transformer
     return {
-        "date": datetime.date.today().isoformat(),
-        "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
+        **header("ditfastattn", "cpu"),
         "pipeline": {"class": type(pipe).__name__, "transformer": dict(tr.config), "height": size, "width": size,
                      "image_tokens": (size // 2) ** 2, "text_tokens": 12, "steps": steps,
                      "calibration_prompt_seed": 100, "eval_prompt_seeds": [1, 2]},
@@ -220,7 +215,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    lines = [f"{r['device']}, torch {r['torch']}, diffusers {r['diffusers']}, {r['pipeline']['image_tokens']} image tokens, "
+    lines = [f"{r['device']}, torch {r['versions']['torch']}, diffusers {r['versions']['diffusers']}, {r['pipeline']['image_tokens']} image tokens, "
              f"{r['pipeline']['steps']} steps; none: {r['none_seconds']} s",
              f"{'method':38s} {'attn FLOPs':>10s} {'wall':>6s} {'PSNR dB':>8s} {'SSIM':>7s} {'latent err':>10s}"]
     for row in r["rows"]:
@@ -279,9 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run(args.quick)
     if args.json:
-        from overdrive.config import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(r, indent=1) + "\n")
+        write_json(args.json, r, indent=1)
     if args.png:
         plot(r, args.png)
     print(format_report(r))

@@ -24,8 +24,6 @@ latents. Random weights: the error says how far the computation moves, not image
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 import time
 from pathlib import Path
@@ -34,14 +32,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from overdrive.benchmarks import header, write_json
 
-def _env() -> dict[str, Any]:
-    import triton
 
+def _env(name: str) -> dict[str, Any]:
     dev = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
-    return {"date": datetime.date.today().isoformat(),
-            "device": dev.name if dev else "cpu", "sms": dev.multi_processor_count if dev else None,
-            "torch": torch.__version__, "triton": triton.__version__}
+    return header(name, sms=dev.multi_processor_count if dev else None)
 
 
 def _mask_ref(q, k, v, w, t0, t1, rows):
@@ -122,7 +118,7 @@ def run_kernel() -> dict[str, Any]:
               flush=True)
         q = k = v = out = None
         torch.cuda.empty_cache()
-    return {**_env(), "rows": rows}
+    return {**_env("ditfastattn-gpu-kernels"), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------- e2e
@@ -214,7 +210,7 @@ def run_e2e(double: int, single: int, steps: int, tiny: bool, repeats: int) -> d
         rows.append({"config": name, "seconds": times, "median_s": med, "speedup": base_s / med,
                      "attention_flops_fraction": frac, "latent_rel_err": err})
         print(f"{name:40s} {med:8.3f} s  x{base_s / med:5.2f}  attn FLOPs {frac:6.3f}  latent err {err:.2e}", flush=True)
-    return {**_env(), "transformer": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+    return {**_env("ditfastattn-gpu-pipeline"), "transformer": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "image_tokens": (size // 2) ** 2, "text_tokens": text, "steps": steps, "dtype": str(dtype),
             "calibration_seconds": calib_s, "rows": rows,
             "note": "random weights; fewer blocks than Flux-dev (widths real); latent error is not image quality"}
@@ -232,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run_kernel() if args.what == "kernel" else run_e2e(args.double, args.single, args.steps, args.tiny, args.repeats)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=1) + "\n")
+        write_json(args.json, r, indent=1)
     return 0
 
 

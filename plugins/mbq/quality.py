@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import platform
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from overdrive.benchmarks import header
 
 from .calibrate import calibrate, decoder_layers, fake_quant_act, fake_quant_weight, layer_groups
 from .config import MBQConfig
@@ -121,8 +120,7 @@ def evaluate(model_dir: Path, group_size: int = 64, n_calib: int = 6) -> dict[st
                          "vision_hidden_rel_err": num["vis"] / den["vis"],
                          "text_hidden_rel_err": num["cap"] / den["cap"],
                          "answer_logit_abs_err": logit_err / n_cap, "answer_argmax_agreement": agree / n_cap})
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)", "model": str(model_dir),
+    return {**header("mbq-quality", "cpu"), "model": str(model_dir),
             "group_size": group_size, "calibration_samples": len(calib), "eval_samples": len(evals), "rows": rows}
 
 
@@ -149,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{r['device']}  {r['date']}  model {r['model']}  group {r['group_size']}")
     print(format_table(r))
     if args.json:
-        from overdrive.config import atomic_write_text
+        from overdrive.benchmarks import write_json
 
-        atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+        write_json(args.json, r)
     return 0
 
 

@@ -36,9 +36,7 @@ the torch reference). Imports no engine: transformers only for the fixture rows,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import re
 import statistics
 import sys
@@ -48,6 +46,7 @@ from typing import Any, Callable
 
 import torch
 
+from overdrive.benchmarks import header, write_json
 from overdrive.kernels.dispatch import active_backend
 from overdrive.kernels.kv_attention import (cell_words, kv_cache_store, kv_decode_attention,
                                             paged_kv_attention_reference)
@@ -420,10 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     t0 = time.perf_counter()
     report: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "command": "python -m overdrive.pmkvq.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        **header("pmkvq", device), "command": "python -m overdrive.pmkvq.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "metrics": {
             "rel_l2": "||O_hat - O||_F / ||O||_F over the last 64 queries x all query heads, float64 reference",
             "err_vs_value_rms": "RMS over output rows of ||o_hat - o||, divided by the RMS norm of the value vectors",
@@ -438,12 +434,6 @@ def main(argv: list[str] | None = None) -> int:
 
         c = measure_ceilings(device)
         report["copy_bandwidth_GBps"] = c.bandwidth_gbs
-        try:
-            import triton
-
-            report["triton"] = triton.__version__
-        except ImportError:
-            pass
     errs: dict[str, Any] = {}
     cal = synthetic(1024, 32, 8, 128, seed=1)
     t = 1024 if args.quick else 4096
@@ -464,12 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             report["vllm_kv_capacity_tiny_llama"] = vllm_capacity(Path(tmp))
     report["wall_s"] = time.perf_counter() - t0
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.json:
-        from overdrive.config import atomic_write_text
-
-        atomic_write_text(args.json, text + "\n")
+        write_json(args.json, report)
     return 0
 
 

