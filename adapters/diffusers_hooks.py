@@ -259,6 +259,18 @@ class Session:
             n = len(ts) if ts is not None else None
         return n
 
+    def _pipeline_guidance(self) -> bool | None:
+        """The pipeline's own classifier-free-guidance flag where its class has one (most diffusers
+        pipelines: a property of the running call's guidance scale; PixArt's is a local); None without
+        a pipeline or such a property, or before the pipeline's first call set it."""
+        pipe = self._pipeline() if self._pipeline is not None else None
+        if pipe is None or not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+            return None
+        try:
+            return bool(pipe.do_classifier_free_guidance)
+        except Exception:  # noqa: BLE001 - e.g. _guidance_scale not set yet
+            return None
+
     def _step(self, context: Any, args: tuple, kwargs: dict) -> StepContext:
         if self._forced is not None:
             step, self._forced = self._forced, None
@@ -270,7 +282,10 @@ class Session:
                                              lambda: self._num_steps(context))
         hidden = _hidden(args, kwargs)
         b = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else 0
-        batched = bool(b and b % 2 == 0 and torch.equal(hidden[: b // 2], hidden[b // 2:]))
+        # batched CFG: identical latent halves, unless the pipeline itself says it is not guiding (a
+        # batch of two prompts on one repeated latent is no CFG pair)
+        batched = bool(b and b % 2 == 0 and self._pipeline_guidance() is not False
+                       and torch.equal(hidden[: b // 2], hidden[b // 2:]))
         text: int | None = 0
         if self.info.joint_text:
             enc = kwargs.get("encoder_hidden_states")

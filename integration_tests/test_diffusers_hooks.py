@@ -120,6 +120,23 @@ def test_without_guidance_there_is_one_unbatched_branch(pipes):
         [("default", t, 1, False) for t in range(STEPS)]
 
 
+def test_a_repeated_latent_without_guidance_is_not_taken_for_a_cfg_pair(pipes):
+    """Two prompts on one latent, guidance off: identical latent halves, but the pipeline says no CFG."""
+    pipe = pipes("sd3")
+    hooks = _attach(pipe, Steps)
+    latents = torch.randn(1, pipe.transformer.config.in_channels, 16 // pipe.vae_scale_factor,
+                          16 // pipe.vae_scale_factor, generator=torch.Generator().manual_seed(3)).repeat(2, 1, 1, 1)
+    try:
+        _run(pipe, "sd3", batch=2, guidance=False, latents=latents)
+        first = [(s.batch, s.cfg_batched) for s in hooks.steps]
+        hooks.steps.clear()
+        _run(pipe, "sd3", batch=1, latents=latents[:1])  # guidance on: the pipeline doubles the batch itself
+    finally:
+        hooks.detach()
+    assert first == [(2, False)] * STEPS
+    assert [(s.batch, s.cfg_batched) for s in hooks.steps] == [(2, True)] * STEPS
+
+
 def _flux_kwargs(t, batch=1):
     g = torch.Generator().manual_seed(0)
     return dict(hidden_states=torch.randn(batch, 64, 4, generator=g), encoder_hidden_states=torch.randn(batch, 12, 32, generator=g),

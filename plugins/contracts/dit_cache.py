@@ -77,8 +77,9 @@ class StepContext:
                  and Wan pass it as is (use ``step`` / ``num_steps`` for a scale-free position)
     num_steps    the run's step count when known (the pipeline's context or its scheduler), else None
     batch        batch size of the call's latents
-    cfg_batched  both CFG halves are in this call's batch (identical latent halves: the
-                 unconditional half first, as diffusers' pipelines concatenate them)
+    cfg_batched  both CFG halves are in this call's batch (identical latent halves, and the
+                 pipeline's ``do_classifier_free_guidance`` not False where it has that property:
+                 the unconditional half first, as diffusers' pipelines concatenate them)
     text_tokens  joint-attention models: text tokens in the attention sequence (None if the call
                  carried no text); 0 for models whose text goes through cross-attention
     """
