@@ -261,6 +261,63 @@ def call_kwargs_from_args(pipeline: Any, args: argparse.Namespace) -> dict[str, 
     return {k: v for k, v in kw.items() if k in params or k in ("num_inference_steps",)}
 
 
+def video_codec(pipe: Any) -> Any:
+    """The pipeline's video VAE as a framework-neutral ``VideoCodec`` (latents in the denoiser's space,
+    pixels (B, C, F, H, W) in [-1, 1]); what the DLFR-VAE encode/decode (``overdrive.vgdfr.dlfr``) runs on."""
+    from .diffusers_frame_rate import video_codec as codec
+
+    return codec(pipe)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """``overdrive generate --method NAME`` for any frame-rate method (its ``MethodCommand.run``): load the
+    pipeline, enable the method with the options it maps (``FrameRateMethod.cli_options``), generate, and
+    write a safetensors file (``frames``: (B, F, C, H, W) in [0, 1]; metadata ``schedule``: the schedule JSON)."""
+    label = f"overdrive generate --method {args.method}"
+    try:
+        spec, impl = _impl(args.method, Kind.FRAME_RATE)
+        options = impl.cli_options(args)
+        pipe = load_pipeline(args.pipeline, args.dtype, args.device)
+        call = call_kwargs_from_args(pipe, args)
+        call["output_type"] = "pt"
+        runner = enable(pipe, args.method, **options)
+        with torch.no_grad():
+            out = runner(**call)
+    except (ConfigError, TypeError) as e:
+        print(f"{label}: {e}", file=sys.stderr)
+        return 2
+    from overdrive.config import atomic_write_text
+
+    frames = out.frames.detach().float().cpu().contiguous()
+    schedule = runner.schedule.to_dict() if runner.schedule is not None else None
+    _save_safetensors(args.output, {"frames": frames}, {"schedule": json.dumps(schedule), "method": args.method,
+                                                        "options": json.dumps(runner.cfg.to_dict())})
+    if args.schedule_out and schedule is not None:
+        atomic_write_text(args.schedule_out, json.dumps(schedule, indent=1) + "\n")
+    ratio = f"{schedule['keep_ratio']:.3f}" if schedule else "1"
+    print(f"wrote {args.output}: frames {tuple(frames.shape)}; latent frames kept {ratio} "
+          f"(groups {schedule['groups'] if schedule else '-'})")
+    return 0
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def calibrate_command(args: argparse.Namespace) -> int:
     """``overdrive calibrate --method NAME`` for any DiT method (its ``MethodCommand.run``): load the
     pipeline, build the call from the shared options (``add_pipeline_arguments``), calibrate, save."""

@@ -352,3 +352,13 @@ class VideoCodec(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The pixel video of latents."""
+
+
+def add_generate_arguments(p: Any) -> None:
+    """The options of ``overdrive generate --method NAME`` shared by every frame-rate method: the
+    pipeline and its inputs (as for calibration), the output file (safetensors with the frames and the
+    schedule) and where to write the schedule JSON."""
+    from .dit_cache import add_pipeline_arguments
+
+    add_pipeline_arguments(p)
+    p.add_argument("--schedule-out", type=Path, default=None, help="also write the run's schedule JSON here")
