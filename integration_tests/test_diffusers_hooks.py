@@ -17,7 +17,7 @@ from overdrive.contracts import DiTHooks
 from overdrive.testing import pipeline_inputs, tiny_pipeline
 
 STEPS = 3
-FAMILIES = ("flux", "sd3", "pixart", "wan")
+FAMILIES = ("flux", "sd3", "pixart", "wan", "hunyuanvideo")
 # per family: CFG branches, batched CFG, text in the joint attention, timestep scale, and whether
 # diffusers ends the runs at the end of each pipeline call (reset_state). SD3's and PixArt's
 # transformers are no CacheMixin: no cache_context, no reset; the timestep rule alone ends their runs.
@@ -26,6 +26,7 @@ EXPECT = {
     "sd3": dict(branches={"default"}, batched=True, text=12, scale=1.0, resets=False),
     "pixart": dict(branches={"default"}, batched=True, text=0, scale=1.0, resets=False),
     "wan": dict(branches={"cond", "uncond"}, batched=False, text=0, scale=1.0, resets=True),
+    "hunyuanvideo": dict(branches={"cond"}, batched=False, text=12, scale=1.0, resets=True),  # embedded guidance
 }
 
 

@@ -83,6 +83,23 @@ FAMILIES: dict[str, Family] = {
         dict(height=16, width=16, num_frames=9, guidance_scale=5.0),
         cfg_embeds=("prompt_embeds",),
     ),
+    "hunyuanvideo": Family(
+        "HunyuanVideoPipeline",
+        ("HunyuanVideoTransformer3DModel", dict(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                attention_head_dim=10, num_layers=1, num_single_layers=1,
+                                                num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+                                                rope_axes_dim=(2, 4, 4))),
+        ("AutoencoderKLHunyuanVideo", dict(in_channels=3, out_channels=3, latent_channels=4,
+                                           down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                           up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+                                           block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                           spatial_compression_ratio=8, temporal_compression_ratio=4)),
+        ("FlowMatchEulerDiscreteScheduler", {"shift": 7.0}),
+        ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+        {"prompt_embeds": (12, 16), "pooled_prompt_embeds": (8,), "prompt_attention_mask": (12,)},
+        dict(height=16, width=16, num_frames=9, guidance_scale=6.0),  # embedded guidance (no CFG branch)
+    ),
 }
 
 
@@ -99,7 +116,7 @@ def _build(spec: tuple[str, dict], module: Any) -> Any:
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
-    """A seeded tiny ``family`` pipeline ("flux", "sd3", "pixart", "wan") on CPU."""
+    """A seeded tiny ``family`` pipeline ("flux", "sd3", "pixart", "wan", "hunyuanvideo") on CPU."""
     fam = _family(family)
     diffusers = importlib.import_module("diffusers")
     torch.manual_seed(seed)
