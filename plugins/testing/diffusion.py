@@ -163,3 +163,24 @@ def _embed(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tenso
 
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def module_state(model: torch.nn.Module) -> tuple[dict, dict]:
+    """Everything detaching a method must restore: per module its attributes, diffusers hooks and
+    processor; every parameter and buffer (object, storage and values)."""
+    mods = {}
+    for name, m in model.named_modules():
+        registry = vars(m).get("_diffusers_hook")
+        mods[name] = (sorted(vars(m)), tuple(registry._hook_order) if registry is not None else None,
+                      id(getattr(m, "processor", None)), vars(m).get("forward"))
+    tensors = {n: (t, t.data_ptr(), t.detach().clone())
+               for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    return mods, tensors
+
+
+def assert_same_module_state(before: tuple[dict, dict], after: tuple[dict, dict]) -> None:
+    assert after[0] == before[0]
+    assert after[1].keys() == before[1].keys()
+    for n, (t, ptr, val) in before[1].items():
+        t2, ptr2, _ = after[1][n]
+        assert t2 is t and ptr2 == ptr and torch.equal(t2, val), n
