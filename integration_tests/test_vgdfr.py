@@ -8,6 +8,7 @@ half, and exact restore after disable.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from overdrive.testing.diffusion import assert_same_module_state, module_state, 
 from overdrive.vgdfr import dlfr
 
 STEPS = 4
-SIZE = 32       # 4 x 4 latent, 2 x 2 tokens per frame after Wan's (1, 2, 2) patches
+SIZE = 16       # 2 x 2 latent, one token per frame after Wan's (1, 2, 2) patches
 FRAMES = 33     # 9 latent frames
 
 
@@ -63,7 +64,8 @@ def test_keep_ratio_one_is_the_unmodified_pipeline_and_disable_restores_exactly(
     assert torch.equal(frames(pipe(**call(family))), ref)
 
 
-@pytest.mark.parametrize("output_type", ["pt", "np", "pil"])
+@pytest.mark.parametrize("output_type", ["pt", pytest.param("np", marks=pytest.mark.slow),
+                                         pytest.param("pil", marks=pytest.mark.slow)])
 def test_a_schedule_that_merges_nothing_is_bit_exact_in_every_output_type(pipes, output_type):
     # threshold 1.0: no SSIM exceeds it, so the whole compaction path runs (x̂0, decode, schedule, the
     # pipeline decoding as "pt", conversion to the caller's type) and changes nothing
@@ -169,7 +171,7 @@ def test_a_fixed_schedule_equals_vgdfr_by_hand(pipes, tmp_path):
             got_latents = vg(**call(num_inference_steps=5, output_type="latent")).frames
     finally:
         odd.disable(pipe)
-    assert got_latents.shape == want_latents.shape == (1, 16, 7, 4, 4)
+    assert got_latents.shape == want_latents.shape == (1, 16, 7, SIZE // 8, SIZE // 8)
     assert torch.allclose(got_latents, want_latents, atol=2e-4, rtol=1e-4)
     want = restore_by_numpy(want_compact, groups)
     assert got.shape == want.shape == (1, FRAMES, 3, SIZE, SIZE)
@@ -194,7 +196,7 @@ def test_original_positions_change_exactly_the_named_blocks(pipes, tmp_path):
 
 
 # ------------------------------------------------------------------------------ shapes, records
-@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+@pytest.mark.parametrize("family", ["wan", pytest.param("hunyuanvideo", marks=pytest.mark.slow)])
 def test_merging_runs_give_the_original_frame_count_in_every_output_type(pipes, family):
     pipe = pipes(family)
     vg = odd.enable(pipe, "vgdfr", keep_ratio=0.5, compress_step=2, original_position_blocks="all")
@@ -234,6 +236,7 @@ def test_the_users_callback_still_runs_and_sees_the_short_latent(pipes):
     assert seen == [(0, 9), (1, 6), (2, 6), (3, 6)]
 
 
+@pytest.mark.slow  # three more runs of the options the other tests leave at their defaults
 def test_pixel_merge_and_latent_estimate_run(pipes):
     pipe = pipes("wan")
     for opts in (dict(merge="pixels"), dict(estimate="latents"), dict(estimate_downsample=1, max_merge=4)):
@@ -341,9 +344,9 @@ def test_dlfr_vae_lowers_the_frame_rate_of_the_static_half(pipes):
     video[:, :, 9:] = video[:, :, 9:10]  # pixel frames 9.. do not move: latent chunks 3..4 and 5..6 are static
     with torch.no_grad():
         plain = codec.encode(video)
-        assert plain.shape == (1, 16, 9, 4, 4)
+        assert plain.shape == (1, 16, 9, SIZE // 8, SIZE // 8)
         lat, s = dlfr.encode(codec, video, threshold=0.9)
-        assert s.groups == (1, 1, 1, 2, 2, 1, 1) and lat.shape == (1, 16, 7, 4, 4)
+        assert s.groups == (1, 1, 1, 2, 2, 1, 1) and lat.shape == (1, 16, 7, SIZE // 8, SIZE // 8)
         out = dlfr.decode(codec, lat, s)
         assert out.shape == video.shape
         # keep ratio 1.0 (or nothing similar enough) is the VAE's own encode and decode
@@ -356,3 +359,46 @@ def test_dlfr_vae_lowers_the_frame_rate_of_the_static_half(pipes):
         assert torch.equal(lat, codec.encode(video[:, :, kept]))
     with pytest.raises(ValueError, match="F = 1 \\+ 4 k frames"):
         dlfr.encode(codec, video[:, :, :10], threshold=0.9)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow  # ~30 s: saves and loads a pipeline, two runs
+def test_cli_generates_with_the_schedule_recorded(tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from overdrive.cli import main
+
+    tiny_pipeline("wan").save_pretrained(tmp_path / "pipe")
+    inputs = call()
+    save_file({k: v.contiguous() for k, v in inputs.items() if torch.is_tensor(v)}, str(tmp_path / "embeds.safetensors"))
+    argv = ["generate", "--method", "vgdfr", "--pipeline", str(tmp_path / "pipe"), "--embeds",
+            str(tmp_path / "embeds.safetensors"), "--steps", str(STEPS), "--num-frames", str(FRAMES), "--height",
+            str(SIZE), "--width", str(SIZE), "--keep-ratio", "0.5", "--compress-step", "2",
+            "--original-position-blocks", "1", "--output", str(tmp_path / "video.safetensors"),
+            "--schedule-out", str(tmp_path / "schedule.json")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "latent frames kept 0.667" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "video.safetensors"), "pt") as f:
+        video, meta = f.get_tensor("frames"), f.metadata()
+    recorded = FrameRateSchedule.load(tmp_path / "schedule.json")
+    assert FrameRateSchedule.from_dict(json.loads(meta["schedule"])) == recorded and recorded.compact_frames == 6
+    assert json.loads(meta["options"])["original_position_blocks"] == [1]
+    # the same run through the Python API on the saved pipeline
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", text_encoder=None, tokenizer=None)
+    loaded.set_progress_bar_config(disable=True)
+    vg = odd.enable(loaded, "vgdfr", keep_ratio=0.5, compress_step=2, original_position_blocks=[1])
+    with torch.no_grad():
+        want = vg(**inputs).frames
+    assert vg.schedule == recorded and torch.equal(video, want)
+    # bad options: one line naming the option, exit status 2, nothing written
+    for swap, match in ((["--keep-ratio", "2"], r"VGDFRConfig\.keep_ratio must be in \(0, 1\]"),
+                        (["--compress-step", "4"], "compress_step=4 must be below num_inference_steps=4"),
+                        (["--original-position-blocks", "a,b"], "--original-position-blocks 'a,b': expected")):
+        bad = list(argv)
+        bad[bad.index(swap[0]) + 1] = swap[1]
+        bad[bad.index("--output") + 1] = str(tmp_path / "bad.safetensors")
+        assert main(bad) == 2
+        assert re.search(match, capsys.readouterr().err)
+        assert not (tmp_path / "bad.safetensors").exists()
