@@ -280,9 +280,9 @@ class FrameRatePipeline:
         with torch.no_grad():
             if plan.fixed is not None:
                 schedule = plan.fixed
-                if schedule.latent_frames != frames:
-                    raise ConfigError(f"{self.name}: the recorded schedule covers {schedule.latent_frames} latent frames, "
-                                      f"this run has {frames}")
+                if schedule.latent_frames != frames or schedule.temporal_factor != r or not schedule.causal_first:
+                    raise ConfigError(f"{self.name}: the recorded schedule covers {schedule.latent_frames} latent frames "
+                                      f"of {schedule.temporal_factor} pixel frames each; this run has {frames} of {r}")
             elif plan.estimate == "pixels":
                 small = x0.movedim(fd, 2)
                 d = (min(plan.downsample, small.shape[-2]), min(plan.downsample, small.shape[-1]))

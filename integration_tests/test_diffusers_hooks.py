@@ -76,17 +76,6 @@ def _attach(pipe, hooks_cls, name="probe"):
     return session.install(hooks_cls(session))
 
 
-@pytest.fixture(scope="module")
-def pipes():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_pipeline(family)
-        return cache[family]
-    return get
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_step_context_follows_the_scheduler_across_runs(pipes, family):
     pipe, want = pipes(family), EXPECT[family]

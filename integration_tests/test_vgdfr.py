@@ -26,17 +26,6 @@ SIZE = 16       # 2 x 2 latent, one token per frame after Wan's (1, 2, 2) patche
 FRAMES = 33     # 9 latent frames
 
 
-@pytest.fixture(scope="module")
-def pipes():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_pipeline(family)
-        return cache[family]
-    return get
-
-
 def call(family="wan", **kw):
     kw.setdefault("num_inference_steps", STEPS)
     return pipeline_inputs(family, num_frames=FRAMES, height=SIZE, width=SIZE, **kw)
@@ -317,7 +306,7 @@ def test_errors_name_the_option(pipes, tmp_path):
     path = FrameRateSchedule((1, 2, 1)).save(tmp_path / "s.json")
     vg = odd.enable(pipe, "vgdfr", schedule=str(path), compress_step=1)
     try:
-        with pytest.raises(ConfigError, match="recorded schedule covers 4 latent frames, this run has 9"):
+        with pytest.raises(ConfigError, match="recorded schedule covers 4 latent frames of 4 pixel frames each; this run has 9 of 4"):
             vg(**call())
     finally:
         odd.disable(pipe)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import ConfigError, MethodConfig, atomic_write_text
+from ..config import ConfigError, MethodConfig, atomic_write_text, read_json
 
 #: ``interp(a, b, w) -> frames``: frames between ``a`` and ``b`` (same shape, a batch of frames along
 #: dim 0) at fractions ``w`` (shape (N,), 0 = a, 1 = b). A real frame-interpolation model fits here.
@@ -174,14 +174,11 @@ class FrameRateSchedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], option: str = "schedule") -> "FrameRateSchedule":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{option} {p}: no such file (expected a frame-rate schedule JSON)")
         try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{option} {p}: not valid JSON ({e})") from None
-        return cls.from_dict(data, source=f"{option} {p}")
+            data = read_json(path, "no such file (expected a frame-rate schedule JSON)")
+        except ConfigError as e:
+            raise ConfigError(f"{option} {e}") from None
+        return cls.from_dict(data, source=f"{option} {Path(path)}")
 
 
 # ------------------------------------------------------------------------------- group operations
