@@ -200,6 +200,8 @@ class FrameRatePipeline:
 
     # -- one run ----------------------------------------------------------------------------------
     def __call__(self, **kwargs: Any) -> Any:
+        """Run the pipeline with the method; returns the pipeline's output (its ``schedule`` attribute
+        and ``self.schedule`` are the run's schedule; with ``return_dict=False`` a tuple (frames,))."""
         if not any(h is self.hooks for _, h in self.session.stack):
             raise RuntimeError(f"{self.name} was disabled on this pipeline; enable it again")
         pipe = self.pipe
@@ -209,26 +211,8 @@ class FrameRatePipeline:
         try:
             if plan is None:
                 out = pipe(**kwargs)
-                return out
-            check_scheduler(pipe, self.name)
-            output_type = kwargs.get("output_type", _call_default(pipe, "output_type", "np"))
-            return_dict = kwargs.get("return_dict", True)
-            user_cb = kwargs.pop("callback_on_step_end", None)
-            inputs = list(getattr(user_cb, "tensor_inputs", None) or kwargs.pop("callback_on_step_end_tensor_inputs",
-                                                                                 ["latents"]))
-            kwargs.pop("callback_on_step_end_tensor_inputs", None)
-            call = dict(kwargs, output_type="latent" if output_type == "latent" else "pt", return_dict=True,
-                        callback_on_step_end=self._callback(run, plan, user_cb),
-                        callback_on_step_end_tensor_inputs=list(dict.fromkeys(["latents", *inputs])))
-            out = pipe(**call)
-            frames = out.frames
-            s = run.schedule
-            if output_type != "latent":
-                if s is not None and not s.is_identity:
-                    frames = self.method.restore(frames, s, 1, self.cfg)
-                frames = self._convert(frames, output_type)
-            out.frames = frames
-            return out if return_dict else (frames,)
+            else:
+                out = self._compacting_call(run, plan, kwargs)
         finally:
             self.positions_off()
             if run.schedule is None and run.latent_frames is not None:
@@ -238,6 +222,30 @@ class FrameRatePipeline:
                 self.schedules.append(run.schedule)
             self.denoiser_calls = list(run.calls)
             self._run = None
+        if not isinstance(out, tuple):
+            out.schedule = self.schedule  # an attribute, not an output field: to_tuple() is unchanged
+        return out
+
+    def _compacting_call(self, run: _Run, plan: Any, kwargs: dict[str, Any]) -> Any:
+        pipe = self.pipe
+        check_scheduler(pipe, self.name)
+        output_type = kwargs.get("output_type", _call_default(pipe, "output_type", "np"))
+        return_dict = kwargs.get("return_dict", True)
+        user_cb = kwargs.pop("callback_on_step_end", None)
+        inputs = kwargs.pop("callback_on_step_end_tensor_inputs", None) or ["latents"]
+        inputs = list(getattr(user_cb, "tensor_inputs", None) or inputs)
+        call = dict(kwargs, output_type="latent" if output_type == "latent" else "pt", return_dict=True,
+                    callback_on_step_end=self._callback(run, plan, user_cb),
+                    callback_on_step_end_tensor_inputs=list(dict.fromkeys(["latents", *inputs])))
+        out = pipe(**call)
+        frames = out.frames
+        s = run.schedule
+        if output_type != "latent":
+            if s is not None and not s.is_identity:
+                frames = self.method.restore(frames, s, 1, self.cfg)
+            frames = self._convert(frames, output_type)
+        out.frames = frames
+        return out if return_dict else (frames,)
 
     def positions_off(self) -> None:
         self.hooks.positions, self.hooks.blocks = None, frozenset()

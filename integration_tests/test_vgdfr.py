@@ -190,8 +190,9 @@ def test_merging_runs_give_the_original_frame_count_in_every_output_type(pipes, 
     pipe = pipes(family)
     vg = odd.enable(pipe, "vgdfr", keep_ratio=0.5, compress_step=2, original_position_blocks="all")
     try:
-        pt = vg(**call(family)).frames
-        s = vg.schedule
+        out = vg(**call(family))
+        pt, s = out.frames, vg.schedule
+        assert out.schedule is s
         assert s.compact_frames == 6 and s.groups == (1, 2, 2, 2, 1, 1)  # max merging, the closest to 0.5
         assert pt.shape == (1, FRAMES, 3, SIZE, SIZE) and torch.isfinite(pt).all()
         assert float(pt.min()) >= 0 and float(pt.max()) <= 1
