@@ -1,6 +1,7 @@
 """VGDFR against the unmodified pipeline, DiTFastAttn and Diffusers' own caches, measured in one run.
 
     python -m overdrive.vgdfr.bench [--json OUT.json] [--quick] [--device cuda --dtype bfloat16]
+                                    [--size 128 --frames 81 --steps 10 --compress-step 2]
 
 Pipeline: Wan (WanPipeline, FlowMatch Euler, classifier-free guidance: two denoiser calls per step)
 with a random-weight transformer (6 blocks, 4 heads x 64, FFN 1024) and the tiny random Wan VAE:
@@ -121,10 +122,18 @@ def setups(pipe: Any, steps: int, compress: int, calib_call: Callable[[], dict],
     return out
 
 
-def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
+def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", size: int | None = None,
+        frames: int | None = None, steps: int | None = None, compress: int | None = None) -> dict[str, Any]:
+    """One measurement; size/frames/steps/compress override the defaults ((128, 81, 10, 2), quick (32, 33, 4, 1))."""
     torch.set_grad_enabled(False)
     load0 = os.getloadavg()[0]
-    size, frames, steps, compress = (32, 33, 4, 1) if quick else (128, 81, 10, 2)
+    sizes = dict(zip(("size", "frames", "steps", "compress"), (32, 33, 4, 1) if quick else (128, 81, 10, 2)))
+    sizes.update({k: v for k, v in dict(size=size, frames=frames, steps=steps, compress=compress).items()
+                  if v is not None})
+    size, frames, steps, compress = sizes["size"], sizes["frames"], sizes["steps"], sizes["compress"]
+    if size % 16 or (frames - 1) % 4 or not 0 < compress < steps:
+        raise ValueError(f"--size must be a multiple of 16 (got {size}), --frames 4k+1 (got {frames}), "
+                         f"0 < --compress-step < --steps (got {compress}, {steps})")
     pipe = build(quick, device, getattr(torch, dtype))
     tmp = Path(tempfile.mkdtemp(prefix="vgdfr-bench-"))
     calib_call = lambda: inputs(100, size, frames, steps, device)  # noqa: E731
@@ -157,6 +166,7 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
             finally:
                 disable()
             r = rows[name]
+            print(f"seed {seed} {name}: loop {stamps[-1] - t0:.2f} s, decode {t1 - stamps[-1]:.2f} s", flush=True)
             r["loop"].append(stamps[-1] - t0)
             r["decode"].append(t1 - stamps[-1])
             calls = getattr(runner, "denoiser_calls", None)
@@ -233,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, not a measurement)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--size", type=int, default=None, help="height = width in pixels (default 128; quick 32)")
+    ap.add_argument("--frames", type=int, default=None, help="pixel frames, 4k+1 (default 81; quick 33)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 10; quick 4)")
+    ap.add_argument("--compress-step", type=int, default=None, help="VGDFR's K (default 2; quick 1)")
     args = ap.parse_args(argv)
-    r = run(args.quick, args.device, args.dtype)
+    r = run(args.quick, args.device, args.dtype, args.size, args.frames, args.steps, args.compress_step)
     if args.json:
         from overdrive.config import atomic_write_text
 
