@@ -106,7 +106,12 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)` / `disable` / `calibrate`: one hook layer "
                         "(`adapters/diffusers_hooks.py`): step/CFG-branch tracking, block and attention-module calls, "
                         "attention-op interception, exact restore, calibration recording/replay; per-model metadata "
-                        "(Flux, SD3, PixArt, Wan, CogVideoX)",
+                        "(Flux, SD3, PixArt, Wan, CogVideoX, HunyuanVideo); several methods per pipeline",
+        Kind.FRAME_RATE: "`vg = overdrive.diffusers.enable(pipe, NAME)`, then `vg(**call)`: the pipeline's own loop "
+                         "with a `callback_on_step_end` that swaps in the shorter latent after K steps, original noise "
+                         "and per-block rotary positions through the hook layer, the pipeline's decode, frames restored "
+                         "by interpolation (`adapters/diffusers_frame_rate.py`; Wan, HunyuanVideo; flow-matching Euler "
+                         "schedulers); `overdrive generate --method NAME`",
     }, "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20", {
         Kind.WEIGHT_QUANT: "registered quantizer: `import overdrive.transformers`, then `from_pretrained(CKPT)`",

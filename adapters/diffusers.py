@@ -6,6 +6,11 @@
     odd.disable(pipe)                                           # model restored exactly
     plan = odd.calibrate(pipe, "ditfastattn", {"variant": "v2"}, prompt=..., num_inference_steps=28)
 
+    vg = odd.enable(pipe, "vgdfr", keep_ratio=0.75)            # a frame-rate-schedule method
+    frames = vg(**call).frames                                  # (overdrive.diffusers_frame_rate)
+    vg.schedule                                                 # what it merged
+    odd.enable(pipe, "ditfastattn", strategy="wars")            # a second method on the same pipeline
+
 Per-model knowledge is metadata (:data:`DENOISERS`: which block lists, which attention module, text
 layout), looked up by the denoiser's class (or a base class); add a model with
 :func:`register_denoiser`. The hooks themselves are the one diffusers hook layer in
@@ -25,17 +30,27 @@ from typing import Any, Mapping
 import torch
 
 from overdrive.config import ConfigError, MethodConfig
-from overdrive.contracts.dit_cache import DenoiserInfo, DiTCacheMethod, DiTHooks
+from overdrive.contracts.dit_cache import DenoiserInfo, DiTCacheMethod, DiTHooks, RotaryInfo
 from overdrive.kinds import Kind
+from overdrive.registry import UnknownMethodError
 
 #: denoiser class name -> metadata. Class names (not classes) so this module imports no diffusers.
+#: Video denoisers name their latent frame axis and, where the transformer computes rotary positions
+#: once per call and hands them to every block, where (per-block frame positions, frame-rate methods).
 DENOISERS: dict[str, DenoiserInfo] = {
     "FluxTransformer2DModel": DenoiserInfo("flux", ("transformer_blocks", "single_transformer_blocks"), "attn", True),
     "SD3Transformer2DModel": DenoiserInfo("sd3", ("transformer_blocks",), "attn", True, text_first=False),
     "PixArtTransformer2DModel": DenoiserInfo("pixart", ("transformer_blocks",), "attn1", False),
-    "WanTransformer3DModel": DenoiserInfo("wan", ("blocks",), "attn1", False),
-    "CogVideoXTransformer3DModel": DenoiserInfo("cogvideox", ("transformer_blocks",), "attn1", True),
+    "WanTransformer3DModel": DenoiserInfo("wan", ("blocks",), "attn1", False, frame_dim=2,
+                                          rotary=RotaryInfo("rope", 3, ("rotary_emb",), token_dim=1)),
+    "CogVideoXTransformer3DModel": DenoiserInfo("cogvideox", ("transformer_blocks",), "attn1", True, frame_dim=1),
+    "HunyuanVideoTransformer3DModel": DenoiserInfo(
+        "hunyuanvideo", ("transformer_blocks", "single_transformer_blocks"), "attn", True, text_first=False,
+        frame_dim=2, rotary=RotaryInfo("rope", 4, ("freqs_cis", "image_rotary_emb"), token_dim=0)),
 }
+
+#: the kinds whose methods this adapter serves
+KINDS = (Kind.DIT_CACHE, Kind.FRAME_RATE)
 
 
 def register_denoiser(class_name: str, info: DenoiserInfo) -> None:
@@ -67,42 +82,79 @@ def denoiser_info(model: torch.nn.Module) -> DenoiserInfo:
                     "Describe it with overdrive.diffusers.register_denoiser(class_name, DenoiserInfo(...)).")
 
 
-def _impl(method: str) -> tuple[Any, DiTCacheMethod]:
+def _impl(method: str, kind: Kind = Kind.DIT_CACHE) -> tuple[Any, Any]:
     import overdrive
+    from overdrive.contracts.frame_rate import FrameRateMethod
 
-    spec = overdrive.get_method(method, Kind.DIT_CACHE)
+    spec = overdrive.get_method(method, kind)
     impl = spec.load_impl()
-    if not isinstance(impl, DiTCacheMethod):
-        raise TypeError(f"method {spec.name!r}: impl must be a DiTCacheMethod, got {type(impl).__name__}")
+    want = {Kind.DIT_CACHE: DiTCacheMethod, Kind.FRAME_RATE: FrameRateMethod}[kind]
+    if not isinstance(impl, want):
+        raise TypeError(f"method {spec.name!r}: impl must be a {want.__name__}, got {type(impl).__name__}")
     return spec, impl
 
 
-def enable(pipe: Any, method: str, config: MethodConfig | Mapping[str, Any] | None = None,
-           **options: Any) -> DiTHooks:
-    """Attach DiT-caching ``method`` to ``pipe`` (a pipeline or its transformer).
+def _method(method: str) -> tuple[Any, Any]:
+    """(spec, impl) of a method of a kind this adapter serves; the error lists every such method."""
+    import overdrive
 
-    Returns the method's hooks object (its counters and ``detach()``). ``config`` is the method's
-    config object or a mapping of its options; keyword ``options`` override fields. Unknown
-    methods/options raise errors that list what is known; nothing is attached on an error.
+    try:
+        kind = overdrive.get_method(method).kind
+    except UnknownMethodError:
+        kind = None
+    if kind not in KINDS:
+        known = ", ".join(sorted(s.name for k in KINDS for s in overdrive.list_methods(k))) or "(none installed)"
+        kinds = " or ".join(k.title for k in KINDS)
+        raise UnknownMethodError(f"unknown diffusers method {method!r} ({kinds}); known: {known}")
+    return _impl(method, kind)
+
+
+def enable(pipe: Any, method: str, config: MethodConfig | Mapping[str, Any] | None = None, **options: Any) -> Any:
+    """Attach ``method`` to ``pipe`` (a pipeline, or its transformer for DiT-caching methods).
+
+    DiT caching / attention compression: returns the method's hooks object (its counters and
+    ``detach()``); the pipeline is then called as usual. Frame-rate schedule (VGDFR): returns a
+    :class:`~overdrive.adapters.diffusers_frame_rate.FrameRatePipeline` to call instead of the
+    pipeline (it changes the latent length mid-loop); its ``schedule`` is the last run's.
+
+    A second, different method may be enabled on the same pipeline: the first enabled is the
+    outermost at every hook level. ``config`` is the method's config object or a mapping of its
+    options; keyword ``options`` override fields. Unknown methods/options raise errors that list
+    what is known; nothing is attached on an error.
     """
-    spec, impl = _impl(method)
+    spec, impl = _method(method)
     model = denoiser_of(pipe)
-    if enabled(model):
-        raise RuntimeError(f"{enabled(model)!r} is already enabled on this pipeline; call "
+    from .diffusers_hooks import Session, session_of
+
+    session = session_of(model)
+    if session is not None and spec.name in session.methods:
+        raise RuntimeError(f"{spec.name!r} is already enabled on this pipeline; call "
                            "overdrive.diffusers.disable(pipe) first")
     cfg = spec.make_config(config, **options)
     info = denoiser_info(model)
-    from .diffusers_hooks import Session
+    pipeline = None if isinstance(pipe, torch.nn.Module) else pipe
+    if spec.kind is Kind.FRAME_RATE and pipeline is None:
+        raise TypeError(f"{spec.name} runs the denoising loop: pass the diffusers pipeline, not its transformer")
+    fresh = session is None
+    if fresh:
+        session = Session(spec.name, model, info, pipeline)
+    try:
+        if spec.kind is Kind.FRAME_RATE:
+            from .diffusers_frame_rate import FrameRatePipeline
 
-    session = Session(spec.name, model, info, None if isinstance(pipe, torch.nn.Module) else pipe)
-    hooks = impl.hooks(session, cfg)
-    if not isinstance(hooks, DiTHooks):
-        raise TypeError(f"method {spec.name!r}: hooks() must return a DiTHooks, got {type(hooks).__name__}")
-    return session.install(hooks)
+            return FrameRatePipeline(pipeline, session, spec.name, impl, cfg)
+        hooks = impl.hooks(session, cfg)
+        if not isinstance(hooks, DiTHooks):
+            raise TypeError(f"method {spec.name!r}: hooks() must return a DiTHooks, got {type(hooks).__name__}")
+        return session.install(hooks, spec.name)
+    except BaseException:
+        if fresh:
+            session.detach()
+        raise
 
 
 def disable(pipe: Any) -> bool:
-    """Detach whatever overdrive method is enabled on ``pipe``; False if none was."""
+    """Detach every overdrive method enabled on ``pipe``; False if none was."""
     model = denoiser_of(pipe)
     if not enabled(model):
         return False
@@ -113,14 +165,14 @@ def disable(pipe: Any) -> bool:
 
 
 def enabled(pipe: Any) -> str | None:
-    """Name of the overdrive method enabled on ``pipe``, or None."""
+    """Name of the overdrive method enabled on ``pipe`` (several: joined by '+', outermost first), or None."""
     model = denoiser_of(pipe)
     if "overdrive.adapters.diffusers_hooks" not in sys.modules:  # no session exists yet
         return None
     from .diffusers_hooks import session_of
 
     session = session_of(model)
-    return session.method if session is not None else None
+    return session.method if session is not None and session.attached else None
 
 
 # --------------------------------------------------------------------------------- calibration
@@ -207,6 +259,63 @@ def call_kwargs_from_args(pipeline: Any, args: argparse.Namespace) -> dict[str, 
             raise ConfigError(f"--{name.replace('_', '-')}: {type(pipeline).__name__} takes no {name}")
         kw[name] = value
     return {k: v for k, v in kw.items() if k in params or k in ("num_inference_steps",)}
+
+
+def video_codec(pipe: Any) -> Any:
+    """The pipeline's video VAE as a framework-neutral ``VideoCodec`` (latents in the denoiser's space,
+    pixels (B, C, F, H, W) in [-1, 1]); what the DLFR-VAE encode/decode (``overdrive.vgdfr.dlfr``) runs on."""
+    from .diffusers_frame_rate import video_codec as codec
+
+    return codec(pipe)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """``overdrive generate --method NAME`` for any frame-rate method (its ``MethodCommand.run``): load the
+    pipeline, enable the method with the options it maps (``FrameRateMethod.cli_options``), generate, and
+    write a safetensors file (``frames``: (B, F, C, H, W) in [0, 1]; metadata ``schedule``: the schedule JSON)."""
+    label = f"overdrive generate --method {args.method}"
+    try:
+        spec, impl = _impl(args.method, Kind.FRAME_RATE)
+        options = impl.cli_options(args)
+        pipe = load_pipeline(args.pipeline, args.dtype, args.device)
+        call = call_kwargs_from_args(pipe, args)
+        call["output_type"] = "pt"
+        runner = enable(pipe, args.method, **options)
+        with torch.no_grad():
+            out = runner(**call)
+    except (ConfigError, TypeError) as e:
+        print(f"{label}: {e}", file=sys.stderr)
+        return 2
+    from overdrive.config import atomic_write_text
+
+    frames = out.frames.detach().float().cpu().contiguous()
+    schedule = runner.schedule.to_dict() if runner.schedule is not None else None
+    _save_safetensors(args.output, {"frames": frames}, {"schedule": json.dumps(schedule), "method": args.method,
+                                                        "options": json.dumps(runner.cfg.to_dict())})
+    if args.schedule_out and schedule is not None:
+        atomic_write_text(args.schedule_out, json.dumps(schedule, indent=1) + "\n")
+    ratio = f"{schedule['keep_ratio']:.3f}" if schedule else "1"
+    print(f"wrote {args.output}: frames {tuple(frames.shape)}; latent frames kept {ratio} "
+          f"(groups {schedule['groups'] if schedule else '-'})")
+    return 0
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def calibrate_command(args: argparse.Namespace) -> int:

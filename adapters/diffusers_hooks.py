@@ -13,6 +13,11 @@ Methods implement :class:`overdrive.contracts.dit_cache.DiTHooks` (framework-neu
   (projections, norms, rotary untouched) with ``F.scaled_dot_product_attention`` intercepted by a
   ``TorchFunctionMode`` scoped to that one module call and routed to ``hooks.attention(step, i, op)``.
 
+Several methods can be installed on one denoiser (``overdrive.diffusers.enable`` twice): at each level
+they chain, the first installed outermost, each ``call.run()`` / ``op.compute()`` reaching the next.
+Video denoisers get per-block temporal positions (``run_at_frames``): the denoiser's own rotary module
+is run for the original frame count and the rows of the given frames are passed to that block.
+
 Nothing is patched on classes or processors. ``detach()`` removes the hooks and the attributes the
 hook registry added, so the model is exactly as before (parameters, hooks, processors, attributes,
 outputs). Private diffusers symbols used here (and only here) are listed in docs/ledger.md.
@@ -166,15 +171,23 @@ def _overrides(hooks: DiTHooks, name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------- session
+_LEVELS = ("denoiser_call", "block_call", "attention_call", "attention")
+
+
 class Session:
-    """One method's hooks on one denoiser (:class:`~overdrive.contracts.dit_cache.DenoiserSession`)."""
+    """The methods' hooks on one denoiser (:class:`~overdrive.contracts.dit_cache.DenoiserSession`).
+
+    Several methods may be installed (:meth:`install`, one per method name); at every level the
+    first installed is the outermost: its ``call.run()`` runs the next method's callback, the last
+    one's runs the module. A level is hooked once any installed method overrides its callback.
+    """
 
     def __init__(self, method: str, model: torch.nn.Module, info: DenoiserInfo, pipeline: Any = None) -> None:
         if session_of(model) is not None:
             other = session_of(model).method
             raise RuntimeError(f"{other!r} is already enabled on this pipeline; call "
                                "overdrive.diffusers.disable(pipe) first")
-        self.method, self.module, self.info = method, model, info
+        self.first_method, self.module, self.info = method, model, info
         self.architecture = type(model).__name__
         self.blocks = info.blocks(model)
         if not self.blocks:
@@ -185,14 +198,30 @@ class Session:
         self.head_dim = int(getattr(first, "head_dim", None) or first.inner_dim // first.heads)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self.tracker = StepTracker()
-        self.hooks: DiTHooks | None = None
+        self.stack: list[tuple[str, DiTHooks]] = []
+        self._chains: dict[str, list[DiTHooks]] = {level: [] for level in _LEVELS}
         self._current: StepContext | None = None
         self._forced: StepContext | None = None
-        self._wants_op = False
+        self._hidden: torch.Tensor | None = None  # latent input of the denoiser call in progress
+        self._rotary: dict[tuple, Any] = {}         # per-frame-position rotary tables of that call
         self.cache_context: Any = None  # diffusers' CacheContext of the denoiser call in progress
         self._installed: list[tuple[torch.nn.Module, str, bool, bool]] = []
 
     # -- DenoiserSession --------------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """The installed methods' names, outermost first, joined by '+'."""
+        return "+".join(name for name, _ in self.stack) or self.first_method
+
+    @property
+    def methods(self) -> list[str]:
+        return [name for name, _ in self.stack]
+
+    @property
+    def hooks(self) -> DiTHooks | None:
+        """The outermost method's hooks (the only one when a single method is enabled)."""
+        return self.stack[0][1] if self.stack else None
+
     @property
     def current(self) -> StepContext | None:
         return self._current
@@ -203,31 +232,66 @@ class Session:
 
     def reset(self) -> None:
         self.tracker.clear()
-        if self.hooks is not None:
-            self.hooks.reset_caches()
+        for _, hooks in self.stack:
+            hooks.reset_caches()
 
-    def install(self, hooks: H) -> H:
-        """Hook the levels ``hooks`` overrides (the denoiser always); on an error nothing stays attached."""
-        if self.hooks is not None:
-            raise RuntimeError("a session installs one set of hooks")
-        self.hooks = hooks
+    def invalidate(self) -> None:
+        for _, hooks in self.stack:
+            hooks.reset_caches()
+
+    def install(self, hooks: H, method: str | None = None) -> H:
+        """Add ``hooks`` (innermost) and hook the levels it overrides (the denoiser always); on an
+        error nothing of it stays attached."""
+        name = method or self.first_method
+        if any(h is hooks for _, h in self.stack):
+            raise RuntimeError("these hooks are already installed")
+        if name in self.methods:
+            raise RuntimeError(f"{name!r} is already enabled on this pipeline; call overdrive.diffusers.disable(pipe) "
+                               "first")
+        before = len(self._installed)
+        self.stack.append((name, hooks))
         try:
-            self._add(self.module, "denoiser", _DenoiserHook(self))
-            if _overrides(hooks, "block_call"):
+            if not self._has("denoiser"):
+                self._add(self.module, "denoiser", _DenoiserHook(self))
+            if _overrides(hooks, "block_call") and not self._has("block"):
                 for i, b in enumerate(self.blocks):
                     self._add(b, "block", _ModuleHook(self._block_call, i))
-            if _overrides(hooks, "attention_call") or _overrides(hooks, "attention"):
-                self._wants_op = _overrides(hooks, "attention")
+            if (_overrides(hooks, "attention_call") or _overrides(hooks, "attention")) and not self._has("attention"):
                 for i, m in enumerate(self.attention_modules):
                     self._add(m, "attention", _ModuleHook(self._attention_call, i))
         except BaseException:
-            self.detach()
+            self.stack.pop()
+            self._remove_installed(before)
+            if not self.stack:
+                self.detach()
             raise
+        self._rechain()
         self._invalidate()
         return hooks
 
+    def remove(self, hooks: DiTHooks) -> None:
+        self.stack = [(n, h) for n, h in self.stack if h is not hooks]
+        if not self.stack:
+            self.detach()
+        else:
+            self._rechain()
+
     def detach(self) -> None:
-        for module, role, had_registry, had_forward in reversed(self._installed):
+        self._remove_installed(0)
+        self.stack.clear()
+        self._rechain()
+        self.tracker.clear()
+        self._invalidate()
+
+    def _rechain(self) -> None:
+        self._chains = {level: [h for _, h in self.stack if _overrides(h, level)] for level in _LEVELS}
+
+    def _has(self, role: str) -> bool:
+        return any(r == role for _, r, _, _ in self._installed)
+
+    def _remove_installed(self, keep: int) -> None:
+        while len(self._installed) > keep:
+            module, role, had_registry, had_forward = self._installed.pop()
             registry = module._diffusers_hook
             registry.remove_hook(_HOOK[role], recurse=False)
             if not registry.hooks:
@@ -236,9 +300,6 @@ class Session:
                     module.__dict__.pop("forward", None)
                 if not had_registry:
                     del module._diffusers_hook
-        self._installed.clear()
-        self.tracker.clear()
-        self._invalidate()
 
     def _add(self, module: torch.nn.Module, role: str, hook: ModelHook) -> None:
         had_registry, had_forward = "_diffusers_hook" in vars(module), "forward" in vars(module)
@@ -249,6 +310,51 @@ class Session:
         registry = getattr(self.module, "_diffusers_hook", None)
         if registry is not None:
             registry.invalidate_child_registries_cache()
+
+    # -- per-block frame positions ----------------------------------------------------------------
+    def run_at_frames(self, call: ModuleCall, positions: Sequence[int]) -> Any:
+        rot = self.info.rotary
+        if rot is None or self.info.frame_dim is None:
+            raise TypeError(f"{self.architecture}: per-block frame positions need rotary metadata "
+                            "(DenoiserInfo.rotary and frame_dim; overdrive.diffusers.register_denoiser)")
+        table = self._rotary_at(tuple(int(p) for p in positions))
+        args, kwargs = list(call.args), dict(call.kwargs)
+        name = next((n for n in rot.block_names if n in kwargs), None)
+        if name is not None:
+            kwargs[name] = table
+        elif len(args) > rot.block_arg:
+            args[rot.block_arg] = table
+        else:
+            raise TypeError(f"{self.architecture}: a block was called without its rotary embedding (argument "
+                            f"{rot.block_arg} or {'/'.join(rot.block_names)})")
+        return call.run_with(*args, **kwargs)
+
+    def _rotary_at(self, positions: tuple[int, ...]) -> Any:
+        hidden = self._hidden
+        if hidden is None:
+            raise RuntimeError("run_at_frames is for block calls inside a denoiser call")
+        fd = self.info.frame_dim
+        if len(positions) != hidden.shape[fd]:
+            raise ValueError(f"run_at_frames: {len(positions)} positions for a latent of {hidden.shape[fd]} frames")
+        key = (positions, tuple(hidden.shape))
+        if key not in self._rotary:
+            rot = self.info.rotary
+            total = max(positions) + 1
+            shape = list(hidden.shape)
+            shape[0], shape[fd] = 1, total
+            full = getattr(self.module, rot.module)(hidden.new_empty(shape))
+            index = torch.tensor(positions)
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                n = t.shape[rot.token_dim]
+                if n % total:
+                    raise ValueError(f"{self.architecture}: rotary tokens {n} are not frame-major over {total} frames")
+                per = t.reshape(*t.shape[:rot.token_dim], total, n // total, *t.shape[rot.token_dim + 1:])
+                per = per.index_select(rot.token_dim, index.to(t.device))
+                return per.reshape(*t.shape[:rot.token_dim], len(positions) * (n // total), *t.shape[rot.token_dim + 1:])
+
+            self._rotary[key] = type(full)(pick(t) for t in full) if isinstance(full, (tuple, list)) else pick(full)
+        return self._rotary[key]
 
     # -- calls ------------------------------------------------------------------------------------
     def _num_steps(self, context: Any) -> int | None:
@@ -294,34 +400,54 @@ class Session:
 
     def _denoiser_call(self, context: Any, forward: Callable, args: tuple, kwargs: dict) -> Any:
         step = self._step(context, args, kwargs)
-        outer = self._current, self.cache_context
+        outer = self._current, self.cache_context, self._hidden, self._rotary
+        hidden = _hidden(args, kwargs)
         self._current, self.cache_context = step, context
+        self._hidden, self._rotary = (hidden if isinstance(hidden, torch.Tensor) else None), {}
+        chain = self._chains["denoiser_call"]
+
+        def at(i: int, a: tuple, kw: dict) -> Any:
+            if i == len(chain):
+                return forward(*a, **kw)
+            return chain[i].denoiser_call(step, ModuleCall(a, kw, lambda *a2, **kw2: at(i + 1, a2, kw2)))
         try:
-            return self.hooks.denoiser_call(step, ModuleCall(args, kwargs, forward))
+            return at(0, args, kwargs)
         finally:
-            self._current, self.cache_context = outer
+            self._current, self.cache_context, self._hidden, self._rotary = outer
 
     def _block_call(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> Any:
         step = self._current
         if step is None:  # the block was called outside a denoiser call
             return forward(*args, **kwargs)
-        return self.hooks.block_call(step, index, ModuleCall(args, kwargs, forward))
+        chain = self._chains["block_call"]
+
+        def at(i: int, a: tuple, kw: dict) -> Any:
+            if i == len(chain):
+                return forward(*a, **kw)
+            return chain[i].block_call(step, index, ModuleCall(a, kw, lambda *a2, **kw2: at(i + 1, a2, kw2)))
+        return at(0, args, kwargs)
 
     def _attention_call(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> Any:
         step = self._current
         if step is None:
             return forward(*args, **kwargs)
-        if not self._wants_op:
-            return self.hooks.attention_call(step, index, ModuleCall(args, kwargs, forward))
+        calls, ops = self._chains["attention_call"], self._chains["attention"]
+
+        def attend(i: int, op: AttentionOp) -> torch.Tensor:
+            if i == len(ops):
+                return dataclasses.replace(op, inner=None).compute()
+            return ops[i].attention(step, index, dataclasses.replace(op, inner=lambda o: attend(i + 1, o)))
 
         def handler(a: dict[str, Any]) -> torch.Tensor:
             q = a["query"]
             op = AttentionOp(q, a["key"], a["value"], a.get("attn_mask"), a.get("dropout_p", 0.0),
                              bool(a.get("is_causal", False)), a.get("scale"), bool(a.get("enable_gqa", False)),
                              self.info.text_span(q.shape[-2], step.text_tokens))
-            return self.hooks.attention(step, index, op)
+            return attend(0, op)
 
         def run(*a: Any, **kw: Any) -> Any:
+            if not ops:
+                return forward(*a, **kw)
             mode = _Intercept(handler)
             with mode:
                 out = forward(*a, **kw)
@@ -334,7 +460,11 @@ class Session:
                     "transformer.reset_attention_backend().")
             return out
 
-        return self.hooks.attention_call(step, index, ModuleCall(args, kwargs, run))
+        def at(i: int, a: tuple, kw: dict) -> Any:
+            if i == len(calls):
+                return run(*a, **kw)
+            return calls[i].attention_call(step, index, ModuleCall(a, kw, lambda *a2, **kw2: at(i + 1, a2, kw2)))
+        return at(0, args, kwargs)
 
 
 def session_of(model: torch.nn.Module) -> Session | None:
@@ -401,7 +531,7 @@ class PipelineCalibration:
 
     def record(self) -> list[list[RecordedCall]]:
         session = Session(self.method, self.module, self.info, self.pipeline)
-        rec = session.install(_Recorder(session))
+        rec = session.install(_Recorder(session), self.method)
         try:
             with torch.no_grad():
                 self.pipeline(**self.call_kwargs)
@@ -419,7 +549,7 @@ class PipelineCalibration:
     def attach(self, make_hooks: Callable[[Session], H]) -> H:
         session = Session(self.method, self.module, self.info, self.pipeline)
         self._sessions.append(session)
-        return session.install(make_hooks(session))
+        return session.install(make_hooks(session), self.method)
 
     def replay(self, calls: Sequence[RecordedCall]) -> list[torch.Tensor]:
         return [replay(self.module, c) for c in calls]

@@ -30,3 +30,17 @@ def example_registry(example_plugin_root, monkeypatch):
     yield overdrive.get_registry(reload=True)
     sys.path[:] = [p for p in sys.path if p != str(example_plugin_root)]
     overdrive.get_registry(reload=True)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """``pipes(family)``: one tiny diffusers pipeline per family, built on first use, shared by a test module."""
+    from overdrive.testing import tiny_pipeline
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = tiny_pipeline(family)
+        return cache[family]
+    return get

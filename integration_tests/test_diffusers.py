@@ -43,7 +43,7 @@ def test_interval_one_is_exactly_the_plain_pipeline(example_registry):
 
 def test_errors_say_what_to_do(example_registry):
     pipe = tiny_pipeline("flux")
-    with pytest.raises(overdrive.UnknownMethodError, match=r"unknown DiT caching / attention compression method 'nope'; known: (.*, )?example_stepcache"):
+    with pytest.raises(overdrive.UnknownMethodError, match=r"unknown diffusers method 'nope' \(DiT caching / attention compression or frame-rate schedule\); known: (.*, )?example_stepcache"):
         odd.enable(pipe, "nope")
     with pytest.raises(overdrive.UnknownMethodError, match=r"known: (.*, )?example_stepcache"):
         odd.enable(pipe, "example_w8")  # a weight-quant method is not a DiT method

@@ -14,10 +14,10 @@ import overdrive
 import overdrive.diffusers as odd
 from overdrive.adapters.diffusers_hooks import PipelineCalibration, Session
 from overdrive.contracts import DiTHooks
-from overdrive.testing import pipeline_inputs, tiny_pipeline
+from overdrive.testing.diffusion import assert_same_module_state, module_state, pipeline_inputs, tiny_pipeline
 
 STEPS = 3
-FAMILIES = ("flux", "sd3", "pixart", "wan")
+FAMILIES = ("flux", "sd3", "pixart", "wan", "hunyuanvideo")
 # per family: CFG branches, batched CFG, text in the joint attention, timestep scale, and whether
 # diffusers ends the runs at the end of each pipeline call (reset_state). SD3's and PixArt's
 # transformers are no CacheMixin: no cache_context, no reset; the timestep rule alone ends their runs.
@@ -26,6 +26,7 @@ EXPECT = {
     "sd3": dict(branches={"default"}, batched=True, text=12, scale=1.0, resets=False),
     "pixart": dict(branches={"default"}, batched=True, text=0, scale=1.0, resets=False),
     "wan": dict(branches={"cond", "uncond"}, batched=False, text=0, scale=1.0, resets=True),
+    "hunyuanvideo": dict(branches={"cond"}, batched=False, text=12, scale=1.0, resets=True),  # embedded guidance
 }
 
 
@@ -73,17 +74,6 @@ def _attach(pipe, hooks_cls, name="probe"):
     model = odd.denoiser_of(pipe)
     session = Session(name, model, odd.denoiser_info(model), None if isinstance(pipe, torch.nn.Module) else pipe)
     return session.install(hooks_cls(session))
-
-
-@pytest.fixture(scope="module")
-def pipes():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_pipeline(family)
-        return cache[family]
-    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -224,44 +214,24 @@ def test_every_level_hooked_and_passed_through_is_bit_identical(pipes, family):
         assert span == expected, (family, span, s)
 
 
-def _state(model):
-    """Everything detach() must restore: per module its attributes, diffusers hooks and processor;
-    every parameter and buffer (object, storage and values)."""
-    mods = {}
-    for name, m in model.named_modules():
-        registry = vars(m).get("_diffusers_hook")
-        mods[name] = (sorted(vars(m)), tuple(registry._hook_order) if registry is not None else None,
-                      id(getattr(m, "processor", None)), vars(m).get("forward"))
-    tensors = {n: (t, t.data_ptr(), t.detach().clone()) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    return mods, tensors
-
-
-def _assert_same_state(before, after):
-    assert after[0] == before[0]
-    assert after[1].keys() == before[1].keys()
-    for n, (t, ptr, val) in before[1].items():
-        t2, ptr2, _ = after[1][n]
-        assert t2 is t and ptr2 == ptr and torch.equal(t2, val), n
-
-
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_detach_restores_the_model_exactly(family):
     pipe = tiny_pipeline(family)
     tr = pipe.transformer
-    fresh = _state(tr)
+    fresh = module_state(tr)
     hooks = _attach(pipe, Everything)
     hooks.detach()
-    _assert_same_state(fresh, _state(tr))  # never run: not even a hook registry is left behind
+    assert_same_module_state(fresh, module_state(tr))  # never run: not even a hook registry is left behind
     assert not any("_diffusers_hook" in vars(m) for m in tr.modules())
     base = _run(pipe, family)  # the pipeline's own cache_context now gives the denoiser a registry
-    before = _state(tr)
+    before = module_state(tr)
     hooks = _attach(pipe, Everything)
     out = _run(pipe, family)
     assert odd.enabled(pipe) == "probe"
     hooks.detach()
     hooks.detach()  # idempotent
     assert odd.enabled(pipe) is None
-    _assert_same_state(before, _state(tr))
+    assert_same_module_state(before, module_state(tr))
     assert torch.equal(out, base) and torch.equal(_run(pipe, family), base)
 
 
@@ -283,12 +253,12 @@ def test_a_users_own_diffusers_hooks_survive_attach_and_detach(pipes):
     mine = _Count()
     HookRegistry.check_if_exists_or_initialize(attn).register_hook(mine, "users_counter")
     try:
-        before = _state(tr)
+        before = module_state(tr)
         hooks = _attach(pipe, Everything)
         out = _run(pipe, "flux")
         hooks.detach()
         assert mine.calls == STEPS  # called under the layer's hook too
-        _assert_same_state(before, _state(tr))
+        assert_same_module_state(before, module_state(tr))
         assert torch.equal(out, base) and torch.equal(_run(pipe, "flux"), base)
         assert mine.calls == 2 * STEPS
     finally:
@@ -325,6 +295,98 @@ def test_per_block_argument_rewriting_equals_torch_pre_hook(pipes):
     finally:
         handle.remove()
     assert torch.equal(mine, ref) and not torch.equal(mine, base)
+
+
+class AtFrames(DiTHooks):
+    """Runs every block with its frames at the positions in ``self.positions`` (per-block RoPE)."""
+
+    positions: list[int] = []
+
+    def block_call(self, step, block, call):
+        return self.session.run_at_frames(call, self.positions)
+
+
+class _RestrictKeys(torch.overrides.TorchFunctionMode):
+    """Self-attention over ``n`` tokens attends only to the ``allowed`` ones (a boolean key mask)."""
+
+    def __init__(self, allowed):
+        super().__init__()
+        self.allowed = allowed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            a = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+            if a["key"].shape[-2] == self.allowed.numel():
+                assert a.get("attn_mask") is None
+                a["attn_mask"] = self.allowed.view(1, 1, 1, -1)
+            return func(**a)
+        return func(*args, **kwargs)
+
+
+def test_frame_positions_equal_the_full_latent_with_attention_limited_to_those_frames(pipes):
+    # Wan mixes tokens only in self-attention (per-frame patches, per-token norms and projections), so a
+    # latent holding only some frames, run at those frames' original positions, must give what the full
+    # latent gives at those frames when its self-attention sees only them.
+    tr = pipes("wan").transformer
+    g = torch.Generator().manual_seed(0)
+    frames, keep, per_frame = 7, [0, 2, 3, 6], 4  # a 4 x 4 latent = 2 x 2 tokens per frame
+    full = torch.randn(1, 16, frames, 4, 4, generator=g)
+    kw = dict(timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
+              return_dict=False)
+    allowed = torch.zeros(frames * per_frame, dtype=torch.bool)
+    for f in keep:
+        allowed[f * per_frame:(f + 1) * per_frame] = True
+    with torch.no_grad():
+        with _RestrictKeys(allowed):
+            ref = tr(hidden_states=full, **kw)[0][:, :, keep]
+        compact = tr(hidden_states=full[:, :, keep], **kw)[0]  # positions 0..3: not the same
+        hooks = _attach(tr, AtFrames)
+        hooks.positions = keep
+        try:
+            got = tr(hidden_states=full[:, :, keep], **kw)[0]
+        finally:
+            hooks.detach()
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(compact, ref, atol=1e-3)
+
+
+def test_hunyuanvideo_blocks_get_the_rotary_of_the_given_frames(pipes):
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    pipe = pipes("hunyuanvideo")
+    tr = pipe.transformer
+    seen = []
+    handles = [b.attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["image_rotary_emb"]), with_kwargs=True)
+               for b in odd.denoiser_info(tr).blocks(tr)]
+    hooks = _attach(pipe, AtFrames)
+    hooks.positions = [0, 1, 3, 5, 7, 8]
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            tr(hidden_states=torch.randn(1, 4, 6, 2, 3, generator=g), timestep=torch.tensor([500.0]),
+               encoder_hidden_states=torch.randn(1, 12, 16, generator=g),
+               encoder_attention_mask=torch.ones(1, 12, dtype=torch.long),
+               pooled_projections=torch.randn(1, 8, generator=g), guidance=torch.tensor([6000.0]))
+    finally:
+        hooks.detach()
+        for h in handles:
+            h.remove()
+    # closed form: HunyuanVideo's rotary axes (time, row, column) on the grid of the given frames
+    grid = torch.meshgrid(torch.tensor(hooks.positions, dtype=torch.float32), torch.arange(2.0), torch.arange(3.0),
+                          indexing="ij")
+    axes = [get_1d_rotary_pos_embed(d, x.reshape(-1), tr.config.rope_theta, use_real=True)
+            for d, x in zip(tr.config.rope_axes_dim, grid)]
+    want = (torch.cat([a[0] for a in axes], 1), torch.cat([a[1] for a in axes], 1))
+    assert len(seen) == 2 and all(torch.allclose(s[0], want[0]) and torch.allclose(s[1], want[1]) for s in seen)
+
+
+def test_frame_positions_need_rotary_metadata(pipes):
+    hooks = _attach(pipes("flux"), AtFrames)
+    try:
+        with pytest.raises(TypeError, match="per-block frame positions need rotary metadata"):
+            _run(pipes("flux"), "flux")
+    finally:
+        hooks.detach()
 
 
 class _Twice:

@@ -302,7 +302,8 @@ def test_mismatched_plans_fail_with_the_field_named(pipes, tmp_path):
 
 def test_unsupported_models_list_the_supported_ones():
     with pytest.raises(TypeError, match="not a known DiT denoiser; known: CogVideoXTransformer3DModel, "
-                                        "FluxTransformer2DModel, PixArtTransformer2DModel"):
+                                        "FluxTransformer2DModel, HunyuanVideoTransformer3DModel, "
+                                        "PixArtTransformer2DModel"):
         odd.enable(torch.nn.Linear(2, 2), "ditfastattn", strategy="ast")
     with pytest.raises(ConfigError, match="give plan=PATH"):
         odd.enable(tiny_pipeline("flux"), "ditfastattn")

@@ -1,4 +1,5 @@
-"""The ``overdrive`` command: ``list``, ``doctor``, and the verbs methods add (``quantize``, ``calibrate``, ``export``).
+"""The ``overdrive`` command: ``list``, ``doctor``, and the verbs methods add (``quantize``, ``calibrate``, ``export``,
+``generate``).
 
 A method declares verbs in ``MethodSpec.commands``; ``overdrive VERB --method NAME [options]`` then
 parses the method's own options (``overdrive VERB --method NAME --help`` lists them). Plugins may add
@@ -25,6 +26,7 @@ SHARED_VERBS = {
     "quantize": "quantize a model offline into an overdrive checkpoint (--method NAME)",
     "calibrate": "calibrate a method and write its plan JSON (--method NAME)",
     "export": "convert a method's checkpoint to another format (--method NAME)",
+    "generate": "run a pipeline with a method and write its output (--method NAME)",
 }
 
 

@@ -146,6 +146,18 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike[str], missing: str) -> Any:
+    """The parsed JSON of a file; ConfigError ``"{path}: {missing}"`` when it does not exist and naming
+    the file when it is not valid JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {missing}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+
+
 def read_jsonl(path: Path, option: str = "--data") -> list[tuple[int, Any]]:
     """(line number, parsed value) for every non-blank line of a JSON-lines file; ConfigError naming
     ``path:line`` on invalid JSON, and naming ``option`` when the file is missing."""

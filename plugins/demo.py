@@ -278,7 +278,7 @@ class Demo:
         from safetensors.torch import save_file
 
         import overdrive.diffusers as odd
-        from overdrive.ditfastattn.metrics import psnr
+        from overdrive.metrics import psnr
         from overdrive.testing import pipeline_inputs, tiny_pipeline
 
         pipe = tiny_pipeline("sd3")  # MMDiT with batched classifier-free guidance

@@ -9,7 +9,8 @@ from overdrive.contracts import DenoiserInfo
 from overdrive.testing import tiny_pipeline
 
 EXPECTED = {"flux": ("FluxTransformer2DModel", 2), "sd3": ("SD3Transformer2DModel", 2),
-            "pixart": ("PixArtTransformer2DModel", 2), "wan": ("WanTransformer3DModel", 2)}
+            "pixart": ("PixArtTransformer2DModel", 2), "wan": ("WanTransformer3DModel", 2),
+            "hunyuanvideo": ("HunyuanVideoTransformer3DModel", 2)}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))

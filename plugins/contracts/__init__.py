@@ -4,7 +4,8 @@ Only the contracts that methods already need are defined; the others arrive with
 (DESIGN.md: "define the kind contracts as the first methods need them").
 """
 from .dit_cache import (Attachment, AttentionOp, CalibrationArtifact, CalibrationRun, DenoiserInfo, DenoiserSession,
-                        DiTCacheMethod, DiTHooks, ModuleCall, RecordedCall, StepContext)
+                        DiTCacheMethod, DiTHooks, ModuleCall, RecordedCall, RotaryInfo, StepContext)
+from .frame_rate import CompactionPlan, FrameRateMethod, FrameRateSchedule, Interpolator, VideoCodec
 from .kv_cache import (KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch,
                        PagedGeometry, fold_qk_scale)
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
@@ -12,9 +13,9 @@ from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMe
                             threshold_logit)
 from .weight_quant import ParamSpec, WeightQuantMethod
 
-__all__ = ["Attachment", "AttentionOp", "CalibrationArtifact", "CalibrationRun", "DenoiserInfo", "DenoiserSession",
-           "DiTCacheMethod", "DiTHooks", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
-           "ModelIdentity", "ModuleCall", "PagedBatch", "PagedGeometry", "ParamSpec", "RecordedCall", "RoutedSequence",
+__all__ = ["Attachment", "AttentionOp", "CalibrationArtifact", "CalibrationRun", "CompactionPlan", "DenoiserInfo",
+           "DenoiserSession", "DiTCacheMethod", "DiTHooks", "FrameRateMethod", "FrameRateSchedule", "Interpolator", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
+           "ModelIdentity", "ModuleCall", "PagedBatch", "PagedGeometry", "ParamSpec", "RecordedCall", "RotaryInfo", "RoutedSequence",
            "Router", "RouterInputs", "Selection", "StepContext", "TokenReductionMethod", "TokenRoutingMethod",
-           "VideoGrid", "VisionSpan", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",
+           "VideoCodec", "VideoGrid", "VisionSpan", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",
            "threshold_logit"]

@@ -10,6 +10,11 @@ framework:
   the same for cond/uncond pipelines, batched-CFG pipelines and direct denoiser calls;
 * running a module's own forward (:class:`ModuleCall`) and, inside an attention module, handing the
   method its attention op (:class:`AttentionOp`) while the module's processor does everything else;
+* per-block temporal positions for video denoisers (:meth:`DenoiserSession.run_at_frames`: a block
+  computed with its rotary embedding at given latent frame positions), from :class:`RotaryInfo`;
+* several methods on one denoiser (each :meth:`overdrive.diffusers.enable` adds one; the first enabled
+  is the outermost at every level) and :meth:`DenoiserSession.invalidate` when one of them changes
+  the latent's shape mid-run;
 * exact restore: ``detach()`` leaves parameters, hooks, processors and outputs as they were;
 * recording and replaying denoiser calls for calibration (:class:`CalibrationRun`).
 
@@ -34,6 +39,23 @@ from ..config import MethodConfig
 
 
 @dataclasses.dataclass(frozen=True)
+class RotaryInfo:
+    """Where a video denoiser's rotary position embedding comes from and goes to.
+
+    module       attribute of the denoiser that computes the embedding from the latent input
+                 (called with a tensor of the latent's layout; only its shape and device are read)
+    block_arg    positional index of the embedding in every block's call
+    block_names  its keyword name(s) in the block signatures (blocks of different lists may differ)
+    token_dim    the token axis of each tensor the module returns (tokens frame-major: frame, row, column)
+    """
+
+    module: str
+    block_arg: int
+    block_names: tuple[str, ...]
+    token_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
 class DenoiserInfo:
     """What a DiT method needs to know about a denoiser, independent of the framework.
 
@@ -42,7 +64,9 @@ class DenoiserInfo:
     attention    attribute name of the self-attention module inside a block
     joint_text   whether text tokens go through the same attention as image tokens (MMDiT)
     text_first   with joint_text: text tokens precede the vision tokens in the joint sequence (Flux,
-                 CogVideoX) rather than follow them (SD3)
+                 CogVideoX) rather than follow them (SD3, HunyuanVideo)
+    frame_dim    video denoisers: the frame axis of the latent input (2 for (B, C, F, H, W)); None for images
+    rotary       video denoisers with rotary positions computed once per call: :class:`RotaryInfo`
     """
 
     family: str
@@ -50,6 +74,8 @@ class DenoiserInfo:
     attention: str = "attn"
     joint_text: bool = False
     text_first: bool = True
+    frame_dim: int | None = None
+    rotary: RotaryInfo | None = None
 
     def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
         out: list[torch.nn.Module] = []
@@ -131,6 +157,8 @@ class AttentionOp:
     scale: float | None = None
     enable_gqa: bool = False
     text: tuple[int, int] = (0, 0)
+    # with several methods on one denoiser: the next (inner) method's attention for this op
+    inner: Callable[["AttentionOp"], torch.Tensor] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def plain(self) -> bool:
@@ -138,7 +166,10 @@ class AttentionOp:
         return self.attn_mask is None and not self.is_causal and not self.dropout_p and not self.enable_gqa
 
     def compute(self) -> torch.Tensor:
-        """The op exactly as the module asked for it."""
+        """The op exactly as the module asked for it (through the inner methods' ``attention`` when
+        several methods are enabled)."""
+        if self.inner is not None:
+            return self.inner(self)
         return torch.nn.functional.scaled_dot_product_attention(
             self.query, self.key, self.value, attn_mask=self.attn_mask, dropout_p=self.dropout_p,
             is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa)
@@ -164,8 +195,20 @@ class DenoiserSession(Protocol):
     def reset(self) -> None:
         """End every run now: the next denoiser call of each branch starts a new run."""
 
+    def invalidate(self) -> None:
+        """The latent changed shape mid-run (a frame-rate method shortened it): every method drops its
+        caches (``reset_caches``) while the runs and step counts go on."""
+
+    def run_at_frames(self, call: ModuleCall, positions: Sequence[int]) -> Any:
+        """Run a block call (``block_call``) of a video denoiser with its tokens' temporal positions
+        set to ``positions`` (one original latent frame index per frame of the current latent) instead
+        of 0..T'-1: its rotary embedding is recomputed for those positions (per-block RoPE)."""
+
+    def remove(self, hooks: "DiTHooks") -> None:
+        """Remove one method's hooks; removing the last one detaches everything (exact restore)."""
+
     def detach(self) -> None:
-        """Remove every hook; the model is exactly as before (idempotent)."""
+        """Remove every method's hooks; the model is exactly as before (idempotent)."""
 
 
 class DiTHooks:
@@ -206,8 +249,9 @@ class DiTHooks:
         self.session.reset()
 
     def detach(self) -> None:
-        """Remove the method from the denoiser; afterwards the model is exactly as before."""
-        self.session.detach()
+        """Remove the method from the denoiser (other methods enabled on it stay); with no method
+        left the model is exactly as before."""
+        self.session.remove(self)
 
 
 H = TypeVar("H", bound=DiTHooks)

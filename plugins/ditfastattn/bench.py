@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 import overdrive.diffusers as odd
 from overdrive.benchmarks import header, write_json
 
-from .metrics import psnr, ssim
+from overdrive.metrics import psnr, ssim
 
 BENCH_FLUX = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=4, attention_head_dim=32,
                   num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[8, 8, 16])

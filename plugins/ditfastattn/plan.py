@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from overdrive.config import ConfigError, atomic_write_text
+from overdrive.config import ConfigError, atomic_write_text, read_json
 
 FORMAT = "overdrive-ditfastattn-plan"
 VERSION = 1
@@ -267,14 +267,7 @@ class Plan(Schedule):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Plan":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: no such DiTFastAttn plan file")
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        return cls.from_dict(data, str(p))
+        return cls.from_dict(read_json(path, "no such DiTFastAttn plan file"), str(Path(path)))
 
     def check_causal(self, source: str = "plan") -> None:
         """Reuse needs something to reuse: step 0 computes everything, WA-RS needs an earlier full step."""

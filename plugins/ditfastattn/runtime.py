@@ -45,6 +45,7 @@ class Run:
 
     context: str
     step: int = 0
+    first: int = 0          # the step the run started at (> 0 after the caches were invalidated mid-run)
     text_tokens: int = 0
     cfg_batched: bool = False
     checked: bool = False
@@ -100,7 +101,7 @@ class DiTFastAttnHooks(DiTHooks):
     def denoiser_call(self, step: StepContext, call: ModuleCall) -> Any:
         run = self.runs.get(step.branch)
         if run is None or step.new_run:
-            run = self.runs[step.branch] = Run(step.branch)
+            run = self.runs[step.branch] = Run(step.branch, first=0 if step.new_run else step.step)
             if self.plan is not None and step.num_steps is not None and step.num_steps != self.plan.steps:
                 raise ConfigError(
                     f"{self.cfg.plan}: DiTFastAttn plan was calibrated for steps={self.plan.steps}, but this run has "
@@ -122,6 +123,8 @@ class DiTFastAttnHooks(DiTHooks):
     def entry(self, run: Run, block: int) -> Entry:
         if self.schedule is None:
             return FULL  # plan-less methods start after `warmup` >= 1 full steps; the schedule is set at step 0
+        if run.first and run.step == run.first:
+            return FULL  # the caches were dropped mid-run (session.invalidate: the latent changed shape)
         return self.schedule.entry(run.step, block)
 
     def attention_call(self, step: StepContext, block: int, call: ModuleCall) -> Any:

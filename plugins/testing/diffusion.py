@@ -83,6 +83,23 @@ FAMILIES: dict[str, Family] = {
         dict(height=16, width=16, num_frames=9, guidance_scale=5.0),
         cfg_embeds=("prompt_embeds",),
     ),
+    "hunyuanvideo": Family(
+        "HunyuanVideoPipeline",
+        ("HunyuanVideoTransformer3DModel", dict(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                attention_head_dim=10, num_layers=1, num_single_layers=1,
+                                                num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+                                                rope_axes_dim=(2, 4, 4))),
+        ("AutoencoderKLHunyuanVideo", dict(in_channels=3, out_channels=3, latent_channels=4,
+                                           down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                           up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+                                           block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                           spatial_compression_ratio=8, temporal_compression_ratio=4)),
+        ("FlowMatchEulerDiscreteScheduler", {"shift": 7.0}),
+        ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+        {"prompt_embeds": (12, 16), "pooled_prompt_embeds": (8,), "prompt_attention_mask": (12,)},
+        dict(height=16, width=16, num_frames=9, guidance_scale=6.0),  # embedded guidance (no CFG branch)
+    ),
 }
 
 
@@ -99,7 +116,7 @@ def _build(spec: tuple[str, dict], module: Any) -> Any:
 
 
 def tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
-    """A seeded tiny ``family`` pipeline ("flux", "sd3", "pixart", "wan") on CPU."""
+    """A seeded tiny ``family`` pipeline ("flux", "sd3", "pixart", "wan", "hunyuanvideo") on CPU."""
     fam = _family(family)
     diffusers = importlib.import_module("diffusers")
     torch.manual_seed(seed)
@@ -146,3 +163,24 @@ def _embed(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tenso
 
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def module_state(model: torch.nn.Module) -> tuple[dict, dict]:
+    """Everything detaching a method must restore: per module its attributes, diffusers hooks and
+    processor; every parameter and buffer (object, storage and values)."""
+    mods = {}
+    for name, m in model.named_modules():
+        registry = vars(m).get("_diffusers_hook")
+        mods[name] = (sorted(vars(m)), tuple(registry._hook_order) if registry is not None else None,
+                      id(getattr(m, "processor", None)), vars(m).get("forward"))
+    tensors = {n: (t, t.data_ptr(), t.detach().clone())
+               for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    return mods, tensors
+
+
+def assert_same_module_state(before: tuple[dict, dict], after: tuple[dict, dict]) -> None:
+    assert after[0] == before[0]
+    assert after[1].keys() == before[1].keys()
+    for n, (t, ptr, val) in before[1].items():
+        t2, ptr2, _ = after[1][n]
+        assert t2 is t and ptr2 == ptr and torch.equal(t2, val), n

@@ -10,8 +10,9 @@ Checked on the source (AST), so a method cannot pass by importing lazily inside 
 * driver scripts (``bench*``, ``gpu_bench*``, ``perplexity*``) are exempt from both: they are not
   method code but measure the method through the engines, as a user or the engine integration runs it;
 * :data:`ALLOWED` lists the remaining exceptions one by one, each with its reason;
-* DiT-caching methods (built-in and the example plugin's) import no ``diffusers`` at all outside
-  benchmark scripts: the diffusers hook layer hands them framework-neutral calls.
+* DiT-caching and frame-rate-schedule methods (built-in and the example plugin's) import no
+  ``diffusers`` at all outside benchmark scripts: the diffusers hook layer and the frame-rate
+  integration hand them framework-neutral calls.
 
 Tests inside method folders are not method code and may import anything.
 """
@@ -135,12 +136,13 @@ def test_no_method_imports_an_adapter(where):
 def test_dit_methods_import_no_diffusers(example_plugin):
     files: list[Path] = []
     for spec in example_plugin.methods():
-        if spec.kind is not Kind.DIT_CACHE:
+        if spec.kind not in (Kind.DIT_CACHE, Kind.FRAME_RATE):
             continue
         module = spec.impl.split(":")[0]
         origin = Path(importlib.util.find_spec(module).origin)
         files += _sources(origin.parent)
     assert any(p.name == "stepcache.py" for p in files) and any(p.parent.name == "ditfastattn" for p in files)
+    assert any(p.parent.name == "vgdfr" for p in files)
     bad = [f"{_show(p)}: {m}" for p in files if not _is_bench(p)
            for m in _hits(imported_modules(p.read_text(), _package(p)), ("diffusers",))]
     assert not bad, "DiT methods get framework-neutral calls from the diffusers hook layer:\n" + "\n".join(bad)

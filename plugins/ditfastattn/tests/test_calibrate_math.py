@@ -54,7 +54,7 @@ def test_v1_loss_closed_form():
 
 
 def test_psnr_and_ssim_closed_forms():
-    from overdrive.ditfastattn.metrics import psnr, ssim
+    from overdrive.metrics import psnr, ssim
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 20, 24, generator=g, dtype=torch.float64)

@@ -107,17 +107,18 @@ def test_tiny_vlm_answers_image_and_video_in_transformers_and_video_in_vllm():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tiny_pipelines_run(family):
     pipe = tiny_pipeline(family)
+    video = family in ("wan", "hunyuanvideo")
     out = pipe(**pipeline_inputs(family))
-    img = out.frames if family == "wan" else out.images
-    expected = (1, 9, 3, 16, 16) if family == "wan" else (1, 3, 16, 16)
+    img = out.frames if video else out.images
+    expected = (1, 9, 3, 16, 16) if video else (1, 3, 16, 16)
     assert tuple(img.shape) == expected and torch.isfinite(img).all()
     # batch 2 without CFG runs too, and seeded construction is deterministic
     out2 = tiny_pipeline(family)(**pipeline_inputs(family, batch=2, guidance=False))
-    assert (out2.frames if family == "wan" else out2.images).shape[0] == 2
+    assert (out2.frames if video else out2.images).shape[0] == 2
     again = tiny_pipeline(family)(**pipeline_inputs(family))
-    assert torch.equal(again.frames if family == "wan" else again.images, img)
+    assert torch.equal(again.frames if video else again.images, img)
 
 
 def test_unknown_family_lists_known():
-    with pytest.raises(ValueError, match="unknown pipeline family 'dalle'; known: flux, pixart, sd3, wan"):
+    with pytest.raises(ValueError, match="unknown pipeline family 'dalle'; known: flux, hunyuanvideo, pixart, sd3, wan"):
         tiny_pipeline("dalle")

@@ -1,4 +1,7 @@
-"""Image fidelity against a reference output: PSNR and SSIM (Gaussian window 11, sigma 1.5)."""
+"""Image fidelity against a reference: PSNR and SSIM (Gaussian window 11, sigma 1.5).
+
+Shared by the DiT methods (DiTFastAttn's benchmark, VGDFR's frame-similarity schedule and benchmark).
+"""
 from __future__ import annotations
 
 import math
@@ -22,12 +25,17 @@ def _gaussian(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g[:, None] * g[None, :]
 
 
-def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
-    """Mean SSIM (Wang et al. 2004) of (N, C, H, W) images, per channel, valid-window means."""
+def ssim_map(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel SSIM (Wang et al. 2004) of (N, C, H, W) images, per channel, valid windows only, float64.
+
+    The window is 11 x 11 (sigma 1.5), or the largest odd size that fits images smaller than 11.
+    """
     if x.shape != ref.shape or x.dim() != 4:
         raise ValueError(f"ssim: expected two (N, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(ref.shape)}")
     n, c, h, w = x.shape
-    win = _gaussian(min(11, h, w) | 1).to(x.device)
+    size = min(11, h, w)
+    size -= 1 - size % 2  # odd, and never larger than the image
+    win = _gaussian(size).to(x.device)
     win = win.expand(c, 1, *win.shape)
     a, b = x.double(), ref.double()
 
@@ -39,5 +47,14 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
     var_b = blur(b * b) - mu_b ** 2
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
+    """Mean SSIM of (N, C, H, W) images (all images, channels and valid windows)."""
+    return float(ssim_map(x, ref, data_range).mean())
+
+
+def ssim_per_image(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """(N,) mean SSIM of each image pair of two (N, C, H, W) batches."""
+    return ssim_map(x, ref, data_range).flatten(1).mean(1)
