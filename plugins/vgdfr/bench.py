@@ -30,10 +30,7 @@ the keep ratio it reaches is what it controls.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -44,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 import overdrive.diffusers as odd
+from overdrive.benchmarks import header, write_json
 from overdrive.ditfastattn.bench import SDPAFlops, magcache_ratios
 from overdrive.metrics import psnr, ssim
 
@@ -202,11 +200,7 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", size: 
         })
     tr = pipe.transformer
     return {
-        "date": datetime.date.today().isoformat(),
-        "device": f"{torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU ' + platform.machine()}, "
-                  f"{torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
+        **header("vgdfr", device),
         "pipeline": {"class": type(pipe).__name__, "transformer": {k: v for k, v in dict(tr.config).items()
                                                                    if not k.startswith("_")},
                      "dtype": dtype, "height": size, "width": size, "frames": frames, "latent_frames": latent_frames,
@@ -222,7 +216,8 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", size: 
 
 def format_report(r: dict[str, Any]) -> str:
     p = r["pipeline"]
-    lines = [f"{r['device']}, torch {r['torch']}, diffusers {r['diffusers']}: Wan {p['frames']} frames "
+    v = r["versions"]
+    lines = [f"{r['device']}, torch {v['torch']}, diffusers {v['diffusers']}: Wan {p['frames']} frames "
              f"{p['height']}x{p['width']} ({p['vision_tokens']} vision tokens), {p['steps']} steps; "
              f"none loop {r['none_loop_seconds']} s",
              f"{'method':36s} {'tokens':>7s} {'attn FLOPs':>10s} {'loop':>6s} {'decode':>7s} {'PSNR dB':>8s} {'SSIM':>7s}"]
@@ -250,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run(args.quick, args.device, args.dtype, args.size, args.frames, args.steps, args.compress_step)
     if args.json:
-        from overdrive.config import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(r, indent=1) + "\n")
+        write_json(args.json, r, indent=1)
     print(format_report(r))
     return 0
 
