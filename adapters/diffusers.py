@@ -216,7 +216,7 @@ def load_pipeline(directory: Path, dtype: str = "float32", device: str = "cpu") 
 
     index = json.loads((Path(directory) / "model_index.json").read_text())
     absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
-    pipe = DiffusionPipeline.from_pretrained(str(directory), torch_dtype=getattr(torch, dtype), **absent)
+    pipe = DiffusionPipeline.from_pretrained(str(directory), dtype=getattr(torch, dtype), **absent)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
