@@ -289,10 +289,16 @@ class ViDiTQMethod(DiTCacheMethod):
                     raise ConfigError(f"the ViDiT-Q checkpoint has no tensor {name}.{p} for its plan's quantized "
                                       "layer; was it written by `overdrive calibrate --method viditq`?")
 
-    def calibrate(self, run: CalibrationRun, **options: Any) -> Any:
-        from .calibrate import calibrate
+    def calibrate(self, run: CalibrationRun, scheme: str = "w8a8", ranges: int = 2, alpha: Any = "default",
+                  alpha_grid: Any = None, mixed_precision: float = 0.0, keep_float: Any = (),
+                  ema: float | None = None) -> Any:
+        """Per-range statistics, channel balancing, optional mixed precision; see :mod:`.calibrate`."""
+        from .calibrate import DEFAULT_ALPHA_GRID, DEFAULT_EMA, calibrate
 
-        return calibrate(run, **options)
+        return calibrate(run, scheme=scheme, ranges=ranges, alpha=alpha,
+                         alpha_grid=DEFAULT_ALPHA_GRID if alpha_grid is None else alpha_grid,
+                         mixed_precision=mixed_precision, keep_float=keep_float,
+                         ema=DEFAULT_EMA if ema is None else ema)
 
     def calibration_options(self, args: Any) -> dict[str, Any]:
         from .calibrate import options_from_args
