@@ -123,7 +123,10 @@ def _build_classes(spec: Any) -> tuple[type, type]:
             module_name, _, leaf = param_name.rpartition(".")
             module = model.get_submodule(module_name)
             old = module._parameters.get(leaf)
-            if old is None or tuple(old.shape) != tuple(value.shape) or old.dtype != value.dtype:
+            # floating tensors keep the stored dtype (fp32 scales, divisors and biases in a bf16 model)
+            fits = old is not None and tuple(old.shape) == tuple(value.shape) and (
+                old.dtype == value.dtype or old.dtype.is_floating_point and value.dtype.is_floating_point)
+            if not fits:
                 want = "no such parameter" if old is None else f"{tuple(old.shape)} {old.dtype}"
                 raise ConfigError(f"{param_name}: checkpoint tensor {tuple(value.shape)} {value.dtype} does not fit the "
                                   f"{name} layer's parameter ({want}); was the checkpoint written by "

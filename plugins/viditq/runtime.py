@@ -307,3 +307,30 @@ class ViDiTQMethod(DiTCacheMethod):
 
 
 METHOD = ViDiTQMethod()
+
+
+def quantize_in_place(model: torch.nn.Module, info: DenoiserInfo, scheme: str = "w8a8", steps: int = 1,
+                      keep_float: tuple[str, ...] = ()) -> Plan:
+    """Round-to-nearest ViDiT-Q without calibration: one timestep range, no channel balancing (ViDiT-Q's
+    W8A8 plan needs no activation statistics). Replaces the float layers in place (not restorable);
+    ``overdrive.diffusers.enable(model, "viditq")`` then attaches the hook layer. For benchmarks and
+    quick trials; ``overdrive calibrate --method viditq`` is the normal way."""
+    from .plan import SCHEMES, Identity
+    from .quant import quantize_weight
+
+    bits = SCHEMES[scheme]
+    linears = float_linears(model, info, keep_float)
+    layers = {n: LayerPlan(m.in_features, m.out_features, m.bias is not None, [Variant(bits, False)], [0])
+              for n, m in linears.items()}
+    plan = Plan(Identity(type(model).__name__, info.family, len(info.blocks(model))), steps, [(0, steps)], scheme,
+                [None], layers, {"calibrated": "round to nearest, no calibration"})
+    state = QuantState(plan)
+    for name, lin in linears.items():
+        q = ViDiTQLinear(name, layers[name], state, lin.bias.dtype if lin.bias is not None else torch.float32,
+                         device=lin.weight.device)
+        qw, ws = quantize_weight(lin.weight, bits)
+        q.variants[0].qweight.data, q.variants[0].wscale.data = qw.to(lin.weight.device), ws.to(lin.weight.device)
+        if lin.bias is not None:
+            q.bias.data = lin.bias.detach().clone()
+        swap_module(model, name, q)
+    return plan
