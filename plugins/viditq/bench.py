@@ -2,7 +2,8 @@
 
     python -m overdrive.viditq.bench [--json OUT.json] [--quick]
 
-Pipeline: Flux (FluxPipeline, FlowMatch Euler, 4 steps, 256x256 px = 256 image + 32 text tokens)
+Pipeline: Flux (FluxPipeline, FlowMatch Euler, 4 steps, 64x64 px = 1024 image + 32 text tokens: the
+tiny VAE does not downsample)
 with a random-weight transformer (``BENCH_FLUX``), no text encoders (prompt embeddings are inputs),
 saved to a temporary directory and loaded back by each configuration with ``from_pretrained``.
 ViDiT-Q calibrates on two prompt embeddings (seeds 100, 101; ``overdrive.diffusers.calibrate`` +
@@ -106,7 +107,7 @@ def run(quick: bool = False, repeat: int = 2, threads: int | None = None) -> dic
     from safetensors.torch import load_file, save_file
 
     cfg = QUICK_FLUX if quick else BENCH_FLUX
-    size = 64 if quick else 256
+    size = 32 if quick else 64
     call = dict(height=size, width=size, num_inference_steps=STEPS, guidance_scale=3.5)
     tmp = Path(tempfile.mkdtemp(prefix="viditq-bench-"))
     pipe = build_pipeline(cfg)
