@@ -106,7 +106,8 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)` / `disable` / `calibrate`: one hook layer "
                         "(`adapters/diffusers_hooks.py`): step/CFG-branch tracking, block and attention-module calls, "
                         "attention-op interception, exact restore, calibration recording/replay; per-model metadata "
-                        "(Flux, SD3, PixArt, Wan, CogVideoX)",
+                        "(Flux, SD3, PixArt, Wan, CogVideoX); methods with quantized checkpoints (ViDiT-Q) also load "
+                        "through `DiffusionPipeline.from_pretrained` (a quantizer registered on `import overdrive.diffusers`)",
     }, "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20", {
         Kind.WEIGHT_QUANT: "registered quantizer: `import overdrive.transformers`, then `from_pretrained(CKPT)`",

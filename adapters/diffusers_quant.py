@@ -77,7 +77,7 @@ def _build_classes(spec: Any) -> tuple[type, type]:
     from diffusers.quantizers.base import DiffusersQuantizer
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-    from .diffusers import denoiser_info, enable
+    from overdrive.adapters.diffusers import denoiser_info, enable  # absolute: `.diffusers` reads as the engine
 
     name = spec.name
 
