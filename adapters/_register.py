@@ -78,3 +78,25 @@ def _trace(framework: str, registered: list[str], skipped: list[str]) -> None:
 def reset_for_tests() -> None:
     with _lock:
         _done.clear()
+
+
+def register_quantizers(framework: str, specs: list, mapping: dict, config_mapping: dict,
+                        build: Callable[[object], tuple[type, type]],
+                        install: Callable[[str, type, type], None]) -> tuple[list[str], list[str]]:
+    """Register one (config class, quantizer class) per method spec into a framework whose quantizers
+    live in two name-keyed maps (transformers, diffusers); never shadows a framework quantizer of the
+    same name unless forced, and skips names already registered by overdrive."""
+    registered: list[str] = []
+    skipped: list[str] = []
+    for spec in specs:
+        existing = mapping.get(spec.name)
+        if getattr(existing, "overdrive_method", None) == spec.name:
+            continue
+        reason = keep_intree(framework, spec.name, existing is not None or spec.name in config_mapping)
+        if reason:
+            skipped.append(reason)
+            continue
+        config_cls, quantizer_cls = build(spec)
+        install(spec.name, config_cls, quantizer_cls)
+        registered.append(spec.name)
+    return registered, skipped

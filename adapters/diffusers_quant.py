@@ -20,7 +20,7 @@ import torch
 
 from overdrive.config import ConfigError
 
-from ._register import keep_intree, run_once
+from ._register import register_quantizers, run_once
 
 _classes: dict[str, type] = {}
 
@@ -49,20 +49,13 @@ def _register() -> tuple[list[str], list[str]]:
         return registered, skipped
     from diffusers.quantizers import auto
 
-    for spec in specs:
-        existing = auto.AUTO_QUANTIZER_MAPPING.get(spec.name)
-        if getattr(existing, "overdrive_method", None) == spec.name:
-            continue
-        reason = keep_intree("diffusers", spec.name, existing is not None
-                             or spec.name in auto.AUTO_QUANTIZATION_CONFIG_MAPPING)
-        if reason:
-            skipped.append(reason)
-            continue
-        config_cls, quantizer_cls = _build_classes(spec)
-        auto.AUTO_QUANTIZATION_CONFIG_MAPPING[spec.name] = config_cls
-        auto.AUTO_QUANTIZER_MAPPING[spec.name] = quantizer_cls
-        registered.append(spec.name)
-    return registered, skipped
+    def install(name: str, config_cls: type, quantizer_cls: type) -> None:
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING[name] = config_cls  # no registration function (docs/ledger.md)
+        auto.AUTO_QUANTIZER_MAPPING[name] = quantizer_cls
+
+    done, more = register_quantizers("diffusers", specs, auto.AUTO_QUANTIZER_MAPPING,
+                                     auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _build_classes, install)
+    return done, skipped + more
 
 
 class _MethodName(str):

@@ -113,18 +113,7 @@ class _Trial:
         self.state.range = 0
 
     def build(self, name: str, bits: int, smooth: torch.Tensor | None) -> ViDiTQLinear:
-        lin = self.layers[name]
-        lp = LayerPlan(lin.in_features, lin.out_features, lin.bias is not None, [Variant(bits, smooth is not None)], [0])
-        q = ViDiTQLinear(name, lp, self.state, lin.bias.dtype if lin.bias is not None else torch.float32,
-                         device=lin.weight.device)
-        qw, ws = quantize_weight(lin.weight, bits, smooth)
-        v = q.variants[0]
-        v.qweight.data, v.wscale.data = qw.to(lin.weight.device), ws.to(lin.weight.device)
-        if smooth is not None:
-            v.smooth.data = smooth.to(lin.weight.device)
-        if lin.bias is not None:
-            q.bias.data = lin.bias.detach().clone()
-        return q
+        return ViDiTQLinear.from_float(name, self.layers[name], self.state, [(bits, smooth)], [0])
 
     def error(self, run: CalibrationRun, calls: Sequence[RecordedCall], choice: dict[str, tuple[int, Any]]) -> float:
         """Relative squared error of the denoiser outputs with ``choice`` (name -> (bits, smooth))."""

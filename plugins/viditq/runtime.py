@@ -80,6 +80,25 @@ class ViDiTQLinear(torch.nn.Module):
             self.register_parameter("bias", None)
         self.quant_state = state
 
+    @classmethod
+    def from_float(cls, name: str, lin: torch.nn.Linear, state: QuantState,
+                   variants: list[tuple[int, torch.Tensor | None]], ranges: list[int]) -> "ViDiTQLinear":
+        """Quantize float layer ``lin``: one variant per (bits, balancing divisor or None)."""
+        from .quant import quantize_weight
+
+        plan = LayerPlan(lin.in_features, lin.out_features, lin.bias is not None,
+                         [Variant(b, s is not None) for b, s in variants], list(ranges))
+        dev = lin.weight.device
+        q = cls(name, plan, state, lin.bias.dtype if lin.bias is not None else torch.float32, device=dev)
+        for v, (bits, smooth) in zip(q.variants, variants):
+            qw, ws = quantize_weight(lin.weight, bits, smooth)
+            v.qweight.data, v.wscale.data = qw.to(dev), ws.to(dev)
+            if smooth is not None:
+                v.smooth.data = smooth.to(dev)
+        if lin.bias is not None:
+            q.bias.data = lin.bias.detach().clone()
+        return q
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.quant_state.range
         if r is None:
@@ -316,21 +335,14 @@ def quantize_in_place(model: torch.nn.Module, info: DenoiserInfo, scheme: str = 
     ``overdrive.diffusers.enable(model, "viditq")`` then attaches the hook layer. For benchmarks and
     quick trials; ``overdrive calibrate --method viditq`` is the normal way."""
     from .plan import SCHEMES, Identity
-    from .quant import quantize_weight
 
     bits = SCHEMES[scheme]
     linears = float_linears(model, info, keep_float)
-    layers = {n: LayerPlan(m.in_features, m.out_features, m.bias is not None, [Variant(bits, False)], [0])
-              for n, m in linears.items()}
     plan = Plan(Identity(type(model).__name__, info.family, len(info.blocks(model))), steps, [(0, steps)], scheme,
-                [None], layers, {"calibrated": "round to nearest, no calibration"})
+                [None], {}, {"calibrated": "round to nearest, no calibration"})
     state = QuantState(plan)
     for name, lin in linears.items():
-        q = ViDiTQLinear(name, layers[name], state, lin.bias.dtype if lin.bias is not None else torch.float32,
-                         device=lin.weight.device)
-        qw, ws = quantize_weight(lin.weight, bits)
-        q.variants[0].qweight.data, q.variants[0].wscale.data = qw.to(lin.weight.device), ws.to(lin.weight.device)
-        if lin.bias is not None:
-            q.bias.data = lin.bias.detach().clone()
+        q = ViDiTQLinear.from_float(name, lin, state, [(bits, None)], [0])
+        plan.layers[name] = LayerPlan(lin.in_features, lin.out_features, lin.bias is not None, [Variant(bits, False)], [0])
         swap_module(model, name, q)
     return plan
