@@ -6,7 +6,8 @@ Pipeline: Flux (FluxPipeline, FlowMatch Euler, 4 steps, 64x64 px = 1024 image + 
 tiny VAE does not downsample)
 with a random-weight transformer (``BENCH_FLUX``), no text encoders (prompt embeddings are inputs),
 saved to a temporary directory and loaded back by each configuration with ``from_pretrained``.
-ViDiT-Q calibrates on two prompt embeddings (seeds 100, 101; ``overdrive.diffusers.calibrate`` +
+ViDiT-Q calibrates (default options unless the configuration says otherwise; the default W4A8 is
+``viditq-w4a8-2ranges``) on two prompt embeddings (seeds 100, 101; ``overdrive.diffusers.calibrate`` +
 ``write_pipeline``, as the CLI does); evaluation uses two others (seeds 1, 2).
 
 Every configuration runs in its own process (``bench_probe``): denoiser parameter bytes (tensor
@@ -55,16 +56,16 @@ TEXT_TOKENS = 32
 # (name, dtype, calibration options or None)
 VIDITQ = {
     "viditq-w8a8": dict(scheme="w8a8"),
-    "viditq-w4a8": dict(scheme="w4a8"),
     "viditq-w8a8-1range": dict(scheme="w8a8", ranges=1, alpha="search"),
     "viditq-w8a8-2ranges": dict(scheme="w8a8", ranges=2, alpha="search"),
     "viditq-w4a8-1range": dict(scheme="w4a8", ranges=1, alpha="search"),
     "viditq-w4a8-2ranges": dict(scheme="w4a8", ranges=2, alpha="search"),
-    "viditq-w4a8-2ranges-mp30": dict(scheme="w4a8", ranges=2, alpha="search", mixed_precision=0.3),
+    # the alphas the search chose for viditq-w4a8-2ranges (the search is not repeated)
+    "viditq-w4a8-2ranges-mp30": dict(scheme="w4a8", ranges=2, alpha="viditq-w4a8-2ranges", mixed_precision=0.3),
 }
 CONFIGS = [("float32", "float32", None), ("bfloat16", "bfloat16", None),
            ("torchao-int8-dynamic", "bfloat16", None), ("torchao-int8-weight-only", "bfloat16", None),
-           ("viditq-w8a8", "bfloat16", "viditq-w8a8"), ("viditq-w4a8", "bfloat16", "viditq-w4a8"),
+           ("viditq-w8a8", "bfloat16", "viditq-w8a8"), ("viditq-w4a8", "bfloat16", "viditq-w4a8-2ranges"),
            ("viditq-w8a8-1range", "float32", "viditq-w8a8-1range"),
            ("viditq-w8a8-2ranges", "float32", "viditq-w8a8-2ranges"),
            ("viditq-w4a8-1range", "float32", "viditq-w4a8-1range"),
@@ -119,6 +120,8 @@ def run(quick: bool = False, repeat: int = 2, threads: int | None = None) -> dic
                 **call, "output_type": "latent", "generator": torch.Generator().manual_seed(100)}
     calibrations = {}
     for name, options in VIDITQ.items():
+        if options.get("alpha") in calibrations:
+            options = dict(options, alpha=calibrations[options["alpha"]]["alpha"])
         t = time.perf_counter()
         ckpt = odd.calibrate(pipe, "viditq", options, **calib_kw)
         odd.write_pipeline(tmp / "pipe", tmp / name, ckpt)
