@@ -336,3 +336,18 @@ def test_from_pretrained_without_a_pipeline_rejects_a_shorter_run_at_its_end(tmp
         _run(pipe, "flux", steps=3)
     with pytest.raises(ConfigError, match="covers 4 steps, this run reached step 5"):
         _run(pipe, "flux", steps=5)
+
+
+def test_a_float32_checkpoint_runs_in_a_bfloat16_pipeline(calibrated):
+    pipe, base, ckpt, path = calibrated("flux", scheme="w8a8", ranges=1)
+    p16 = tiny_pipeline("flux", dtype=torch.bfloat16)
+    hooks = odd.enable(p16, "viditq", checkpoint=str(path))
+    try:
+        inputs = {k: (v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v)
+                  for k, v in _inputs("flux").items()}
+        out = p16(**inputs)[0]
+    finally:
+        odd.disable(p16)
+    layer = next(iter(hooks.layers.values()))
+    assert out.dtype == torch.bfloat16 and layer.variants[0].wscale.dtype == torch.float32  # scales kept fp32
+    assert hooks.calls_per_range == [STEPS] and _rel(out.float(), base) < 0.05

@@ -196,10 +196,12 @@ def load_checkpoint_tensors(d: Path, layers: Mapping[str, ViDiTQLinear]) -> None
                 if param is None:
                     continue
                 t = st.get_tensor(key)
-                if t.shape != param.shape or t.dtype != param.dtype:
+                # floating tensors keep their stored dtype (fp32 scales and biases in a bf16 model)
+                same_kind = t.dtype == param.dtype or t.dtype.is_floating_point and param.dtype.is_floating_point
+                if t.shape != param.shape or not same_kind:
                     raise ConfigError(f"{f}: tensor {key!r} is {tuple(t.shape)} {t.dtype}, the plan's layer needs "
                                       f"{tuple(param.shape)} {param.dtype}")
-                param.data = t
+                param.data = t.to(param.device)
     if wanted:
         raise ConfigError(f"{d}: the checkpoint has no tensor {sorted(wanted)[0]!r} ({len(wanted)} missing) for its "
                           "plan's quantized layers")
