@@ -100,3 +100,25 @@ def register_quantizers(framework: str, specs: list, mapping: dict, config_mappi
         install(spec.name, config_cls, quantizer_cls)
         registered.append(spec.name)
     return registered, skipped
+
+
+def name_classes(method: str, tag: str, module: str, classes: dict[str, type],
+                 config_cls: type, quantizer_cls: type) -> tuple[type, type]:
+    """Name a built (config, quantizer) pair ``Overdrive<Method><tag>Config`` / ``...Quantizer`` in
+    ``module`` (what reprs and pickling show) and keep them in ``classes`` for :func:`lazy_class`."""
+    cname = "".join(p.capitalize() for p in method.split("_"))
+    for cls, kind in ((config_cls, "Config"), (quantizer_cls, "Quantizer")):
+        cls.__name__ = cls.__qualname__ = f"Overdrive{cname}{tag}{kind}"
+        cls.__module__ = module
+        classes[cls.__name__] = cls
+    return config_cls, quantizer_cls
+
+
+def lazy_class(module: str, tag: str, classes: dict[str, type], register: Callable[[], object], name: str) -> type:
+    """Body of an adapter module's ``__getattr__``: a class named by :func:`name_classes`, registering
+    the quantizers on first access (so the name resolves in a fresh process, e.g. when unpickling)."""
+    if name.startswith("Overdrive") and (name.endswith(f"{tag}Config") or name.endswith(f"{tag}Quantizer")):
+        register()
+        if name in classes:
+            return classes[name]
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ import torch
 
 from overdrive.config import ConfigError
 
-from ._register import register_quantizers, run_once
+from ._register import lazy_class, name_classes, register_quantizers, run_once
 
 _classes: dict[str, type] = {}
 
@@ -139,18 +139,8 @@ def _build_classes(spec: Any) -> tuple[type, type]:
         def is_trainable(self) -> bool:
             return False
 
-    cname = "".join(p.capitalize() for p in name.split("_"))
-    Config.__name__ = Config.__qualname__ = f"Overdrive{cname}DiffusersConfig"
-    Quantizer.__name__ = Quantizer.__qualname__ = f"Overdrive{cname}DiffusersQuantizer"
-    for cls in (Config, Quantizer):
-        cls.__module__ = __name__
-        _classes[cls.__name__] = cls
-    return Config, Quantizer
+    return name_classes(name, "Diffusers", __name__, _classes, Config, Quantizer)
 
 
 def __getattr__(name: str) -> Any:
-    if name.startswith("Overdrive") and (name.endswith("DiffusersConfig") or name.endswith("DiffusersQuantizer")):
-        register()
-        if name in _classes:
-            return _classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_class(__name__, "Diffusers", _classes, register, name)

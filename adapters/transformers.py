@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._register import register_quantizers, run_once
+from ._register import lazy_class, name_classes, register_quantizers, run_once
 
 _classes: dict[str, type] = {}
 
@@ -126,13 +126,7 @@ def _build_classes(spec: Any) -> tuple[type, type]:
         def is_trainable(self) -> bool:
             return False
 
-    cname = "".join(p.capitalize() for p in name.split("_"))
-    Config.__name__ = Config.__qualname__ = f"Overdrive{cname}HfConfig"
-    Quantizer.__name__ = Quantizer.__qualname__ = f"Overdrive{cname}HfQuantizer"
-    for cls in (Config, Quantizer):
-        cls.__module__ = __name__
-        _classes[cls.__name__] = cls
-    return Config, Quantizer
+    return name_classes(name, "Hf", __name__, _classes, Config, Quantizer)
 
 
 def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
@@ -141,8 +135,4 @@ def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    if name.startswith("Overdrive") and (name.endswith("HfConfig") or name.endswith("HfQuantizer")):
-        register()
-        if name in _classes:
-            return _classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_class(__name__, "Hf", _classes, register, name)
