@@ -1,6 +1,6 @@
 """ViDiT-Q against float and Diffusers' torchao int8 quantizer, measured in one run on one pipeline.
 
-    python -m overdrive.viditq.bench [--json OUT.json] [--quick]
+    python -m overdrive.viditq.bench [--json OUT.json] [--quick] [--size PX] [--double N --single N] [--repeat R]
 
 Pipeline: Flux (FluxPipeline, FlowMatch Euler, 4 steps, 64x64 px = 1024 image + 32 text tokens: the
 tiny VAE does not downsample)
@@ -104,11 +104,17 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
 
 
-def run(quick: bool = False, repeat: int = 2, threads: int | None = None) -> dict[str, Any]:
+def run(quick: bool = False, repeat: int = 2, threads: int | None = None, size: int | None = None,
+        double: int | None = None, single: int | None = None) -> dict[str, Any]:
+    """``size`` (px, default 64; 32 with ``quick``), ``double`` / ``single``: block counts replacing the model's."""
     from safetensors.torch import load_file, save_file
 
-    cfg = QUICK_FLUX if quick else BENCH_FLUX
-    size = 32 if quick else 64
+    cfg = dict(QUICK_FLUX if quick else BENCH_FLUX)
+    if double is not None:
+        cfg["num_layers"] = double
+    if single is not None:
+        cfg["num_single_layers"] = single
+    size = size or (32 if quick else 64)
     call = dict(height=size, width=size, num_inference_steps=STEPS, guidance_scale=3.5)
     tmp = Path(tempfile.mkdtemp(prefix="viditq-bench-"))
     pipe = build_pipeline(cfg)
@@ -167,7 +173,7 @@ def run(quick: bool = False, repeat: int = 2, threads: int | None = None) -> dic
         "device": f"CPU, {platform.machine()}, {torch.get_num_threads()} threads, no GPU",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "torchao": torchao_version},
         "pipeline": {"transformer": "FluxTransformer2DModel", "config": cfg, "denoiser_params": denoiser_params,
-                     "steps": STEPS, "size": size, "text_tokens": TEXT_TOKENS, "weights": "random (seed 0)",
+                     "steps": STEPS, "size": size, "repeat": repeat, "text_tokens": TEXT_TOKENS, "weights": "random (seed 0)",
                      "calibration_seeds": [100, 101], "eval_seeds": seeds},
         "kernel_backend_on_this_device": "torch reference of act8_linear (float64 GEMM on integer codes)",
         "calibrations": calibrations, "results": results,
@@ -190,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny model (seconds), for testing the script")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--size", type=int, default=None, help="image side in px (default 64; 32 with --quick)")
+    p.add_argument("--double", type=int, default=None, help="double-stream blocks (default 2; 1 with --quick)")
+    p.add_argument("--single", type=int, default=None, help="single-stream blocks (default 4; 1 with --quick)")
     args = p.parse_args(argv)
-    res = run(args.quick, args.repeat, args.threads)
+    res = run(args.quick, args.repeat, args.threads, args.size, args.double, args.single)
     print(table(res))
     if args.json:
         from overdrive.config import atomic_write_text
