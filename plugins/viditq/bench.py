@@ -2,9 +2,9 @@
 
     python -m overdrive.viditq.bench [--json OUT.json] [--quick] [--size PX] [--double N --single N] [--repeat R]
 
-Pipeline: Flux (FluxPipeline, FlowMatch Euler, 4 steps, 64x64 px = 1024 image + 32 text tokens: the
-tiny VAE does not downsample)
-with a random-weight transformer (``BENCH_FLUX``), no text encoders (prompt embeddings are inputs),
+Pipeline: Flux (FluxPipeline, FlowMatch Euler, 4 steps, by default 64x64 px = 1024 image + 32 text
+tokens: the tiny VAE does not downsample; ``--size``, ``--double``, ``--single`` change the size and the
+block counts) with a random-weight transformer (``BENCH_FLUX``), no text encoders (prompt embeddings are inputs),
 saved to a temporary directory and loaded back by each configuration with ``from_pretrained``.
 ViDiT-Q calibrates (default options unless the configuration says otherwise; the default W4A8 is
 ``viditq-w4a8-2ranges``) on two prompt embeddings (seeds 100, 101; ``overdrive.diffusers.calibrate`` +

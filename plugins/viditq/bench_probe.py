@@ -11,7 +11,6 @@ the wall clock of each pipeline call, and writes the final latents of each evalu
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,12 @@ def module_bytes(model: torch.nn.Module) -> int:
     return sum(tensor_bytes(p) for p in model.parameters()) + sum(tensor_bytes(b) for b in model.buffers())
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc/self/status. Not ``ru_maxrss``:
+    Linux carries it over fork + exec, so a probe would report its parent's peak."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -76,7 +77,7 @@ def main(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     pipe = load(job)
     load_s = time.perf_counter() - t0
-    rss_loaded = _rss_mib()
+    rss_loaded = _status_mib("VmRSS")
     dtype = getattr(torch, job["dtype"])
     inputs = load_file(job["inputs"])
     seeds = job["seeds"]
@@ -101,7 +102,7 @@ def main(job: dict[str, Any]) -> dict[str, Any]:
         "config": job["config"], "dtype": job["dtype"],
         "denoiser_bytes": module_bytes(pipe.transformer),
         "rss_after_load_mib": round(rss_loaded, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(_status_mib("VmHWM"), 1),
         "load_s": round(load_s, 3), "call_s": [round(x, 4) for x in times],
         "quantized_layers": sum(1 for m in pipe.transformer.modules() if type(m).__name__ == "ViDiTQLinear"),
     }
