@@ -106,7 +106,9 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)` / `disable` / `calibrate`: one hook layer "
                         "(`adapters/diffusers_hooks.py`): step/CFG-branch tracking, block and attention-module calls, "
                         "attention-op interception, exact restore, calibration recording/replay; per-model metadata "
-                        "(Flux, SD3, PixArt, Wan, CogVideoX, HunyuanVideo); several methods per pipeline",
+                        "(Flux, SD3, PixArt, Wan, CogVideoX, HunyuanVideo); several methods per pipeline; methods "
+                        "with quantized checkpoints (ViDiT-Q) also load through `DiffusionPipeline.from_pretrained` "
+                        "(a quantizer registered on `import overdrive.diffusers`)",
         Kind.FRAME_RATE: "`vg = overdrive.diffusers.enable(pipe, NAME)`, then `vg(**call)`: the pipeline's own loop "
                          "with a `callback_on_step_end` that swaps in the shorter latent after K steps, original noise "
                          "and per-block rotary positions through the hook layer, the pipeline's decode, frames restored "

@@ -78,3 +78,47 @@ def _trace(framework: str, registered: list[str], skipped: list[str]) -> None:
 def reset_for_tests() -> None:
     with _lock:
         _done.clear()
+
+
+def register_quantizers(framework: str, specs: list, mapping: dict, config_mapping: dict,
+                        build: Callable[[object], tuple[type, type]],
+                        install: Callable[[str, type, type], None]) -> tuple[list[str], list[str]]:
+    """Register one (config class, quantizer class) per method spec into a framework whose quantizers
+    live in two name-keyed maps (transformers, diffusers); never shadows a framework quantizer of the
+    same name unless forced, and skips names already registered by overdrive."""
+    registered: list[str] = []
+    skipped: list[str] = []
+    for spec in specs:
+        existing = mapping.get(spec.name)
+        if getattr(existing, "overdrive_method", None) == spec.name:
+            continue
+        reason = keep_intree(framework, spec.name, existing is not None or spec.name in config_mapping)
+        if reason:
+            skipped.append(reason)
+            continue
+        config_cls, quantizer_cls = build(spec)
+        install(spec.name, config_cls, quantizer_cls)
+        registered.append(spec.name)
+    return registered, skipped
+
+
+def name_classes(method: str, tag: str, module: str, classes: dict[str, type],
+                 config_cls: type, quantizer_cls: type) -> tuple[type, type]:
+    """Name a built (config, quantizer) pair ``Overdrive<Method><tag>Config`` / ``...Quantizer`` in
+    ``module`` (what reprs and pickling show) and keep them in ``classes`` for :func:`lazy_class`."""
+    cname = "".join(p.capitalize() for p in method.split("_"))
+    for cls, kind in ((config_cls, "Config"), (quantizer_cls, "Quantizer")):
+        cls.__name__ = cls.__qualname__ = f"Overdrive{cname}{tag}{kind}"
+        cls.__module__ = module
+        classes[cls.__name__] = cls
+    return config_cls, quantizer_cls
+
+
+def lazy_class(module: str, tag: str, classes: dict[str, type], register: Callable[[], object], name: str) -> type:
+    """Body of an adapter module's ``__getattr__``: a class named by :func:`name_classes`, registering
+    the quantizers on first access (so the name resolves in a fresh process, e.g. when unpickling)."""
+    if name.startswith("Overdrive") and (name.endswith(f"{tag}Config") or name.endswith(f"{tag}Quantizer")):
+        register()
+        if name in classes:
+            return classes[name]
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")

@@ -128,8 +128,14 @@ def enable(pipe: Any, method: str, config: MethodConfig | Mapping[str, Any] | No
 
     session = session_of(model)
     if session is not None and spec.name in session.methods:
-        raise RuntimeError(f"{spec.name!r} is already enabled on this pipeline; call "
-                           "overdrive.diffusers.disable(pipe) first")
+        if not (session.loaded and session.methods == [spec.name] and session.pipeline is None
+                and not isinstance(pipe, torch.nn.Module)):
+            raise RuntimeError(f"{spec.name!r} is already enabled on this pipeline; call "
+                               "overdrive.diffusers.disable(pipe) first")
+        # a quantized denoiser loaded with from_pretrained carries the method's hooks without its
+        # pipeline: attach them again with the pipeline (its scheduler gives every run's step count)
+        session.detach()
+        session = None
     cfg = spec.make_config(config, **options)
     info = denoiser_info(model)
     pipeline = None if isinstance(pipe, torch.nn.Module) else pipe
@@ -330,6 +336,40 @@ def calibrate_command(args: argparse.Namespace) -> int:
     except (ConfigError, TypeError) as e:
         print(f"{label}: {e}", file=sys.stderr)
         return 2
-    artifact.save(args.output)
+    if getattr(artifact, "denoiser_checkpoint", False):
+        write_pipeline(args.pipeline, args.output, artifact)
+    else:
+        artifact.save(args.output)
     print(f"wrote {args.output}: {artifact.summary()}")
     return 0
+
+
+def write_pipeline(source: Path, output: Path, artifact: Any, denoiser: str = "transformer") -> Path:
+    """A pipeline directory at ``output`` (must not exist): every component of the pipeline directory
+    ``source`` except its ``denoiser`` folder (hard-linked where the filesystem allows, else copied),
+    and the artifact's denoiser checkpoint in its place; atomic."""
+    import os
+    import shutil
+
+    from overdrive.checkpoint import atomic_directory
+
+    source, output = Path(source), Path(output)
+    if not (source / denoiser).is_dir():
+        raise ConfigError(f"--pipeline {source}: no {denoiser}/ folder to replace with the quantized denoiser")
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    with atomic_directory(output) as tmp:
+        for entry in source.iterdir():
+            if entry.name == denoiser or entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name, copy_function=link_or_copy)
+            else:
+                link_or_copy(str(entry), str(tmp / entry.name))
+        artifact.save(tmp / denoiser)
+    return output

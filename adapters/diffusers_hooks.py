@@ -25,8 +25,10 @@ outputs). Private diffusers symbols used here (and only here) are listed in docs
 from __future__ import annotations
 
 import dataclasses
+import json
 import weakref
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +208,7 @@ class Session:
         self._rotary: dict[tuple, Any] = {}         # per-frame-position rotary tables of that call
         self.cache_context: Any = None  # diffusers' CacheContext of the denoiser call in progress
         self._installed: list[tuple[torch.nn.Module, str, bool, bool]] = []
+        self.loaded = False  # attached by a quantizer while from_pretrained loaded the denoiser
 
     # -- DenoiserSession --------------------------------------------------------------------------
     @property
@@ -269,19 +272,30 @@ class Session:
         self._invalidate()
         return hooks
 
+    @property
+    def pipeline(self) -> Any:
+        return self._pipeline() if self._pipeline is not None else None
+
     def remove(self, hooks: DiTHooks) -> None:
+        """Take one method's ``hooks`` off (its ``detached()`` is called); the last one detaches all."""
         self.stack = [(n, h) for n, h in self.stack if h is not hooks]
         if not self.stack:
             self.detach()
         else:
             self._rechain()
+        hooks.detached()
 
     def detach(self) -> None:
+        """Remove every hook the layer installed, then let each method undo what it changed on the
+        model itself (``DiTHooks.detached``)."""
+        removed = [h for _, h in self.stack] if self._installed else []
         self._remove_installed(0)
         self.stack.clear()
         self._rechain()
         self.tracker.clear()
         self._invalidate()
+        for hooks in removed:
+            hooks.detached()
 
     def _rechain(self) -> None:
         self._chains = {level: [h for _, h in self.stack if _overrides(h, level)] for level in _LEVELS}
@@ -554,7 +568,39 @@ class PipelineCalibration:
     def replay(self, calls: Sequence[RecordedCall]) -> list[torch.Tensor]:
         return [replay(self.module, c) for c in calls]
 
+    def denoiser_writer(self) -> Callable[..., Path]:
+        model = self.module
+        return lambda path, tensors, quantization_config, replaced: write_denoiser(
+            model, path, tensors, quantization_config, replaced)
+
     def close(self) -> None:
         for s in self._sessions:
             s.detach()
         self._sessions.clear()
+
+
+# ------------------------------------------------------------------------- denoiser checkpoints
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' single-file weights name
+
+
+def write_denoiser(model: torch.nn.Module, path: Any, tensors: Mapping[str, torch.Tensor],
+                   quantization_config: Mapping[str, Any], replaced: Sequence[str]) -> Path:
+    """Write ``model`` as a diffusers model directory (config.json + safetensors), atomically: the
+    tensors of the modules in ``replaced`` are dropped, ``tensors`` added, and ``quantization_config``
+    goes into config.json (``from_pretrained`` then picks the registered quantizer)."""
+    from safetensors.torch import save_file
+
+    from overdrive.checkpoint import atomic_directory
+
+    prefixes = tuple(f"{r}." for r in replaced)
+    out = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    clash = sorted(set(out) & set(tensors))
+    if clash:
+        raise ValueError(f"write_denoiser: tensors {clash[:3]} are both kept and replaced")
+    out.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    config = json.loads(model.to_json_string())
+    config["quantization_config"] = dict(quantization_config)
+    with atomic_directory(Path(path)) as tmp:
+        save_file(out, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(path)

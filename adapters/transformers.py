@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._register import keep_intree, run_once
+from ._register import lazy_class, name_classes, register_quantizers, run_once
 
 _classes: dict[str, type] = {}
 
@@ -62,28 +62,18 @@ def _register() -> tuple[list[str], list[str]]:
     import overdrive
     from overdrive.kinds import Kind
 
-    registered: list[str] = []
-    skipped: list[str] = []
     specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
     if not specs:
-        return registered, skipped
+        return [], []
     from transformers.quantizers import auto
 
-    for spec in specs:
-        existing = auto.AUTO_QUANTIZER_MAPPING.get(spec.name)
-        if getattr(existing, "overdrive_method", None) == spec.name:
-            continue
-        reason = keep_intree("transformers", spec.name, existing is not None
-                             or spec.name in auto.AUTO_QUANTIZATION_CONFIG_MAPPING)
-        if reason:
-            skipped.append(reason)
-            continue
-        config_cls, quantizer_cls = _build_classes(spec)
-        # the registration functions raise on a duplicate name: we checked above
-        auto.register_quantization_config(spec.name)(config_cls)
-        auto.register_quantizer(spec.name)(quantizer_cls)
-        registered.append(spec.name)
-    return registered, skipped
+    def install(name: str, config_cls: type, quantizer_cls: type) -> None:
+        # the registration functions raise on a duplicate name: register_quantizers checked it
+        auto.register_quantization_config(name)(config_cls)
+        auto.register_quantizer(name)(quantizer_cls)
+
+    return register_quantizers("transformers", specs, auto.AUTO_QUANTIZER_MAPPING,
+                               auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _build_classes, install)
 
 
 def _build_classes(spec: Any) -> tuple[type, type]:
@@ -136,13 +126,7 @@ def _build_classes(spec: Any) -> tuple[type, type]:
         def is_trainable(self) -> bool:
             return False
 
-    cname = "".join(p.capitalize() for p in name.split("_"))
-    Config.__name__ = Config.__qualname__ = f"Overdrive{cname}HfConfig"
-    Quantizer.__name__ = Quantizer.__qualname__ = f"Overdrive{cname}HfQuantizer"
-    for cls in (Config, Quantizer):
-        cls.__module__ = __name__
-        _classes[cls.__name__] = cls
-    return Config, Quantizer
+    return name_classes(name, "Hf", __name__, _classes, Config, Quantizer)
 
 
 def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
@@ -151,8 +135,4 @@ def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    if name.startswith("Overdrive") and (name.endswith("HfConfig") or name.endswith("HfQuantizer")):
-        register()
-        if name in _classes:
-            return _classes[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_class(__name__, "Hf", _classes, register, name)

@@ -5,6 +5,11 @@ Weights are symmetric per output channel: ``W[n, :] = q[n, :] * w_scales[n]`` wi
 unsigned codes ``q + 8`` packed 8 per int32 word, overdrive.kernels.packing). Activations are
 quantized per token on the fly: ``sx[m] = max|x[m, :]| / 127``, ``xq = round(x / sx)`` (half away from
 zero). ``y = (xq @ q.T) * sx[:, None] * w_scales[None, :] + bias`` with exact integer accumulation.
+
+Optional ``smooth`` (K,) is a per-input-channel divisor applied before the activation is quantized
+(SmoothQuant-style channel balancing: the weights were multiplied by it before they were quantized):
+``x~ = x / smooth``, then ``x~`` is quantized per token as above. The division is fused into the
+kernel's quantization (no extra pass over the activations).
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ def round_half_away(v: torch.Tensor) -> torch.Tensor:
     return torch.sign(v) * torch.floor(v.abs() + 0.5)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes as float64, per-token scales float64) of a (M, K) activation."""
+def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes as float64, per-token scales float64) of a (M, K) activation (divided by ``smooth``)."""
     xd = x.to(torch.float64)
+    if smooth is not None:
+        xd = xd / smooth.to(torch.float64)
     sx = xd.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
     return round_half_away(xd / sx[:, None]).clamp(-127, 127), sx
 
@@ -35,10 +42,10 @@ def weight_codes(qweight: torch.Tensor, wbits: int, k: int) -> torch.Tensor:
 
 
 def act8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, wbits: int,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
+                          bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> torch.Tensor:
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    xq, sx = quantize_per_token(x2)
+    xq, sx = quantize_per_token(x2, smooth)
     acc = xq @ weight_codes(qweight, wbits, k).T  # exact: |terms| <= 127*127*K < 2**53
     y = acc * sx[:, None] * w_scales.to(torch.float64)[None, :]
     if bias is not None:
@@ -51,8 +58,9 @@ _OP = register_op(Op("act8_linear", act8_linear_reference, "act8_linear:act8_lin
 
 
 def act8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, wbits: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``y = Qa(x) @ W.T + bias`` for W8A8 (``wbits=8``) or W4A8 (``wbits=4``); format in the module doc."""
+                bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = Qa(x / smooth) @ W.T + bias`` for W8A8 (``wbits=8``) or W4A8 (``wbits=4``); format in the
+    module doc (``smooth`` None: no channel balancing)."""
     if wbits not in (4, 8):
         raise ValueError(f"act8_linear: wbits={wbits} is not supported; use 4 or 8")
     if x.dtype not in ACT_DTYPES:
@@ -68,4 +76,9 @@ def act8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, 
                          f"{tuple(w_scales.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"act8_linear: bias has shape {tuple(bias.shape)}, expected ({n},)")
-    return _OP(x, qweight, w_scales, wbits, bias, device=x.device)
+    if smooth is not None and (tuple(smooth.shape) != (k,) or not smooth.dtype.is_floating_point):
+        raise ValueError(f"act8_linear: smooth must be a floating ({k},) tensor (one divisor per input channel), "
+                         f"got {smooth.dtype} {tuple(smooth.shape)}")
+    if smooth is None:  # keep the call signature of kernels that predate `smooth`
+        return _OP(x, qweight, w_scales, wbits, bias, device=x.device)
+    return _OP(x, qweight, w_scales, wbits, bias, smooth=smooth, device=x.device)

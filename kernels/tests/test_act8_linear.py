@@ -23,10 +23,13 @@ def _inputs(m, k, n, wbits, dtype=torch.float32, seed=0):
     return x, q, codes, torch.rand(n, generator=g) / 50 + 1e-3, torch.randn(n, generator=g)
 
 
-def _float64(x, codes, ws, bias, quant_dtype=torch.float64):
+def _float64(x, codes, ws, bias, quant_dtype=torch.float64, smooth=None):
     """float64 GEMM of the per-token int8 codes; ``quant_dtype`` is the arithmetic of the scale and the
-    division (the Triton kernel quantizes in IEEE fp32: float64 would round rare near-ties differently)."""
+    division (the Triton kernel quantizes in IEEE fp32: float64 would round rare near-ties differently);
+    ``smooth``: per-input-channel divisor of x before quantization."""
     xd = x.to(quant_dtype)
+    if smooth is not None:
+        xd = xd / smooth.to(quant_dtype)
     sx = xd.abs().amax(-1) / 127
     v = xd / sx[:, None]
     xq = torch.clamp(torch.sign(v) * torch.floor(v.abs() + 0.5), -127, 127).double()
@@ -62,6 +65,42 @@ def test_triton_kernel_in_interpreter(interpret, wbits, m, k, n):
     torch.testing.assert_close(got.double(), _float64(x, codes, ws, b), rtol=1e-3, atol=1e-3)
 
 
+def _smooth(k, seed):
+    # channel-balancing divisors spanning two orders of magnitude, as SmoothQuant factors do
+    return torch.exp(torch.randn(k, generator=torch.Generator().manual_seed(seed)) * 1.5)
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("m,k,n", SHAPES[:4])
+def test_smooth_divides_each_input_channel_before_quantization(wbits, m, k, n):
+    x, q, codes, ws, b = _inputs(m, k, n, wbits)
+    s = _smooth(k, m + k)
+    got = act8_linear_reference(x, q, ws, wbits, b, smooth=s).double()
+    torch.testing.assert_close(got, _float64(x, codes, ws, b, smooth=s), rtol=1e-5, atol=1e-5)
+    # not the same as quantizing x itself: the divisor changes which channels dominate a token's scale
+    assert not torch.allclose(got, _float64(x, codes, ws, b), rtol=1e-3, atol=1e-3)
+    # closed form: smooth = 2**j scales the codes' input exactly like x / 2**j does
+    p2 = 2.0 ** torch.arange(k).remainder(3)
+    torch.testing.assert_close(act8_linear_reference(x, q, ws, wbits, b, smooth=p2),
+                               act8_linear_reference(x / p2, q, ws, wbits, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_triton_kernel_with_smooth_in_interpreter(interpret, wbits, m, k, n):
+    mod = interpret("act8_linear")
+    x, q, codes, ws, b = _inputs(m, k, n, wbits, seed=7 * m + k)
+    s = _smooth(k, n)
+    got = mod.act8_linear(x, q, ws, wbits, b, smooth=s)
+    ref = _float64(x, codes, ws, b, smooth=s)
+    xs = x.double() / s.double()
+    step = (xs.abs().amax(-1, keepdim=True) / 127) * ws.double()[None, :] * (127 if wbits == 8 else 7)
+    assert ((got.double() - ref).abs() <= step + 1e-4).all()  # at most one code step at an fp32 tie
+    torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-3)
+    # the kernel's own fp32 arithmetic (x / s, then / sx), as torch computes it: equal up to accumulation order
+    torch.testing.assert_close(got.double(), _float64(x, codes, ws, b, torch.float32, smooth=s), rtol=1e-5, atol=1e-4)
+
+
 def test_bad_input_names_the_tensor():
     x, q, codes, ws, b = _inputs(2, 16, 4, 8)
     with pytest.raises(ValueError, match=r"qweight has shape \(4, 16\) and dtype torch.int8, expected \(4, 2\)"):
@@ -70,6 +109,8 @@ def test_bad_input_names_the_tensor():
         act8_linear(x, q, ws[:3], 8)
     with pytest.raises(ValueError, match="wbits=3"):
         act8_linear(x, q, ws, 3)
+    with pytest.raises(ValueError, match=r"smooth must be a floating \(16,\) tensor"):
+        act8_linear(x, q, ws, 8, smooth=torch.ones(15))
 
 
 @pytest.mark.gpu

@@ -9,8 +9,9 @@ from . import as_2d_with_output
 
 
 @triton.jit
-def _act8_kernel(x_ptr, q_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_words, sxm, sxk, sym, syn,
-                 WBITS: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _act8_kernel(x_ptr, q_ptr, ws_ptr, b_ptr, s_ptr, y_ptr, M, N, K, n_words, sxm, sxk, sym, syn,
+                 WBITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -22,8 +23,12 @@ def _act8_kernel(x_ptr, q_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_words, sxm, sxk,
     amax = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & (kk[None, :] < K),
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:  # channel balancing: x / smooth[k] (masked channels divide 0 by 1)
+            sm = tl.load(s_ptr + kk, mask=kk < K, other=1.0).to(tl.float32)
+            x = tl.math.div_rn(x, tl.broadcast_to(sm[None, :], x.shape))
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
     # IEEE-rounded fp32 divisions (div_rn), as torch computes them: GPU `/` is approximate and would
     # move rounding ties of the activation codes
     sx = tl.math.div_rn(tl.maximum(amax, 1e-12), tl.full(amax.shape, 127.0, tl.float32))
@@ -32,8 +37,12 @@ def _act8_kernel(x_ptr, q_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_words, sxm, sxk,
     for k0 in range(0, K, BK):
         kk = k0 + rk
         k_ok = kk < K
-        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(sx[:, None], x.shape))
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            sm = tl.load(s_ptr + kk, mask=k_ok, other=1.0).to(tl.float32)
+            x = tl.math.div_rn(x, tl.broadcast_to(sm[None, :], x.shape))
+        v = tl.math.div_rn(x, tl.broadcast_to(sx[:, None], x.shape))
         v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(-v + 0.5))
         xq = tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
         mask2 = k_ok[:, None] & n_ok[None, :]
@@ -52,7 +61,8 @@ def _act8_kernel(x_ptr, q_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, n_words, sxm, sxk,
 
 
 def act8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, wbits: int,
-                bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                smooth: torch.Tensor | None = None) -> torch.Tensor:
     N = qweight.shape[0]
     x2, y = as_2d_with_output(x, N, out)
     M, K = x2.shape
@@ -60,7 +70,8 @@ def act8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, 
         q = qweight.contiguous()
         bm = 16 if M <= 16 else 64
         grid = (triton.cdiv(M, bm), triton.cdiv(N, 64))
-        _act8_kernel[grid](x2, q, w_scales, bias if bias is not None else w_scales, y, M, N, K, q.shape[1],
+        _act8_kernel[grid](x2, q, w_scales, bias if bias is not None else w_scales,
+                           smooth.contiguous() if smooth is not None else w_scales, y, M, N, K, q.shape[1],
                            x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-                           WBITS=wbits, HAS_BIAS=bias is not None, BM=bm, BN=64, BK=64)
+                           WBITS=wbits, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None, BM=bm, BN=64, BK=64)
     return y.reshape(*x.shape[:-1], N)

@@ -243,6 +243,10 @@ class DiTHooks:
     def reset_caches(self) -> None:
         """Every run ended (end of a pipeline call, or :meth:`reset`): drop per-run state."""
 
+    def detached(self) -> None:
+        """The layer removed its hooks (``detach()``): undo whatever the method changed on the model
+        itself (e.g. put back modules it replaced), so the model is exactly as before."""
+
     # -- for users -----------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every run and cache: the next denoiser call starts a new run."""
@@ -291,9 +295,25 @@ class CalibrationRun(Protocol):
         """Run the denoiser on recorded calls, each in its recorded step context (not re-inferred),
         through the attached hooks; returns the prediction tensors."""
 
+    def denoiser_writer(self) -> "DenoiserWriter":
+        """A writer of the denoiser as a framework model directory with some modules replaced
+        (for methods whose artifact is a quantized checkpoint); usable after calibration returns."""
+
+
+class DenoiserWriter(Protocol):
+    def __call__(self, path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                 quantization_config: dict[str, Any], replaced: Sequence[str]) -> Path:
+        """Write (atomically) the denoiser's config with ``quantization_config`` added and its weights,
+        where the tensors of the modules named in ``replaced`` are dropped and ``tensors`` added."""
+
 
 class CalibrationArtifact(Protocol):
-    """What ``calibrate`` returns: something that saves itself (atomically) and describes itself."""
+    """What ``calibrate`` returns: something that saves itself (atomically) and describes itself.
+
+    An artifact with ``denoiser_checkpoint = True`` saves a denoiser model directory (quantized
+    weights); ``overdrive calibrate`` then writes a whole pipeline directory around it (the input
+    pipeline's other components, linked or copied) that ``DiffusionPipeline.from_pretrained`` loads.
+    """
 
     def save(self, path: str | os.PathLike[str]) -> Path: ...
 
@@ -301,7 +321,15 @@ class CalibrationArtifact(Protocol):
 
 
 class DiTCacheMethod(abc.ABC):
-    """Implement this (and return it as ``MethodSpec.impl``) to reach the diffusers adapter."""
+    """Implement this (and return it as ``MethodSpec.impl``) to reach the diffusers adapter.
+
+    Methods whose artifact is a quantized denoiser checkpoint set ``checkpoint_format = True`` and
+    implement :meth:`prepare_checkpoint` / :meth:`finish_checkpoint`: the diffusers adapter then
+    registers a quantizer under the method's name, so ``from_pretrained`` loads a checkpoint whose
+    config says ``quantization_config.quant_method == name`` and attaches the method's hooks.
+    """
+
+    checkpoint_format: bool = False
 
     @abc.abstractmethod
     def hooks(self, session: DenoiserSession, cfg: MethodConfig) -> DiTHooks:
@@ -314,6 +342,17 @@ class DiTCacheMethod(abc.ABC):
     def calibration_options(self, args: argparse.Namespace) -> dict[str, Any]:
         """Map the method's own ``overdrive calibrate`` options to :meth:`calibrate` keywords."""
         return {}
+
+    def prepare_checkpoint(self, model: torch.nn.Module, info: DenoiserInfo,
+                           quantization_config: dict[str, Any]) -> tuple[MethodConfig, list[str]]:
+        """Before a checkpoint's weights load (the model's parameters are on the meta device): put the
+        method's modules in place of those the checkpoint replaced. Returns the config :meth:`hooks`
+        gets once loading finished and the names of the replaced modules (their tensors load as
+        stored: dtypes kept)."""
+        raise NotImplementedError(f"{type(self).__name__} has no checkpoint format")
+
+    def finish_checkpoint(self, model: torch.nn.Module, cfg: MethodConfig) -> None:
+        """After the weights loaded: check that every replaced module got its tensors (ConfigError)."""
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
