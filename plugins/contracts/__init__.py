@@ -5,7 +5,7 @@ Only the contracts that methods already need are defined; the others arrive with
 """
 from .dit_cache import (Attachment, AttentionOp, CalibrationArtifact, CalibrationRun, DenoiserInfo, DenoiserSession,
                         DiTCacheMethod, DiTHooks, ModuleCall, RecordedCall, StepContext)
-from .kv_cache import (KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch,
+from .kv_cache import (HeadSpans, KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch,
                        PagedGeometry, fold_qk_scale)
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
 from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMethod, check_shared_tokenizer, route_mask,
@@ -13,7 +13,7 @@ from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMe
 from .weight_quant import ParamSpec, WeightQuantMethod
 
 __all__ = ["Attachment", "AttentionOp", "CalibrationArtifact", "CalibrationRun", "DenoiserInfo", "DenoiserSession",
-           "DiTCacheMethod", "DiTHooks", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
+           "DiTCacheMethod", "DiTHooks", "HeadSpans", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
            "ModelIdentity", "ModuleCall", "PagedBatch", "PagedGeometry", "ParamSpec", "RecordedCall", "RoutedSequence",
            "Router", "RouterInputs", "Selection", "StepContext", "TokenReductionMethod", "TokenRoutingMethod",
            "VideoGrid", "VisionSpan", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",
