@@ -1,0 +1,310 @@
+"""MoA vs dense attention and vs uniform spans at equal density on a real small LLM (a benchmark, not a test).
+
+    python -m overdrive.moa.bench [--model DIR] [--plan PLAN.json] [--json OUT] [--quick]
+
+Default model: SmolLM2-135M-Instruct (overdrive.testing.real; 30 layers, 9 query / 3 KV heads). Text:
+Newton's *Opticks* as shipped in ``apache-tvm-ffi``: the plan is calibrated on the First Book by the real
+CLI (``overdrive calibrate --method moa``, a subprocess: wall time recorded), everything else is measured on
+the Second and Third Books. Baselines get the same sink (64) and smallest span, and the same mean density
+as the MoA plan at the evaluation length:
+
+* ``streamingllm``: one fixed window for every head (beta = 0), StreamingLLM's sink + recent window;
+* ``uniform-elastic``: one elastic span for every head (alpha = 0, beta matched), the paper's uniform baseline.
+
+Measured:
+
+1. **perplexity** on ``--eval-chunks`` chunks of ``--eval-len`` tokens, every position (the span rule is per
+   query, so one forward through the span cache equals token-by-token decoding);
+2. **attention-output error**: per layer, ||O_sparse - O_dense|| / ||O_dense|| with the dense model's q/k/v,
+   at ``--long-len`` (beyond the calibration lengths) on (a) evaluation text and (b) synthetic passkey
+   contexts (filler sentences with a 5-digit key at a random depth and the question at the end);
+3. **decode**: after a ``--long-len`` prompt, the median time of a decode step through transformers (dense:
+   ``DynamicCache`` + SDPA; sparse: overdrive's span cache), the K/V bytes each decode step reads (per
+   layer and KV head: the sink + window positions vs every position) and the KV memory held.
+
+On CPU the span kernels run their torch implementations (``overdrive.kernels.span_attention``); the Triton
+kernels' numbers come from ``python -m overdrive.kernels.bench --op span_attention`` on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from overdrive.contracts.kv_cache import ModelIdentity
+
+from .config import MoAPlan, uniform_plan
+
+RECORD = "overdrive_moa_bench_record"
+_RECORDED: dict[int, tuple] = {}
+
+
+def _record_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _RECORDED[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _load(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def calibrate_cli(model: Path, text: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "moa", "--model", str(model), "--output",
+           str(out), "--density", str(args.density), "--max-len", str(args.calib_max_len), "--samples",
+           str(args.calib_samples), "--sink", str(args.sink), "--min-span", str(args.min_span), "--data", str(text)]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OVERDRIVE_PROGRESS": "0"})
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr[-3000:]}")
+    return {"seconds": time.perf_counter() - t, "command": " ".join(cmd[1:]), "stdout": r.stdout.strip()}
+
+
+def matched_baselines(plan: MoAPlan, ident: ModelIdentity, length: int) -> dict[str, MoAPlan]:
+    """Uniform plans with (as nearly as integers allow) the plan's mean density at ``length``."""
+    target = plan.density_at(length)
+    lo, hi = plan.min_span, length
+    while lo < hi:  # smallest fixed window reaching the target
+        mid = (lo + hi) // 2
+        if uniform_plan(ident, float(mid), 0.0, sink=plan.sink, min_span=plan.min_span).density_at(length) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    a, b = 0.0, 1.0
+    for _ in range(40):  # bisection on beta for alpha = 0
+        m = (a + b) / 2
+        if uniform_plan(ident, 0.0, m, sink=plan.sink, min_span=plan.min_span).density_at(length) < target:
+            a = m
+        else:
+            b = m
+    return {"streamingllm": uniform_plan(ident, float(lo), 0.0, sink=plan.sink, min_span=plan.min_span),
+            "uniform-elastic": uniform_plan(ident, 0.0, b, sink=plan.sink, min_span=plan.min_span)}
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, plan: MoAPlan | None) -> float:
+    import overdrive.transformers as ot
+
+    nll, count = 0.0, 0
+    for row in ids:
+        row = row[None]
+        if plan is None:
+            model.set_attn_implementation("sdpa")
+            logits = model(input_ids=row, use_cache=False).logits
+        else:
+            logits = model(input_ids=row, past_key_values=ot.kv_cache(model, "moa", plan=plan), use_cache=True).logits
+        lg = logits[:, :-1].double()
+        nll += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), row[:, 1:].reshape(-1),
+                                                       reduction="sum"))
+        count += row.shape[1] - 1
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def attention_error(model: torch.nn.Module, ids: torch.Tensor, plans: dict[str, MoAPlan]) -> dict[str, Any]:
+    """Mean over layers (and contexts) of the relative attention-output error vs dense, per plan."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from overdrive.kernels.span_attention import span_prefill_attention
+
+    AttentionInterface.register(RECORD, _record_attention)
+    AttentionMaskInterface.register(RECORD, sdpa_mask)
+    out: dict[str, list[float]] = {name: [] for name in plans}
+    per_layer: dict[str, list[float]] = {name: [0.0] * model.config.num_hidden_layers for name in plans}
+    for row in ids:
+        _RECORDED.clear()
+        model.set_attn_implementation(RECORD)
+        model(input_ids=row[None], use_cache=False)
+        n = row.numel()
+        for i, (q, k, v, scale) in sorted(_RECORDED.items()):
+            hq, hk, d = q.shape[1], k.shape[1], q.shape[-1]
+            dense = F.scaled_dot_product_attention(q, k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1),
+                                                   is_causal=True, scale=scale)[0].transpose(0, 1)  # (N, Hq, D)
+            qt, kt, vt = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+            for name, plan in plans.items():
+                starts = plan.head_spans(i).starts(torch.arange(1, n + 1), plan.sink)
+                got = span_prefill_attention(qt, kt, vt, [0, n], starts, plan.sink, scale)
+                e = float((got - dense).norm() / dense.norm())
+                out[name].append(e)
+                per_layer[name][i] += e / ids.shape[0]
+    model.set_attn_implementation("sdpa")
+    return {name: {"mean": statistics.mean(v), "max_layer": max(per_layer[name]), "per_layer": per_layer[name]}
+            for name, v in out.items()}
+
+
+def passkey_contexts(tokenizer, n_tokens: int, count: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic long contexts: filler sentences, a 5-digit pass key at a random depth, the question last."""
+    g = torch.Generator().manual_seed(seed)
+    filler = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+    rows = []
+    for _ in range(count):
+        key = int(torch.randint(10000, 99999, (1,), generator=g))
+        needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        question = " What is the pass key? The pass key is"
+        body = tokenizer(filler * (n_tokens // 10), add_special_tokens=False).input_ids
+        nid, qid = tokenizer(needle, add_special_tokens=False).input_ids, tokenizer(question, add_special_tokens=False).input_ids
+        room = n_tokens - len(nid) - len(qid)
+        at = int(torch.randint(0, room, (1,), generator=g))
+        rows.append(body[:at] + nid + body[at:room] + qid)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def decode_cost(model: torch.nn.Module, prompt: torch.Tensor, plan: MoAPlan | None, steps: int) -> dict[str, Any]:
+    """Median decode-step time after ``prompt`` (1, L), K/V bytes read per step and KV bytes held."""
+    import overdrive.transformers as ot
+    from transformers import DynamicCache
+
+    ident = ModelIdentity.from_hf_config(model.config)
+    L = prompt.shape[1]
+    el = 4
+    if plan is None:
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = ot.kv_cache(model, "moa", plan=plan)
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+        tok = out.logits[:, -1:].argmax(-1)
+    dense_read = (L + 1) * ident.num_layers * ident.num_kv_heads * 2 * ident.head_size * el
+    if plan is None:
+        read, held = dense_read, L * ident.num_layers * ident.num_kv_heads * 2 * ident.head_size * el
+    else:
+        n = torch.tensor([L + 1])
+        read = 0
+        for i in range(ident.num_layers):
+            st = plan.head_spans(i).starts(n, plan.sink)[0]
+            read += int((min(plan.sink, L + 1) + (L + 1 - st).clamp_min(0)).sum()) * 2 * ident.head_size * el
+        held = sum(layer.memory_bytes() for layer in cache.layers)
+    return {"step_seconds": statistics.median(times), "kv_read_bytes_per_token": read,
+            "kv_read_fraction": read / dense_read, "kv_bytes_held": held}
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from overdrive.testing.real import opticks_split
+
+    calib_text, eval_text = opticks_split()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = _load(args.model)
+    ident = ModelIdentity.from_hf_config(model.config)
+    calib = None
+    if args.plan is None:
+        text = workdir / "calibration.txt"
+        text.write_text(calib_text)
+        args.plan = workdir / "plan.json"
+        calib = calibrate_cli(args.model, text, args.plan, args)
+        print(calib["stdout"], flush=True)
+    plan = MoAPlan.load(args.plan)
+    plans = {"moa": plan, **matched_baselines(plan, ident, args.eval_len)}
+    stream = tok(eval_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = stream[:args.eval_chunks * args.eval_len].reshape(args.eval_chunks, args.eval_len)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, p in [("dense", None), *plans.items()]:
+        t = time.perf_counter()
+        rows[name] = {"perplexity": perplexity(model, ids, p), "eval_seconds": time.perf_counter() - t,
+                      "density_at_eval_len": 1.0 if p is None else p.density_at(args.eval_len),
+                      "density_at_long_len": 1.0 if p is None else p.density_at(args.long_len)}
+        if p is not None:
+            rows[name]["spans"] = {"alpha": [layer["alpha"] for layer in p.layers], "beta": [layer["beta"] for layer in p.layers]}
+        print(f"{name}: perplexity {rows[name]['perplexity']:.3f}", flush=True)
+    long_text = stream[-args.long_chunks * args.long_len:].reshape(args.long_chunks, args.long_len)
+    err_text = attention_error(model, long_text, plans)
+    err_key = attention_error(model, passkey_contexts(tok, args.long_len, args.long_chunks), plans)
+    for name in plans:
+        rows[name]["attention_error_text"] = err_text[name]
+        rows[name]["attention_error_passkey"] = err_key[name]
+        print(f"{name}: attention error text {err_text[name]['mean']:.4f}, passkey {err_key[name]['mean']:.4f}",
+              flush=True)
+    for name, p in [("dense", None), *plans.items()]:
+        rows[name]["decode"] = decode_cost(model, long_text[:1], p, args.decode_steps)
+        d = rows[name]["decode"]
+        print(f"{name}: decode step {d['step_seconds'] * 1e3:.1f} ms, KV read/token {d['kv_read_bytes_per_token'] / 2**20:.2f} "
+              f"MiB ({d['kv_read_fraction']:.3f} of dense), held {d['kv_bytes_held'] / 2**20:.2f} MiB", flush=True)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
+        "model": str(args.model), "identity": ident.to_dict(), "torch": torch.__version__,
+        "calibration": calib, "plan": str(args.plan), "plan_calibration": plan.calibration,
+        "text": {"calibration": "Newton, Opticks (1730), the First Book (apache-tvm-ffi "
+                                "tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt)",
+                 "evaluation": "the same file, the Second and Third Books"},
+        "eval": {"chunks": args.eval_chunks, "len": args.eval_len}, "long": {"chunks": args.long_chunks, "len": args.long_len},
+        "decode_steps": args.decode_steps, "sink": plan.sink, "min_span": plan.min_span, "rows": rows,
+    }
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [f"| attention | density at {r['eval']['len']} / {r['long']['len']} | perplexity ({r['eval']['chunks']} x "
+             f"{r['eval']['len']}) | attention-output error, text / passkey ({r['long']['len']}) | decode step | "
+             "KV read per token | KV held |", "|---|---|---|---|---|---|---|"]
+    for name, x in r["rows"].items():
+        d = x["decode"]
+        err = (f"{x['attention_error_text']['mean']:.4f} / {x['attention_error_passkey']['mean']:.4f}"
+               if "attention_error_text" in x else "0 / 0")
+        lines.append(f"| {name} | {x['density_at_eval_len']:.3f} / {x['density_at_long_len']:.3f} | {x['perplexity']:.3f} | "
+                     f"{err} | {d['step_seconds'] * 1e3:.1f} ms | {d['kv_read_bytes_per_token'] / 2**20:.2f} MiB "
+                     f"({d['kv_read_fraction']:.2f}) | {d['kv_bytes_held'] / 2**20:.2f} MiB |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m overdrive.moa.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="a Llama-style checkpoint (default: SmolLM2-135M)")
+    ap.add_argument("--plan", type=Path, default=None, help="a MoA plan for the model (default: calibrate one)")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--calib-max-len", type=int, default=2048, help="calibration --max-len (lengths max/4, max/2)")
+    ap.add_argument("--calib-samples", type=int, default=2)
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--min-span", type=int, default=128)
+    ap.add_argument("--eval-chunks", type=int, default=4)
+    ap.add_argument("--eval-len", type=int, default=2048)
+    ap.add_argument("--long-chunks", type=int, default=2)
+    ap.add_argument("--long-len", type=int, default=4096)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    if args.model is None:
+        from overdrive.testing.real import smollm2_135m
+
+        args.model = smollm2_135m()
+    if args.quick:
+        args.calib_max_len, args.calib_samples, args.sink, args.min_span = 256, 1, 4, 16
+        args.eval_chunks, args.eval_len, args.long_chunks, args.long_len, args.decode_steps = 1, 192, 1, 320, 3
+    with tempfile.TemporaryDirectory(prefix="moa-bench-") as tmp:
+        r = run(args, Path(tmp))
+    print(f"{r['device']}  {r['date']}  model {r['model']}")
+    print(format_table(r))
+    if args.json:
+        from overdrive.config import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
