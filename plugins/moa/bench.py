@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-chunks", type=int, default=2)
     ap.add_argument("--long-len", type=int, default=4096)
     ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the measurements (1: small decode ops do not wait on a busy second core)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.calib_max_len, args.calib_samples, args.sink, args.min_span = 256, 1, 4, 16
         args.eval_chunks, args.eval_len, args.long_chunks, args.long_len, args.decode_steps = 1, 192, 1, 320, 3
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="moa-bench-") as tmp:
         r = run(args, Path(tmp))
     print(f"{r['device']}  {r['date']}  model {r['model']}")
