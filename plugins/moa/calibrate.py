@@ -32,14 +32,13 @@ import argparse
 import contextlib
 import contextvars
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from overdrive.config import ConfigError
+from overdrive.config import ConfigError, read_jsonl
 from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
 from overdrive.kernels.span_attention import span_prefill_attention
 from overdrive.progress import progress
@@ -257,21 +256,15 @@ def _context_ids(tokenizer, data: str) -> torch.Tensor:
         path = Path(data)
         if not path.is_file():
             raise ConfigError(f"--data {data}: file not found")
-        raw = path.read_text(encoding="utf-8", errors="replace")
         if path.suffix == ".jsonl":
             parts = []
-            for n, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{data}:{n}: not valid JSON ({e})") from None
+            for n, rec in read_jsonl(path):
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                     raise ConfigError(f"{data}:{n}: expected an object with a string 'text'")
                 parts.append(rec["text"])
-            raw = "\n\n".join(parts)
-        text = raw
+            text = "\n\n".join(parts)
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if ids.numel() == 0:
         raise ConfigError(f"--data {data}: no tokens")

@@ -161,3 +161,21 @@ def test_calibrate_in_process_meets_the_budget_at_every_length():
     assert val["plans"][val["chosen"]]["loss"] == min(p["loss"] for p in val["plans"])
     assert plan.sink == 4 and plan.min_span == 8 and len(plan.layers) == 2
     assert model.config._attn_implementation == "sdpa"  # the probe restored the model's attention
+
+
+def test_data_files(tmp_path):
+    from transformers import AutoTokenizer
+
+    from overdrive.moa.calibrate import _context_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama())
+    good = tmp_path / "d.jsonl"
+    good.write_text('{"text": "the quick brown fox"}\n\n{"text": "jumps over"}\n')
+    want = tok("the quick brown fox\n\njumps over", return_tensors="pt", add_special_tokens=False).input_ids[0]
+    assert torch.equal(_context_ids(tok, str(good)), want)
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "ok"}\n{"prompt": "no text"}\n')
+    with pytest.raises(ConfigError, match=r"b.jsonl:2: expected an object with a string 'text'"):
+        _context_ids(tok, str(bad))
+    with pytest.raises(ConfigError, match="--data .*missing.txt: file not found"):
+        _context_ids(tok, str(tmp_path / "missing.txt"))
