@@ -223,3 +223,18 @@ def test_cuda_kernels_match_reference_bf16():
     got = span_prefill_attention(q, k, v, [0, 300, 429], starts, sink, d ** -0.5)
     want = _reference(q[:300].cpu(), k[:300].cpu(), v[:300].cpu(), pos[:300], starts[:300].cpu(), sink, d ** -0.5)
     torch.testing.assert_close(got[:300].double().cpu(), want, rtol=3e-2, atol=3e-2)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_paged_kernel_matches_reference_bf16():
+    lens, hk, d, bs, sink = [700, 129], 2, 128, 16, 64
+    kp, vp, table, raw = _paged(lens, hk, d, bs, seed=1, per_head=False)
+    q = torch.randn(2, 8, d, generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([699, 128])
+    starts = _starts(_spans(hk), pos + 1, sink)
+    got = span_paged_attention(q.cuda().bfloat16(), kp.cuda().bfloat16(), vp.cuda().bfloat16(), table.cuda(),
+                               torch.tensor([0, 1]).cuda(), pos.cuda(), starts.cuda(), sink, d ** -0.5)
+    for i in range(2):
+        want = _reference(q[i:i + 1], *raw[i], pos[i:i + 1], starts[i:i + 1], sink, d ** -0.5)
+        torch.testing.assert_close(got[i:i + 1].double().cpu(), want, rtol=3e-2, atol=3e-2)

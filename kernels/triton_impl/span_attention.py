@@ -5,8 +5,9 @@
   window start of the tile (window starts only grow with the position) to the tile's last query: every
   other block is skipped, so a head's cost follows its span. Masks are exact per (query, key).
 * ``_span_paged_kernel``: one program per (query, KV head), the head's GQA group of query heads
-  together; it walks the sink positions and then the window ``[start, position]`` through the block
-  table in tiles of BLOCK_N positions (online softmax), reading nothing outside the head's span.
+  together (padded to a 16-row dot tile); it walks the sink positions and then the window
+  ``[start, position]`` through the block table in tiles of BLOCK_N positions (online softmax, ``tl.dot``),
+  reading nothing outside the head's span.
 
 Head sizes that are not powers of two are padded in registers (masked loads); fp32 inputs use IEEE
 fp32 dots so the interpreter tests compare tightly with float64.
@@ -124,7 +125,7 @@ def span_prefill_attention(q, k, v, cu_seqlens, starts, sink, scale, tiles=None)
 
 @triton.jit
 def _paged_tile(q, acc, m_i, l_i, kp_ptr, vp_ptr, bt_ptr, r, hk, p, p_ok, c, cm, sbt_r, sbt_h, skp_b, skp_h, skp_t,
-                svp_b, svp_h, svp_t, BS, qk_scale):
+                svp_b, svp_h, svp_t, BS, qk_scale, IEEE: tl.constexpr):
     bidx = p // BS
     off = p % BS
     blk = tl.load(bt_ptr + r * sbt_r + hk * sbt_h + bidx, mask=p_ok, other=0).to(tl.int64)
@@ -133,14 +134,22 @@ def _paged_tile(q, acc, m_i, l_i, kp_ptr, vp_ptr, bt_ptr, r, hk, p, p_ok, c, cm,
     m2 = p_ok[:, None] & cm[None, :]
     k = tl.load(kp_ptr + (blk * skp_b + hk * skp_h + off * skp_t)[:, None] + c[None, :], mask=m2, other=0.0)
     v = tl.load(vp_ptr + (blk * svp_b + hk * svp_h + off * svp_t)[:, None] + c[None, :], mask=m2, other=0.0)
-    s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * qk_scale  # (GP, N)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale  # (GP, N)
     s = tl.where(p_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     pe = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(pe, axis=1)
-    acc = acc * alpha[:, None] + tl.sum(pe[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    if IEEE:
+        pv = tl.dot(pe, v, input_precision="ieee")
+    else:
+        pv = tl.dot(pe.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -148,16 +157,16 @@ def _paged_tile(q, acc, m_i, l_i, kp_ptr, vp_ptr, bt_ptr, r, hk, p, p_ok, c, cm,
 def _span_paged_kernel(q_ptr, kp_ptr, vp_ptr, bt_ptr, row_ptr, pos_ptr, st_ptr, o_ptr,
                        sq_m, sq_h, so_m, so_h, sst, sbt_r, sbt_h, skp_b, skp_h, skp_t, svp_b, svp_h, svp_t,
                        BS, SINK, qk_scale,
-                       D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr):
+                       D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       IEEE: tl.constexpr):
     m = tl.program_id(0)
     hk = tl.program_id(1)
     c = tl.arange(0, DP)
     cm = c < D
-    gq = tl.arange(0, GP)
+    gq = tl.arange(0, GP)  # the KV head's query heads, padded to a dot tile (>= 16 rows)
     gm = gq < G
     qh = hk * G + gq
-    q = tl.load(q_ptr + m * sq_m + qh[:, None] * sq_h + c[None, :], mask=gm[:, None] & cm[None, :],
-                other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + m * sq_m + qh[:, None] * sq_h + c[None, :], mask=gm[:, None] & cm[None, :], other=0.0)
     r = tl.load(row_ptr + m).to(tl.int64)
     pos = tl.load(pos_ptr + m)
     st = tl.load(st_ptr + m * sst + hk)
@@ -168,11 +177,11 @@ def _span_paged_kernel(q_ptr, kp_ptr, vp_ptr, bt_ptr, row_ptr, pos_ptr, st_ptr, 
     for t0 in range(0, sink_hi, BLOCK_N):
         p = t0 + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _paged_tile(q, acc, m_i, l_i, kp_ptr, vp_ptr, bt_ptr, r, hk, p, p < sink_hi, c, cm, sbt_r,
-                                    sbt_h, skp_b, skp_h, skp_t, svp_b, svp_h, svp_t, BS, qk_scale)
+                                    sbt_h, skp_b, skp_h, skp_t, svp_b, svp_h, svp_t, BS, qk_scale, IEEE)
     for t0 in range(st, pos + 1, BLOCK_N):
         p = t0 + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _paged_tile(q, acc, m_i, l_i, kp_ptr, vp_ptr, bt_ptr, r, hk, p, p <= pos, c, cm, sbt_r,
-                                    sbt_h, skp_b, skp_h, skp_t, svp_b, svp_h, svp_t, BS, qk_scale)
+                                    sbt_h, skp_b, skp_h, skp_t, svp_b, svp_h, svp_t, BS, qk_scale, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + m * so_m + qh[:, None] * so_h + c[None, :], out.to(o_ptr.dtype.element_ty),
              mask=gm[:, None] & cm[None, :])
@@ -200,6 +209,6 @@ def span_paged_attention(q, k_pages, v_pages, block_table, q_row, q_pos, starts,
         k_pages.stride(0), 0 if one_head else k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), 0 if one_head else v_pages.stride(1), v_pages.stride(2),
         k_pages.shape[2], int(sink), float(scale) * LOG2E,
-        D=d, DP=triton.next_power_of_2(d), G=g, GP=triton.next_power_of_2(g),
-        BLOCK_N=block_n or (64 if q.is_cuda else 16))
+        D=d, DP=max(16, triton.next_power_of_2(d)), G=g, GP=max(16, triton.next_power_of_2(g)),
+        BLOCK_N=block_n or (64 if q.is_cuda else 16), IEEE=q.dtype == torch.float32)
     return out
