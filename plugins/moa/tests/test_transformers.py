@@ -67,8 +67,9 @@ def _batch():
 
 
 def test_prefill_and_decode_logits_match_float64_reference(model):
-    """Teacher-forced: a 29-token prompt (row 1: 16 real after left padding), then 12 decode steps through the
-    cache; every logit vs one float64 forward over the whole sequence with the reference masks."""
+    """Teacher-forced: a 29-token prompt (row 1: 16 real after left padding) in two pieces (fresh prefill, then a
+    chunk through the pages), then 12 decode steps through the cache; every logit vs one float64 forward over the
+    whole sequence with the reference masks."""
     import copy
 
     import overdrive.transformers as ot
@@ -80,10 +81,12 @@ def test_prefill_and_decode_logits_match_float64_reference(model):
     cache = ot.kv_cache(model, "moa", plan=_plan(model))
     assert model.config._attn_implementation == "overdrive_kv"
     got = []
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
-        out = model(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache, use_cache=True,
-                    position_ids=(mask[:, :prompt].cumsum(1) - 1).clamp_min(0))
-        got.append(out.logits)
+        for a, b in ((0, 20), (20, prompt)):  # the prompt in two pieces: a fresh prefill, then a chunk over the pages
+            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True,
+                        position_ids=pos[:, a:b])
+            got.append(out.logits)
         for t in range(prompt, ids.shape[1]):
             out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True,
                         position_ids=mask[:, :t + 1].sum(1, keepdim=True) - 1)
