@@ -202,6 +202,19 @@ def decode_cost(model: torch.nn.Module, prompt: torch.Tensor, plan: MoAPlan | No
             "kv_read_fraction": read / dense_read, "kv_bytes_held": held}
 
 
+def unread_pages(plan: MoAPlan, length: int, block_size: int = 16) -> float:
+    """Fraction of a ``length``-token request's vLLM pages (``block_size`` positions, all KV heads of a layer) that
+    no head of their layer reads again (no sink position, wholly before every head's next window start), averaged
+    over layers: what a span-aware block manager could release; vLLM keeps them until the request ends."""
+    n = torch.tensor([length + 1])
+    blocks = -(-length // block_size)
+    dead = 0
+    for i in range(len(plan.layers)):
+        lo = int(plan.head_spans(i).starts(n, plan.sink).min())
+        dead += sum(1 for b in range(blocks) if b * block_size >= plan.sink and (b + 1) * block_size <= lo)
+    return dead / (blocks * len(plan.layers))
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -241,6 +254,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
               flush=True)
     for name, p in [("dense", None), *plans.items()]:
         rows[name]["decode"] = decode_cost(model, long_text[:1], p, args.decode_steps)
+        rows[name]["decode"]["vllm_unread_allocated_fraction"] = 0.0 if p is None else unread_pages(p, args.long_len)
         d = rows[name]["decode"]
         print(f"{name}: decode step {d['step_seconds'] * 1e3:.1f} ms, KV read/token {d['kv_read_bytes_per_token'] / 2**20:.2f} "
               f"MiB ({d['kv_read_fraction']:.3f} of dense), held {d['kv_bytes_held'] / 2**20:.2f} MiB", flush=True)
