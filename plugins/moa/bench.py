@@ -48,6 +48,7 @@ from overdrive.contracts.kv_cache import ModelIdentity
 from .config import MoAPlan, uniform_plan
 
 RECORD = "overdrive_moa_bench_record"
+PARTS = ("perplexity", "error", "decode")
 _RECORDED: dict[int, tuple] = {}
 
 
@@ -67,7 +68,8 @@ def _load(path: Path) -> torch.nn.Module:
 def calibrate_cli(model: Path, text: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "moa", "--model", str(model), "--output",
            str(out), "--density", str(args.density), "--max-len", str(args.calib_max_len), "--samples",
-           str(args.calib_samples), "--sink", str(args.sink), "--min-span", str(args.min_span), "--data", str(text)]
+           str(args.calib_samples), "--sink", str(args.sink), "--min-span", str(args.min_span), "--data", str(text),
+           "--target", args.calib_target, "--response-tokens", str(args.calib_response_tokens)]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OVERDRIVE_PROGRESS": "0"})
     if r.returncode != 0:
@@ -237,27 +239,32 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ids = stream[:args.eval_chunks * args.eval_len].reshape(args.eval_chunks, args.eval_len)
     rows: dict[str, dict[str, Any]] = {}
     for name, p in [("dense", None), *plans.items()]:
-        t = time.perf_counter()
-        rows[name] = {"perplexity": perplexity(model, ids, p), "eval_seconds": time.perf_counter() - t,
-                      "density_at_eval_len": 1.0 if p is None else p.density_at(args.eval_len),
+        rows[name] = {"density_at_eval_len": 1.0 if p is None else p.density_at(args.eval_len),
                       "density_at_long_len": 1.0 if p is None else p.density_at(args.long_len)}
         if p is not None:
             rows[name]["spans"] = {"alpha": [layer["alpha"] for layer in p.layers], "beta": [layer["beta"] for layer in p.layers]}
-        print(f"{name}: perplexity {rows[name]['perplexity']:.3f}", flush=True)
+        if "perplexity" in args.parts:
+            t = time.perf_counter()
+            rows[name]["perplexity"] = perplexity(model, ids, p)
+            rows[name]["eval_seconds"] = time.perf_counter() - t
+            print(f"{name}: perplexity {rows[name]['perplexity']:.3f}", flush=True)
     long_text = stream[-args.long_chunks * args.long_len:].reshape(args.long_chunks, args.long_len)
-    err_text = attention_error(model, long_text, plans)
-    err_key = attention_error(model, passkey_contexts(tok, args.long_len, args.long_chunks), plans)
-    for name in plans:
-        rows[name]["attention_error_text"] = err_text[name]
-        rows[name]["attention_error_passkey"] = err_key[name]
-        print(f"{name}: attention error text {err_text[name]['mean']:.4f}, passkey {err_key[name]['mean']:.4f}",
-              flush=True)
-    for name, p in [("dense", None), *plans.items()]:
-        rows[name]["decode"] = decode_cost(model, long_text[:1], p, args.decode_steps)
-        rows[name]["decode"]["vllm_unread_allocated_fraction"] = 0.0 if p is None else unread_pages(p, args.long_len)
-        d = rows[name]["decode"]
-        print(f"{name}: decode step {d['step_seconds'] * 1e3:.1f} ms, KV read/token {d['kv_read_bytes_per_token'] / 2**20:.2f} "
-              f"MiB ({d['kv_read_fraction']:.3f} of dense), held {d['kv_bytes_held'] / 2**20:.2f} MiB", flush=True)
+    if "error" in args.parts:
+        err_text = attention_error(model, long_text, plans)
+        err_key = attention_error(model, passkey_contexts(tok, args.long_len, args.long_chunks), plans)
+        for name in plans:
+            rows[name]["attention_error_text"] = err_text[name]
+            rows[name]["attention_error_passkey"] = err_key[name]
+            print(f"{name}: attention error text {err_text[name]['mean']:.4f}, passkey {err_key[name]['mean']:.4f}",
+                  flush=True)
+    if "decode" in args.parts:
+        for name, p in [("dense", None), *plans.items()]:
+            rows[name]["decode"] = decode_cost(model, long_text[:1], p, args.decode_steps)
+            rows[name]["decode"]["vllm_unread_allocated_fraction"] = 0.0 if p is None else unread_pages(p, args.long_len)
+            d = rows[name]["decode"]
+            print(f"{name}: decode step {d['step_seconds'] * 1e3:.1f} ms, KV read/token "
+                  f"{d['kv_read_bytes_per_token'] / 2**20:.2f} MiB ({d['kv_read_fraction']:.3f} of dense), held "
+                  f"{d['kv_bytes_held'] / 2**20:.2f} MiB", flush=True)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
@@ -267,21 +274,23 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                 "tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt)",
                  "evaluation": "the same file, the Second and Third Books"},
         "eval": {"chunks": args.eval_chunks, "len": args.eval_len}, "long": {"chunks": args.long_chunks, "len": args.long_len},
-        "decode_steps": args.decode_steps, "sink": plan.sink, "min_span": plan.min_span, "rows": rows,
+        "decode_steps": args.decode_steps, "threads": torch.get_num_threads(), "parts": list(args.parts), "sink": plan.sink, "min_span": plan.min_span, "rows": rows,
     }
 
 
 def format_table(r: dict[str, Any]) -> str:
     lines = [f"| attention | density at {r['eval']['len']} / {r['long']['len']} | perplexity ({r['eval']['chunks']} x "
              f"{r['eval']['len']}) | attention-output error, text / passkey ({r['long']['len']}) | decode step | "
-             "KV read per token | KV held |", "|---|---|---|---|---|---|---|"]
+             "KV read per token | KV held | vLLM pages unread but allocated |", "|---|---|---|---|---|---|---|---|"]
     for name, x in r["rows"].items():
-        d = x["decode"]
+        d = x.get("decode")
         err = (f"{x['attention_error_text']['mean']:.4f} / {x['attention_error_passkey']['mean']:.4f}"
-               if "attention_error_text" in x else "0 / 0")
-        lines.append(f"| {name} | {x['density_at_eval_len']:.3f} / {x['density_at_long_len']:.3f} | {x['perplexity']:.3f} | "
-                     f"{err} | {d['step_seconds'] * 1e3:.1f} ms | {d['kv_read_bytes_per_token'] / 2**20:.2f} MiB "
-                     f"({d['kv_read_fraction']:.2f}) | {d['kv_bytes_held'] / 2**20:.2f} MiB |")
+               if "attention_error_text" in x else ("0 / 0" if name == "dense" else "-"))
+        dec = (f"{d['step_seconds'] * 1e3:.1f} ms | {d['kv_read_bytes_per_token'] / 2**20:.2f} MiB "
+               f"({d['kv_read_fraction']:.2f}) | {d['kv_bytes_held'] / 2**20:.2f} MiB | "
+               f"{d['vllm_unread_allocated_fraction']:.2f}") if d else "- | - | - | -"
+        ppl = f"{x['perplexity']:.3f}" if "perplexity" in x else "-"
+        lines.append(f"| {name} | {x['density_at_eval_len']:.3f} / {x['density_at_long_len']:.3f} | {ppl} | {err} | {dec} |")
     return "\n".join(lines)
 
 
@@ -292,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--calib-max-len", type=int, default=2048, help="calibration --max-len (lengths max/4, max/2)")
     ap.add_argument("--calib-samples", type=int, default=2)
+    ap.add_argument("--calib-target", choices=("dense", "text"), default="dense", help="calibration --target")
+    ap.add_argument("--calib-response-tokens", type=int, default=0, help="calibration --response-tokens (0: its default)")
+    ap.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS), help="what to measure")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--min-span", type=int, default=128)
     ap.add_argument("--eval-chunks", type=int, default=4)

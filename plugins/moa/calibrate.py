@@ -4,8 +4,9 @@ Pipeline (``calibrate(model, tokenizer, opts)``) on a transformers causal LM:
 
 1. **Data.** For every profile length ``N`` (``--lengths``, default ``M/4, M/2`` of ``M = --max-len``) and the
    validation length, ``--samples`` sequences: a context of ``N - R`` tokens from the text (``--data``) and a
-   response of ``R = --response-tokens`` tokens that the dense model generates greedily (MoA calibrates on
-   the model's own answers, so the loss measures how far sparse attention moves the dense model).
+   response of ``R = --response-tokens`` tokens that the dense model generates greedily (``--target dense``,
+   MoA's recipe: the loss measures how far sparse attention moves the dense model's own answer), or simply
+   ``N`` tokens of the text whose last ``R`` are the target (``--target text``: plain language modelling).
 2. **Influence profile.** One forward + backward of the response-only LM loss per sample, attention through
    SDPA with q, k, v and the attention output O recorded per layer (keyed by ``layer_idx``) and O's
    gradient kept. Then, per layer and in query chunks (never all layers' attention matrices at once), the
@@ -46,6 +47,7 @@ from overdrive.progress import progress
 from .config import MoAPlan, make_plan
 
 ALPHA_MULTIPLES = (-2, -1, 0, 1, 2, 4, 8)
+TARGETS = ("dense", "text")
 PROBE = "overdrive_moa_probe"
 
 #: a short English text so the command works out of the box (repeated to length); pass --data for real use
@@ -70,6 +72,7 @@ class CalibOptions:
     samples: int = 2
     batch_size: int = 1
     response_tokens: int = 0  # 0: min(64, shortest length / 8)
+    target: str = "dense"  # "dense": the dense model's greedy answer (MoA); "text": the text's own continuation
     sink: int = 64
     min_span: int = 128
     alpha_step: int = 0  # 0: M / 16
@@ -91,6 +94,8 @@ class CalibOptions:
             o.validate_length = 3 * o.max_len // 4
         if o.alpha_step <= 0:
             o.alpha_step = max(1, o.max_len // 16)
+        if o.target not in TARGETS:
+            raise ConfigError(f"--target must be one of {TARGETS}, got {o.target!r}")
         if o.response_tokens <= 0:
             o.response_tokens = max(1, min(64, min(o.lengths) // 8))
         for name, n in [("--lengths", x) for x in o.lengths] + [("--validate-length", o.validate_length)]:
@@ -274,12 +279,16 @@ def _context_ids(tokenizer, data: str) -> torch.Tensor:
 @torch.no_grad()
 def make_samples(model: torch.nn.Module, stream: torch.Tensor, length: int, opts: CalibOptions, offset: int
                  ) -> list[torch.Tensor]:
-    """Batches (B, length): a context of ``length - R`` tokens from ``stream`` (from ``offset``, wrapping)
-    followed by R tokens the dense model generates greedily."""
+    """Batches (B, length) from ``stream`` (from ``offset``, wrapping): with ``target="dense"`` a context of
+    ``length - R`` tokens followed by R tokens the dense model generates greedily (MoA's recipe); with
+    ``target="text"`` ``length`` tokens of the text (its last R tokens are the target)."""
     r = opts.response_tokens
-    need = (length - r) * opts.samples
+    ctx_len = length - r if opts.target == "dense" else length
+    need = ctx_len * opts.samples
     reps = -(-(offset + need) // stream.numel())
-    flat = stream.repeat(reps)[offset:offset + need].reshape(opts.samples, length - r)
+    flat = stream.repeat(reps)[offset:offset + need].reshape(opts.samples, ctx_len)
+    if opts.target == "text":
+        return list(flat.split(opts.batch_size))
     out = []
     for ctx in flat.split(opts.batch_size):
         gen = model.generate(ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=r, min_new_tokens=r,
@@ -375,7 +384,7 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     chosen = picks[best]
     info = {
         "lengths": list(opts.lengths), "max_len": opts.max_len, "validate_length": opts.validate_length,
-        "samples": opts.samples, "response_tokens": opts.response_tokens, "data": opts.data,
+        "samples": opts.samples, "response_tokens": opts.response_tokens, "target": opts.target, "data": opts.data,
         "candidates": {"alpha_step": opts.alpha_step, "alpha_multiples": list(ALPHA_MULTIPLES), "betas": opts.betas},
         "density_at": {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]},
         "validation": {"dense_loss": dense, "plans": [{"weights": pw, "loss": s} for (pw, _), s in zip(plans, scores)],
@@ -402,6 +411,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--response-tokens", type=int, default=0,
                    help="tokens the dense model answers after each context; the loss is on them (default min(64, L/8))")
+    p.add_argument("--target", choices=TARGETS, default="dense",
+                   help="what the response tokens are: the dense model's greedy answer (MoA) or the text's own next tokens")
     p.add_argument("--sink", type=int, default=64, help="leading tokens every head reads")
     p.add_argument("--min-span", type=int, default=128, help="smallest span of any head")
     p.add_argument("--alpha-step", type=int, default=0, help="alpha grid step (default max-len/16)")
@@ -421,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--lengths {args.lengths!r}: expected comma-separated integers") from None
         opts = CalibOptions(density=args.density, max_len=args.max_len, lengths=lengths,
                             validate_length=args.validate_length, samples=args.samples, batch_size=args.batch_size,
-                            response_tokens=args.response_tokens, sink=args.sink, min_span=args.min_span,
+                            response_tokens=args.response_tokens, target=args.target, sink=args.sink, min_span=args.min_span,
                             alpha_step=args.alpha_step, betas=args.betas, data=str(args.data) if args.data else "builtin")
         if not (args.model / "config.json").is_file():
             raise ConfigError(f"--model {args.model}: no config.json (expected a transformers checkpoint directory)")
