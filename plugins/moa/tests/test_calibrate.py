@@ -4,6 +4,7 @@ sum over the dropped entries; the milp selection vs exhaustive search; the pipel
 tiny Llama."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -138,6 +139,7 @@ def test_candidate_grid_and_density():
     ({"lengths": (64, 3000)}, "--lengths 3000 must be above"),
     ({"validate_length": 64, "lengths": (64, 128)}, "must differ from the profile lengths"),
     ({"sink": 8, "min_span": 4}, r"--min-span \(4\) must be >= max\(1, --sink = 8\)"),
+    ({"target": "gold"}, r"--target must be one of \('dense', 'text'\)"),
 ])
 def test_option_errors_name_the_option(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -179,3 +181,21 @@ def test_data_files(tmp_path):
         _context_ids(tok, str(bad))
     with pytest.raises(ConfigError, match="--data .*missing.txt: file not found"):
         _context_ids(tok, str(tmp_path / "missing.txt"))
+
+
+def test_samples_text_target_and_dense_target():
+    """``text``: the stream itself (wrapping); ``dense``: the context followed by the dense model's greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from overdrive.moa.calibrate import make_samples
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32)
+    stream = torch.arange(3, 103)
+    opts = CalibOptions(max_len=160, lengths=(64, 128), validate_length=96, samples=3, batch_size=2, response_tokens=8,
+                        target="text", sink=4, min_span=8).resolve(2048)
+    got = torch.cat(make_samples(model, stream, 40, opts, offset=90))
+    assert torch.equal(got.flatten(), stream.repeat(3)[90:90 + 120])
+    dense = torch.cat(make_samples(model, stream, 40, dataclasses.replace(opts, target="dense"), offset=0))
+    assert torch.equal(dense[:, :32].flatten(), stream.repeat(2)[:96])
+    want = model.generate(dense[:1, :32], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(dense[:1], want)
