@@ -5,22 +5,27 @@
 Default model: SmolLM2-135M-Instruct (overdrive.testing.real; 30 layers, 9 query / 3 KV heads). Text:
 Newton's *Opticks* as shipped in ``apache-tvm-ffi``: the plan is calibrated on the First Book by the real
 CLI (``overdrive calibrate --method moa``, a subprocess: wall time recorded), everything else is measured on
-the Second and Third Books. Baselines get the same sink (64) and smallest span, and the same mean density
-as the MoA plan at the evaluation length:
+the Second and Third Books. Baselines get the same sink (64) and smallest span, and read as many positions
+per query as the MoA plan does on average over its heads (the density at that length: mean S_h(N) / N),
+matched separately at each measured length N:
 
 * ``streamingllm``: one fixed window for every head (beta = 0), StreamingLLM's sink + recent window;
 * ``uniform-elastic``: one elastic span for every head (alpha = 0, beta matched), the paper's uniform baseline.
 
-Measured:
+Measured (the span rule is per query, so a query at position t uses S(t + 1); the metrics look at the last
+``--tail`` positions of each context, whose spans are those of the context's length, as in MoA's evaluation
+where a request of length N uses S(N) throughout):
 
-1. **perplexity** on ``--eval-chunks`` chunks of ``--eval-len`` tokens, every position (the span rule is per
-   query, so one forward through the span cache equals token-by-token decoding);
-2. **attention-output error**: per layer, ||O_sparse - O_dense|| / ||O_dense|| with the dense model's q/k/v,
-   at ``--long-len`` (beyond the calibration lengths) on (a) evaluation text and (b) synthetic passkey
-   contexts (filler sentences with a 5-digit key at a random depth and the question at the end);
+1. **perplexity** of the last ``--tail`` tokens of ``--eval-chunks`` chunks of ``--eval-len`` tokens (one forward
+   through the span cache per chunk: it equals token-by-token decoding);
+2. **attention-output error**: per layer, ||O_sparse - O_dense|| / ||O_dense|| over the last ``--tail`` queries,
+   with the dense model's q/k/v, at ``--long-len`` (beyond the calibration lengths) on (a) evaluation text and
+   (b) synthetic passkey contexts (filler sentences with a 5-digit key at a random depth and the question last);
 3. **decode**: after a ``--long-len`` prompt, the median time of a decode step through transformers (dense:
    ``DynamicCache`` + SDPA; sparse: overdrive's span cache), the K/V bytes each decode step reads (per
-   layer and KV head: the sink + window positions vs every position) and the KV memory held.
+   layer and KV head: the sink + window positions vs every position), the KV memory held, and the fraction of
+   vLLM's pages (16 positions x all KV heads of a layer) that no head of their layer reads again (allocated
+   until the request ends: what per-head spans cannot free in vLLM).
 
 On CPU the span kernels run their torch implementations (``overdrive.kernels.span_attention``); the Triton
 kernels' numbers come from ``python -m overdrive.kernels.bench --op span_attention`` on a GPU.
@@ -77,29 +82,25 @@ def calibrate_cli(model: Path, text: Path, out: Path, args: argparse.Namespace) 
     return {"seconds": time.perf_counter() - t, "command": " ".join(cmd[1:]), "stdout": r.stdout.strip()}
 
 
+def mean_span(plan: MoAPlan, length: int) -> float:
+    """Mean over layers and KV heads of ``S(length)``: positions a query at that length reads."""
+    n = torch.tensor(length)
+    return float(torch.stack([plan.head_spans(i).spans(n).double() for i in range(len(plan.layers))]).mean())
+
+
 def matched_baselines(plan: MoAPlan, ident: ModelIdentity, length: int) -> dict[str, MoAPlan]:
-    """Uniform plans with (as nearly as integers allow) the plan's mean density at ``length``."""
-    target = plan.density_at(length)
-    lo, hi = plan.min_span, length
-    while lo < hi:  # smallest fixed window reaching the target
-        mid = (lo + hi) // 2
-        if uniform_plan(ident, float(mid), 0.0, sink=plan.sink, min_span=plan.min_span).density_at(length) < target:
-            lo = mid + 1
-        else:
-            hi = mid
-    a, b = 0.0, 1.0
-    for _ in range(40):  # bisection on beta for alpha = 0
-        m = (a + b) / 2
-        if uniform_plan(ident, 0.0, m, sink=plan.sink, min_span=plan.min_span).density_at(length) < target:
-            a = m
-        else:
-            b = m
-    return {"streamingllm": uniform_plan(ident, float(lo), 0.0, sink=plan.sink, min_span=plan.min_span),
-            "uniform-elastic": uniform_plan(ident, 0.0, b, sink=plan.sink, min_span=plan.min_span)}
+    """Uniform plans whose query at ``length`` reads (on average over heads) as many positions as the plan's:
+    a fixed window (StreamingLLM) and an elastic span with alpha = 0 (``beta = mean span / length``)."""
+    target = mean_span(plan, length)
+    window = float(round(target))
+    return {"streamingllm": uniform_plan(ident, window, 0.0, sink=plan.sink, min_span=plan.min_span),
+            "uniform-elastic": uniform_plan(ident, 0.0, min(1.0, target / length), sink=plan.sink,
+                                            min_span=plan.min_span)}
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, ids: torch.Tensor, plan: MoAPlan | None) -> float:
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, plan: MoAPlan | None, tail: int) -> float:
+    """exp(mean NLL) of the last ``tail`` tokens of each row (queries at lengths near the row's length)."""
     import overdrive.transformers as ot
 
     nll, count = 0.0, 0
@@ -110,16 +111,17 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, plan: MoAPlan | None) 
             logits = model(input_ids=row, use_cache=False).logits
         else:
             logits = model(input_ids=row, past_key_values=ot.kv_cache(model, "moa", plan=plan), use_cache=True).logits
-        lg = logits[:, :-1].double()
-        nll += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), row[:, 1:].reshape(-1),
+        lg = logits[:, -tail - 1:-1].double()
+        nll += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), row[:, -tail:].reshape(-1),
                                                        reduction="sum"))
-        count += row.shape[1] - 1
+        count += tail
     return math.exp(nll / count)
 
 
 @torch.no_grad()
-def attention_error(model: torch.nn.Module, ids: torch.Tensor, plans: dict[str, MoAPlan]) -> dict[str, Any]:
-    """Mean over layers (and contexts) of the relative attention-output error vs dense, per plan."""
+def attention_error(model: torch.nn.Module, ids: torch.Tensor, plans: dict[str, MoAPlan], tail: int) -> dict[str, Any]:
+    """Mean over layers (and contexts) of the relative attention-output error vs dense of the last ``tail``
+    queries of each context, per plan."""
     import torch.nn.functional as F
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -143,7 +145,7 @@ def attention_error(model: torch.nn.Module, ids: torch.Tensor, plans: dict[str, 
             for name, plan in plans.items():
                 starts = plan.head_spans(i).starts(torch.arange(1, n + 1), plan.sink)
                 got = span_prefill_attention(qt, kt, vt, [0, n], starts, plan.sink, scale)
-                e = float((got - dense).norm() / dense.norm())
+                e = float((got[-tail:] - dense[-tail:]).norm() / dense[-tail:].norm())
                 out[name].append(e)
                 per_layer[name][i] += e / ids.shape[0]
     model.set_attn_implementation("sdpa")
@@ -234,31 +236,36 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         calib = calibrate_cli(args.model, text, args.plan, args)
         print(calib["stdout"], flush=True)
     plan = MoAPlan.load(args.plan)
-    plans = {"moa": plan, **matched_baselines(plan, ident, args.eval_len)}
+    plans_eval = {"moa": plan, **matched_baselines(plan, ident, args.eval_len)}
+    plans_long = {"moa": plan, **matched_baselines(plan, ident, args.long_len)}
     stream = tok(eval_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     ids = stream[:args.eval_chunks * args.eval_len].reshape(args.eval_chunks, args.eval_len)
     rows: dict[str, dict[str, Any]] = {}
-    for name, p in [("dense", None), *plans.items()]:
-        rows[name] = {"density_at_eval_len": 1.0 if p is None else p.density_at(args.eval_len),
-                      "density_at_long_len": 1.0 if p is None else p.density_at(args.long_len)}
+    for name, p in [("dense", None), *plans_eval.items()]:
+        pl = plans_long.get(name)
+        rows[name] = {"reads_at_eval_len": args.eval_len if p is None else mean_span(p, args.eval_len),
+                      "reads_at_long_len": args.long_len if pl is None else mean_span(pl, args.long_len),
+                      "density_at_eval_len": 1.0 if p is None else p.density_at(args.eval_len)}
         if p is not None:
-            rows[name]["spans"] = {"alpha": [layer["alpha"] for layer in p.layers], "beta": [layer["beta"] for layer in p.layers]}
+            rows[name]["spans_eval"] = {"alpha": [x["alpha"] for x in p.layers], "beta": [x["beta"] for x in p.layers]}
+            rows[name]["spans_long"] = {"alpha": [x["alpha"] for x in pl.layers], "beta": [x["beta"] for x in pl.layers]}
         if "perplexity" in args.parts:
             t = time.perf_counter()
-            rows[name]["perplexity"] = perplexity(model, ids, p)
+            rows[name]["perplexity"] = perplexity(model, ids, p, args.tail)
             rows[name]["eval_seconds"] = time.perf_counter() - t
-            print(f"{name}: perplexity {rows[name]['perplexity']:.3f}", flush=True)
+            print(f"{name}: perplexity {rows[name]['perplexity']:.3f} (reads {rows[name]['reads_at_eval_len']:.0f} of "
+                  f"{args.eval_len})", flush=True)
     long_text = stream[-args.long_chunks * args.long_len:].reshape(args.long_chunks, args.long_len)
     if "error" in args.parts:
-        err_text = attention_error(model, long_text, plans)
-        err_key = attention_error(model, passkey_contexts(tok, args.long_len, args.long_chunks), plans)
-        for name in plans:
+        err_text = attention_error(model, long_text, plans_long, args.tail)
+        err_key = attention_error(model, passkey_contexts(tok, args.long_len, args.long_chunks), plans_long, args.tail)
+        for name in plans_long:
             rows[name]["attention_error_text"] = err_text[name]
             rows[name]["attention_error_passkey"] = err_key[name]
             print(f"{name}: attention error text {err_text[name]['mean']:.4f}, passkey {err_key[name]['mean']:.4f}",
                   flush=True)
     if "decode" in args.parts:
-        for name, p in [("dense", None), *plans.items()]:
+        for name, p in [("dense", None), *plans_long.items()]:
             rows[name]["decode"] = decode_cost(model, long_text[:1], p, args.decode_steps)
             rows[name]["decode"]["vllm_unread_allocated_fraction"] = 0.0 if p is None else unread_pages(p, args.long_len)
             d = rows[name]["decode"]
@@ -273,14 +280,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "text": {"calibration": "Newton, Opticks (1730), the First Book (apache-tvm-ffi "
                                 "tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt)",
                  "evaluation": "the same file, the Second and Third Books"},
-        "eval": {"chunks": args.eval_chunks, "len": args.eval_len}, "long": {"chunks": args.long_chunks, "len": args.long_len},
+        "eval": {"chunks": args.eval_chunks, "len": args.eval_len, "tail": args.tail},
+        "long": {"chunks": args.long_chunks, "len": args.long_len, "tail": args.tail},
         "decode_steps": args.decode_steps, "threads": torch.get_num_threads(), "parts": list(args.parts), "sink": plan.sink, "min_span": plan.min_span, "rows": rows,
     }
 
 
 def format_table(r: dict[str, Any]) -> str:
-    lines = [f"| attention | density at {r['eval']['len']} / {r['long']['len']} | perplexity ({r['eval']['chunks']} x "
-             f"{r['eval']['len']}) | attention-output error, text / passkey ({r['long']['len']}) | decode step | "
+    e, lg = r["eval"], r["long"]
+    lines = [f"| attention | positions read at {e['len']} / {lg['len']} | perplexity, last {e['tail']} of {e['chunks']} x "
+             f"{e['len']} | attention-output error at {lg['len']}, text / passkey | decode step at {lg['len']} | "
              "KV read per token | KV held | vLLM pages unread but allocated |", "|---|---|---|---|---|---|---|---|"]
     for name, x in r["rows"].items():
         d = x.get("decode")
@@ -290,7 +299,7 @@ def format_table(r: dict[str, Any]) -> str:
                f"({d['kv_read_fraction']:.2f}) | {d['kv_bytes_held'] / 2**20:.2f} MiB | "
                f"{d['vllm_unread_allocated_fraction']:.2f}") if d else "- | - | - | -"
         ppl = f"{x['perplexity']:.3f}" if "perplexity" in x else "-"
-        lines.append(f"| {name} | {x['density_at_eval_len']:.3f} / {x['density_at_long_len']:.3f} | {ppl} | {err} | {dec} |")
+        lines.append(f"| {name} | {x['reads_at_eval_len']:.0f} / {x['reads_at_long_len']:.0f} | {ppl} | {err} | {dec} |")
     return "\n".join(lines)
 
 
@@ -308,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-span", type=int, default=128)
     ap.add_argument("--eval-chunks", type=int, default=4)
     ap.add_argument("--eval-len", type=int, default=2048)
+    ap.add_argument("--tail", type=int, default=256, help="perplexity and attention error over each context's last TAIL "
+                    "positions (queries near the context's length, where its spans are those of that length)")
     ap.add_argument("--long-chunks", type=int, default=2)
     ap.add_argument("--long-len", type=int, default=4096)
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -323,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.calib_max_len, args.calib_samples, args.sink, args.min_span = 256, 1, 4, 16
         args.eval_chunks, args.eval_len, args.long_chunks, args.long_len, args.decode_steps = 1, 192, 1, 320, 3
+        args.tail = 64
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="moa-bench-") as tmp:
         r = run(args, Path(tmp))
