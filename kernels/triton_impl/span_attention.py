@@ -22,6 +22,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _softmax_step(s, v, acc, m_i, l_i, IEEE: tl.constexpr):
+    """One online-softmax step: fold the (base-2 scaled) scores ``s`` of a key tile and its values ``v`` into
+    the running (acc, max, sum); rows whose scores are all masked so far stay at zero."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_block(q, acc, m_i, l_i, k_ptr, v_ptr, row0, n0, hk, skt, skh, svt, svh, rm, rd, dm, m_ok, st, L, SINK,
                    qk_scale, IS_SINK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
     rn = n0 + tl.arange(0, BN)
@@ -40,18 +57,8 @@ def _prefill_block(q, acc, m_i, l_i, k_ptr, v_ptr, row0, n0, hk, skt, skh, svt, 
         part = rn[None, :] >= st[:, None]
     allowed = causal & part & n_ok[None, :] & m_ok[:, None]
     s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_ptr + kv_rows[:, None] * svt + hk * svh + rd[None, :], mask=n_ok[:, None] & dm[None, :], other=0.0)
-    if IEEE:
-        pv = tl.dot(p, v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i
+    return _softmax_step(s, v, acc, m_i, l_i, IEEE)
 
 
 @triton.jit
@@ -140,17 +147,7 @@ def _paged_tile(q, acc, m_i, l_i, kp_ptr, vp_ptr, bt_ptr, r, hk, p, p_ok, c, cm,
         s = tl.dot(q, tl.trans(k))
     s = s * qk_scale  # (GP, N)
     s = tl.where(p_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    pe = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(pe, axis=1)
-    if IEEE:
-        pv = tl.dot(pe, v, input_precision="ieee")
-    else:
-        pv = tl.dot(pe.to(v.dtype), v)
-    acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i
+    return _softmax_step(s, v, acc, m_i, l_i, IEEE)
 
 
 @triton.jit
