@@ -100,7 +100,7 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.WEIGHT_QUANT: "`QUANTIZATION_METHODS` + `--quantization` choices (registries on CPU; server needs CUDA)",
         Kind.KV_CACHE: "attention-backend registry + `--attention-backend` choices, plan from "
                        "`OVERDRIVE_<METHOD>_PLAN`; the method's `roundtrip` applied in place to SGLang's pool (no memory "
-                       "saving)",
+                       "saving); per-head spans (`head_spans`): span attention over the pool read as one-token pages",
     }, "entry point sglang.srt.plugins"),
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43", {
         Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)` / `disable` / `calibrate`: one hook layer "
@@ -121,7 +121,8 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                               "metadata (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)",
         Kind.KV_CACHE: "one generic `Cache` for `past_key_values`: `overdrive.transformers.kv_cache(model, NAME, "
                        "plan, **options)`; `q_scale` folded into the projections, bodies through "
-                       "`compress`/`decompress`/`shrink`",
+                       "`compress`/`decompress`/`shrink`; per-head spans (`head_spans`): per-head paged ring buffers and "
+                       "the `overdrive_kv` attention function",
         Kind.ROUTING: "reference loop with two `DynamicCache`s: `overdrive.transformers.routed_generate(small, large, "
                       "NAME, router=...)`",
     }, "import overdrive.transformers"),

@@ -10,7 +10,10 @@ What the backend does in SGLang 0.5.23: SGLang's torch-native attention over SGL
 with the method's semantics: the method's query/key transform (``transform_qk``), the step's tokens
 attended at full precision, and tokens leaving the full-precision sink/window
 (``LayerKVFormat.flush_range``) replaced in the pool by what the method would read back for them
-(``KVCacheMethod.roundtrip``, e.g. their quantize-dequantize values at the layer's width). **Memory is
+(``KVCacheMethod.roundtrip``, e.g. their quantize-dequantize values at the layer's width). Layers with
+per-head spans (``LayerKVFormat.head_spans``) write the step's K/V into the pool and run overdrive's span
+attention over it instead (the pool read as one-token pages through ``req_to_token``): each query reads
+only the sink and its KV head's window. **Memory is
 not saved in SGLang**: the pool (``MHATokenToKVPool``, per-layer ``(tokens, heads, head_size)`` buffers
 of the KV dtype) is sized and allocated by ``ModelRunner`` from ``--kv-cache-dtype`` (closed choices)
 independently of the attention backend, and only a platform plugin (``get_kv_pool_cls``) can replace
@@ -25,6 +28,7 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.kv_cache import KVCacheMethod, LayerKVFormat, ModelIdentity
+from overdrive.kernels.span_attention import span_paged_attention
 
 from ._kv_cache import kv_methods, load_active, paged_formats, plan_env
 
@@ -50,10 +54,6 @@ def load_formats(method_name: str, hf_config: Any, tp_rank: int = 0, tp_size: in
     path = plan_path(method_name)
     active = load_active(method_name, path, plan_env(method_name))
     fmts = list(paged_formats(active, ModelIdentity.from_hf_config(hf_config), tp_rank, tp_size))
-    spans = [f.layer for f in fmts if f.head_spans is not None]
-    if spans:  # SGLang's own attention reads every cached position of every head
-        raise ConfigError(f"{active.source}: layers {spans} read per-head spans (head_spans), which the SGLang backend "
-                          "cannot express (it runs SGLang's attention)")
     return active.method, fmts
 
 
@@ -93,8 +93,32 @@ def make_backend_class():
                 kbuf[slots] = k[0].transpose(0, 1).to(kbuf.dtype)
                 vbuf[slots] = v[0].transpose(0, 1).to(vbuf.dtype)
 
+        def _spans(self, q, k, v, layer, forward_batch, new_lens: list[int], save_kv_cache: bool):
+            """Per-head span attention over SGLang's pool, read as pages of one token (block table = the
+            requests' ``req_to_token`` rows): the step's K/V are written first, then every query reads only
+            the sink and its head's window (``overdrive.kernels.span_paged_attention``)."""
+            fmt = self.formats[layer.layer_id]
+            hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+            pool = self.token_to_kv_pool
+            kbuf, vbuf = pool.get_key_buffer(layer.layer_id), pool.get_value_buffer(layer.layer_id)
+            if save_kv_cache and k is not None:  # an unquantized MHA pool: what set_kv_buffer writes
+                loc = forward_batch.out_cache_loc.to(torch.long)
+                kbuf[loc] = k.view(-1, hk, d).to(kbuf.dtype)
+                vbuf[loc] = v.view(-1, hk, d).to(vbuf.dtype)
+            dev = q.device
+            lens = torch.tensor(new_lens, device=dev)
+            rows = torch.repeat_interleave(torch.arange(len(new_lens), device=dev), lens)
+            first = torch.cumsum(lens, 0) - lens
+            pos = (forward_batch.seq_lens.to(dev) - lens)[rows] + torch.arange(rows.numel(), device=dev) - first[rows]
+            table = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices.to(torch.long)]
+            out = span_paged_attention(q.reshape(-1, hq, d), kbuf[:, :, None], vbuf[:, :, None], table, rows, pos,
+                                       fmt.span_starts(pos + 1), fmt.sink, layer.scaling)
+            return out.reshape(q.shape[0], hq * d)
+
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             q, k = self._qk(layer, q, k)
+            if self.formats[layer.layer_id].head_spans is not None:
+                return self._spans(q, k, v, layer, forward_batch, forward_batch.extend_seq_lens.tolist(), save_kv_cache)
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
             if save_kv_cache:
                 self._flush(layer, forward_batch, forward_batch.extend_seq_lens.tolist())
@@ -102,6 +126,8 @@ def make_backend_class():
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             q, k = self._qk(layer, q, k)
+            if self.formats[layer.layer_id].head_spans is not None:
+                return self._spans(q, k, v, layer, forward_batch, [1] * forward_batch.batch_size, save_kv_cache)
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
             if save_kv_cache:
                 self._flush(layer, forward_batch, [1] * forward_batch.batch_size)

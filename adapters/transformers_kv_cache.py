@@ -41,6 +41,7 @@ from overdrive.contracts.kv_cache import (KVBody, KVBudgetError, KVCacheMethod, 
 from overdrive.kinds import Kind
 
 from ._kv_cache import check_formats
+from .transformers_kv_spans import PAGE_SIZE, SpanKVLayer, use_span_attention
 
 _FOLDED = "_overdrive_kv_q_scale"  # instance attribute: digest of the q_scale folded into this model
 
@@ -57,11 +58,9 @@ def kv_cache(model: Any, method: str, plan: str | Path | Mapping[str, Any] | Met
     ident = ModelIdentity.from_hf_config(model.config)
     fmts = list(impl.cache_formats(cfg, ident, **options))
     check_formats(fmts, ident, f"{method} plan")
-    spans = [f.layer for f in fmts if f.head_spans is not None]
-    if spans:
-        raise ConfigError(f"{method}: layers {spans} read per-head spans (head_spans), which the transformers cache "
-                          "cannot express (its attention reads every cached position of every head)")
     fold_q_scales(model, impl, fmts, method)
+    if any(f.head_spans is not None for f in fmts):
+        use_span_attention(model)  # span layers compute attention themselves (the model's own reads every position)
     return OverdriveKVCache(impl, fmts, method)
 
 
@@ -236,11 +235,15 @@ class OverdriveKVLayer(CacheLayerMixin):
 
 
 class OverdriveKVCache(Cache):
-    """transformers ``Cache`` of any KV-cache method (see the module docstring); build it with :func:`kv_cache`."""
+    """transformers ``Cache`` of any KV-cache method (see the module docstring); build it with :func:`kv_cache`.
 
-    def __init__(self, method: KVCacheMethod, formats: list[LayerKVFormat], name: str) -> None:
+    Layers whose format has ``head_spans`` are :class:`~overdrive.adapters.transformers_kv_spans.SpanKVLayer`
+    (per-head paged buffers of ``page_size`` positions; attention through ``overdrive_kv``)."""
+
+    def __init__(self, method: KVCacheMethod, formats: list[LayerKVFormat], name: str, page_size: int = PAGE_SIZE) -> None:
         self.method, self.method_name = method, name
-        super().__init__(layers=[OverdriveKVLayer(method, f, name) for f in formats])
+        super().__init__(layers=[SpanKVLayer(f, name, page_size) if f.head_spans is not None
+                                 else OverdriveKVLayer(method, f, name) for f in formats])
 
     def memory_bytes(self) -> int:
         return sum(layer.memory_bytes() for layer in self.layers)

@@ -303,6 +303,101 @@ def kv_decode_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+def _moa_like_spans(hk: int, ctx: int):
+    """Per-KV-head elastic spans of a MoA-like plan (alphas around 0, betas 1/8 .. 1: mean density ~0.5 at
+    ``ctx``), and a uniform fixed window (StreamingLLM) with the same number of positions read at ``ctx``."""
+    from overdrive.contracts.kv_cache import HeadSpans
+
+    betas = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    alphas = [ctx / 16, 0.0, -ctx / 32, ctx / 32, 0.0, -ctx / 16, 0.0, 0.0]
+    moa = HeadSpans(tuple(alphas[h % 8] for h in range(hk)), tuple(betas[h % 8] for h in range(hk)), 128)
+    mean_span = float(moa.spans(torch.tensor(ctx)).double().mean())
+    return moa, HeadSpans((mean_span,) * hk, (0.0,) * hk, 128)
+
+
+def span_attention_cases(device: torch.device, quick: bool) -> list[Case]:
+    """MoA per-head span attention (sink 64 + per-head windows) vs dense SDPA, and vs a uniform sliding window
+    (StreamingLLM) reading as many positions per query at the longest length.
+
+    Prefill: ``span_prefill_attention`` over one fresh sequence (block-sparse; FLOPs = the pairs read).
+    Decode: ``span_paged_attention``, one query per row over 16-token pages in a shuffled order; bytes = the
+    sink + window positions each KV head reads (``span_kv_bytes_read``) vs the whole context for dense SDPA.
+    GQA 32 query / 8 KV heads, head 128 (Llama-3-8B-like) on GPU.
+    """
+    from .span_attention import span_kv_bytes_read, span_paged_attention, span_prefill_attention
+
+    if device.type == "cuda":
+        dtype, hq, hk, d, bs = torch.bfloat16, 32, 8, 128, 16
+        prefill, decode = [8192, 32768], [(16, 8192), (4, 32768)]
+    else:
+        dtype, hq, hk, d, bs = torch.float32, 4, 2, 64, 16
+        prefill, decode = ([512] if quick else [2048]), ([(2, 512)] if quick else [(4, 2048)])
+    sink = 64
+    name, sdpa = _sdpa(device)
+    el = torch.tensor([], dtype=dtype).element_size()
+    cases = []
+    for n in prefill:
+        g = torch.Generator(device).manual_seed(n)
+        q = torch.randn(n, hq, d, device=device, dtype=dtype, generator=g)
+        k = torch.randn(n, hk, d, device=device, dtype=dtype, generator=g)
+        v = torch.randn(n, hk, d, device=device, dtype=dtype, generator=g)
+        qd, kd, vd = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
+        kd, vd = kd.repeat_interleave(hq // hk, 1), vd.repeat_interleave(hq // hk, 1)
+        pos = torch.arange(1, n + 1, device=device)
+        full = 2 * hq * n * (n + 1) * d  # causal pairs x (QK + PV) x 2
+        io = 4 * q.numel() * el
+        moa, window = _moa_like_spans(hk, n)
+        for label, spans in (("MoA-like spans", moa), ("uniform window", window)):
+            starts = spans.starts(pos, sink)
+            read = int(spans.spans(pos).sum()) * (hq // hk)
+            cases.append(Case(
+                "span_prefill_attention", f"{label} N={n} Hq={hq} Hk={hk}",
+                lambda q=q, k=k, v=v, starts=starts, n=n: span_prefill_attention(q, k, v, [0, n], starts, sink, d ** -0.5),
+                {f"{name} causal": lambda: sdpa_causal(qd, kd, vd, sdpa)},
+                bytes_moved=io, flops=4 * read * d, baseline_work={f"{name} causal": (io, full)},
+                info={"density": read / (hq * n * (n + 1) / 2), "dtype": str(dtype).removeprefix("torch.")}))
+    for rows, ctx in decode:
+        g = torch.Generator(device).manual_seed(rows * ctx)
+        nb = rows * (-(-ctx // bs))
+        perm = torch.randperm(nb, device=device, generator=g).to(torch.int32)
+        table = perm.reshape(rows, -1)
+        pages_k = torch.randn(nb, hk, bs, d, device=device, dtype=dtype, generator=g)
+        pages_v = torch.randn(nb, hk, bs, d, device=device, dtype=dtype, generator=g)
+        q = torch.randn(rows, hq, d, device=device, dtype=dtype, generator=g)
+        row = torch.arange(rows, device=device)
+        pos = torch.full((rows,), ctx - 1, device=device)
+        # dense baseline: SDPA over contiguous K/V of the same length, GQA as grouped queries
+        kd = torch.randn(rows, hk, ctx, d, device=device, dtype=dtype, generator=g)
+        vd = torch.randn(rows, hk, ctx, d, device=device, dtype=dtype, generator=g)
+        qd = q.reshape(rows, hk, hq // hk, d)
+        dense_bytes = 2 * kd.numel() * el
+        moa, window = _moa_like_spans(hk, ctx)
+        for label, spans in (("MoA-like spans", moa), ("uniform window", window)):
+            starts = spans.starts(pos + 1, sink)
+            byt = span_kv_bytes_read(pos, starts, sink, d, el)
+            cases.append(Case(
+                "span_paged_attention", f"decode {label} R={rows} ctx={ctx} Hq={hq} Hk={hk}",
+                lambda q=q, starts=starts: span_paged_attention(q, pages_k, pages_v, table, row, pos, starts, sink,
+                                                                d ** -0.5),
+                {f"{name} decode (contiguous KV)": lambda: sdpa(qd, kd, vd)},
+                bytes_moved=byt, flops=4 * hq * byt // (2 * d * el) * d,
+                baseline_work={f"{name} decode (contiguous KV)": (dense_bytes, 4 * rows * hq * ctx * d)},
+                info={"kv_bytes_per_token": byt / rows, "dense_kv_bytes_per_token": dense_bytes / rows,
+                      "block_size": bs}))
+    return cases
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sdpa: Callable[..., Any]) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    if sdpa is F.scaled_dot_product_attention:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def kv_quant_cases(device: torch.device, quick: bool) -> list[Case]:
     """PM-KVQ quantize (K/V tokens -> packed codes + scale/zero) and b -> b/2 requantize, vs the torch
     reference on the same device (on CPU the op *is* the reference: ratio ~1)."""
@@ -336,8 +431,8 @@ def kv_quant_cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 CASES = {"act8_linear": act8_linear_cases, "group_linear": group_linear_cases, "int8_weight_linear": int8_linear_cases,
-         "kv_decode_attention": kv_decode_cases, "kv_quant": kv_quant_cases, "unpack": unpack_cases,
-         "window_attention": window_attention_cases}
+         "kv_decode_attention": kv_decode_cases, "kv_quant": kv_quant_cases, "span_attention": span_attention_cases,
+         "unpack": unpack_cases, "window_attention": window_attention_cases}
 
 
 def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, Any]:

@@ -13,13 +13,13 @@ import torch
 
 import overdrive
 from overdrive.config import ConfigError
-from overdrive.contracts.kv_cache import (KVCacheMethod, LayerKVFormat, ModelIdentity, PagedGeometry,
+from overdrive.contracts.kv_cache import (HeadSpans, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedGeometry,
                                          fold_qk_scale)
 from overdrive.kinds import Kind
 
 ADAPTERS = Path(overdrive.__file__).resolve().parents[1] / "adapters"
 KV_ADAPTERS = ["_kv_cache.py", "vllm_kv_cache.py", "vllm_kv_backend.py", "sglang_kv_cache.py",
-               "transformers_kv_cache.py"]
+               "transformers_kv_cache.py", "transformers_kv_spans.py"]
 
 
 def fmt(**kw) -> LayerKVFormat:
@@ -49,7 +49,11 @@ def test_window_and_flush_ranges_follow_the_chunk_rule():
     ({"cell_bytes": 30}, "cell_bytes must be a non-negative multiple of 4, got 30"),
     ({"sink": -1}, r"sink \(-1\) and window \(4\) must be >= 0"),
     ({"q_scale": torch.ones(3, 32)}, r"q_scale has shape \(3, 32\), expected \(2, 32\)"),
-    ({"head_spans": (5,)}, "head_spans has 1 entries for 2 KV heads"),
+    ({"head_spans": (5,)}, "head_spans must be a HeadSpans, got tuple"),
+    ({"head_spans": HeadSpans((5.0,), (0.5,), 4), "bits": 0, "cell_bytes": 0}, "head_spans has 1 entries for 2 KV heads"),
+    ({"head_spans": HeadSpans((5.0, 5.0), (0.5, 0.5), 4)}, "head_spans need dense storage"),
+    ({"head_spans": HeadSpans((5.0, 5.0), (0.5, 0.5), 4), "bits": 0, "cell_bytes": 0, "sink": 6},
+     "min_span 4 is below the sink"),
 ])
 def test_format_validation_names_the_field(kw, message):
     with pytest.raises(ConfigError, match=message):

@@ -17,7 +17,8 @@ def test_quick_bench_reports_ratios_and_ceilings(tmp_path, monkeypatch):
     assert r["device"].startswith("CPU") and r["ceilings"]["bandwidth_gbs"] > 0 and r["ceilings"]["flops"] > 0
     ops = {x["op"] for x in r["results"]}
     assert ops == {"act8_linear", "group_linear", "int8_weight_linear", "unpack", "window_attention",
-                   "kv_decode_attention", "kv_quantize", "kv_requantize"}
+                   "kv_decode_attention", "kv_quantize", "kv_requantize", "span_prefill_attention",
+                   "span_paged_attention"}
     for x in r["results"]:
         assert x["seconds"] > 0 and all(v > 0 for v in x["speedup_vs"].values())
         assert 0 < x["bandwidth_of_ceiling"]

@@ -6,7 +6,7 @@ Only the contracts that methods already need are defined; the others arrive with
 from .dit_cache import (Attachment, AttentionOp, CalibrationArtifact, CalibrationRun, DenoiserInfo, DenoiserSession,
                         DiTCacheMethod, DiTHooks, ModuleCall, RecordedCall, RotaryInfo, StepContext)
 from .frame_rate import CompactionPlan, FrameRateMethod, FrameRateSchedule, Interpolator, VideoCodec
-from .kv_cache import (KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch,
+from .kv_cache import (HeadSpans, KVBody, KVBudgetError, KVCacheMethod, LayerKVFormat, ModelIdentity, PagedBatch,
                        PagedGeometry, fold_qk_scale)
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
 from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMethod, check_shared_tokenizer, route_mask,
@@ -14,7 +14,7 @@ from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMe
 from .weight_quant import ParamSpec, WeightQuantMethod
 
 __all__ = ["Attachment", "AttentionOp", "CalibrationArtifact", "CalibrationRun", "CompactionPlan", "DenoiserInfo",
-           "DenoiserSession", "DiTCacheMethod", "DiTHooks", "FrameRateMethod", "FrameRateSchedule", "Interpolator", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
+           "DenoiserSession", "DiTCacheMethod", "DiTHooks", "FrameRateMethod", "FrameRateSchedule", "HeadSpans", "Interpolator", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
            "ModelIdentity", "ModuleCall", "PagedBatch", "PagedGeometry", "ParamSpec", "RecordedCall", "RotaryInfo", "RoutedSequence",
            "Router", "RouterInputs", "Selection", "StepContext", "TokenReductionMethod", "TokenRoutingMethod",
            "VideoCodec", "VideoGrid", "VisionSpan", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",

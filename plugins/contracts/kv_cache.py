@@ -31,6 +31,12 @@ per-head sparse-span method such as MoA uses ``sink`` and ``head_spans`` to deci
 head reads, with dense storage: ``bits = 0``):
 
 * **sink**: the first ``sink`` positions of a sequence;
+* **head spans** (:class:`HeadSpans`): per KV head, the positions a query reads: the sink plus the most
+  recent ``S_h(N) - sink`` positions, where ``N`` is the query's own length (its position + 1) and
+  ``S_h(N) = min(N, max(min_span, ceil(alpha_h + beta_h * N)))`` (an elastic span; ``beta = 0`` is a
+  fixed window). Every adapter applies the same rule, so engines agree token for token: vLLM and SGLang
+  through the method's ``attend`` / the generic span attention, transformers through its span cache
+  (:func:`overdrive.transformers.kv_cache` switches the model's attention to it);
 * **recent window**: positions ``>= window_start(length)``, flushed in whole chunks of ``window``
   tokens (see :meth:`LayerKVFormat.window_start`);
 * **full-precision store**: where sink and window tokens live when pages hold compressed cells;
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -144,6 +151,73 @@ def _ranges(values: Sequence[int]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadSpans:
+    """Per-KV-head elastic attention spans (sink + recent window per head), shared by every adapter.
+
+    A query that is the ``N``-th token of its sequence (position ``N - 1``) reads, in KV head ``h``, the
+    positions ``p <= N - 1`` with ``p < sink`` or ``p >= start_h(N)``, where
+
+        S_h(N)     = min(N, max(min_span, ceil(alpha[h] + beta[h] * N)))     (the span, in positions)
+        start_h(N) = N - S_h(N) + sink                                       (>= sink)
+
+    so it reads ``S_h(N)`` positions once ``N >= sink``. ``N`` is the query's own length, not the request's
+    final length: a paged engine does not know the final length (``max_tokens`` never reaches the
+    attention backend), and a per-query rule makes a chunked or batched prefill compute exactly what
+    token-by-token decoding computes. With ``0 <= beta <= 1`` the span grows by at most one position per
+    token, so ``start_h`` never decreases: a position that left a head's window is never read by that head
+    again (caches may drop it). ``ceil`` is taken in float64 (:meth:`spans`); every adapter calls it.
+
+    alpha     per KV head, tokens (may be negative)
+    beta      per KV head, in [0, 1]
+    min_span  smallest span (>= the layer's sink; the paper's 128 with a 64-token sink)
+    """
+
+    alpha: tuple[float, ...]
+    beta: tuple[float, ...]
+    min_span: int
+
+    def __post_init__(self) -> None:
+        if len(self.alpha) != len(self.beta) or not self.alpha:
+            raise ConfigError(f"head spans: alpha has {len(self.alpha)} entries and beta {len(self.beta)}; "
+                              "expected one (alpha, beta) per KV head")
+        bad = [h for h, (a, b) in enumerate(zip(self.alpha, self.beta))
+               if not (math.isfinite(a) and math.isfinite(b) and 0.0 <= b <= 1.0)]
+        if bad:
+            h = bad[0]
+            raise ConfigError(f"head spans: KV head {h} has alpha {self.alpha[h]!r}, beta {self.beta[h]!r}; alpha "
+                              "must be finite and beta in [0, 1] (the span may grow by at most one per token)")
+        if self.min_span < 1:
+            raise ConfigError(f"head spans: min_span must be >= 1, got {self.min_span}")
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.alpha)
+
+    def select(self, first: int, count: int) -> "HeadSpans":
+        """The spans of KV heads ``first .. first + count - 1`` (one tensor-parallel rank)."""
+        return HeadSpans(self.alpha[first:first + count], self.beta[first:first + count], self.min_span)
+
+    def spans(self, lengths: torch.Tensor) -> torch.Tensor:
+        """``S_h(N)`` for query lengths ``N`` (any int shape): int64 ``(*lengths.shape, num_heads)``."""
+        n = lengths.to(torch.float64)[..., None]
+        a = torch.tensor(self.alpha, dtype=torch.float64, device=lengths.device)
+        b = torch.tensor(self.beta, dtype=torch.float64, device=lengths.device)
+        s = torch.ceil(a + b * n).clamp_min(self.min_span)
+        return torch.minimum(s, n).to(torch.int64)
+
+    def starts(self, lengths: torch.Tensor, sink: int) -> torch.Tensor:
+        """``start_h(N)``: int64 ``(*lengths.shape, num_heads)``; positions in ``[sink, start)`` are not read."""
+        n = lengths.to(torch.int64)[..., None]
+        return n - self.spans(lengths) + sink
+
+    def density(self, length: int, sink: int) -> list[float]:
+        """Per head, the fraction of the causal attention entries of a ``length``-token sequence that are read."""
+        n = torch.arange(1, length + 1)
+        read = torch.minimum(self.spans(n), n[:, None]).sum(0).double()
+        return (read / (length * (length + 1) / 2)).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerKVFormat:
     """How one attention layer stores and reads its KV cache.
 
@@ -161,8 +235,9 @@ class LayerKVFormat:
                  (per channel) before attention and caching (a reparameterisation that leaves q.k
                  unchanged); None: identity. In transformers it is folded into the q/k projections, so
                  it must commute with the model's rotary embedding (channels c and c + head_size/2 equal)
-    head_spans   optional per-KV-head number of positions a head reads (sparse-span methods; the
-                 method's ``attend`` applies them); None: all
+    head_spans   optional :class:`HeadSpans`: which positions each KV head reads (sink + per-head recent
+                 window; sparse-span methods, ``bits = 0``). vLLM: the method's ``attend`` applies them;
+                 SGLang and transformers: the adapters' generic span attention. None: every position
     budget_bytes optional per-sequence memory budget of this layer in the transformers cache: while
                  the layer holds more, the cache calls :meth:`KVCacheMethod.shrink`; None: unbounded
     """
@@ -176,7 +251,7 @@ class LayerKVFormat:
     window: int
     cell_bytes: int
     q_scale: torch.Tensor | None = None
-    head_spans: tuple[int, ...] | None = None
+    head_spans: HeadSpans | None = None
     budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -189,14 +264,27 @@ class LayerKVFormat:
         if self.q_scale is not None and tuple(self.q_scale.shape) != (self.num_kv_heads, self.head_size):
             raise ConfigError(f"{where}: q_scale has shape {tuple(self.q_scale.shape)}, expected "
                               f"({self.num_kv_heads}, {self.head_size}) (KV heads, head size)")
-        if self.head_spans is not None and len(self.head_spans) != self.num_kv_heads:
-            raise ConfigError(f"{where}: head_spans has {len(self.head_spans)} entries for {self.num_kv_heads} "
-                              "KV heads")
+        if self.head_spans is not None:
+            if not isinstance(self.head_spans, HeadSpans):
+                raise ConfigError(f"{where}: head_spans must be a HeadSpans, got {type(self.head_spans).__name__}")
+            if self.head_spans.num_heads != self.num_kv_heads:
+                raise ConfigError(f"{where}: head_spans has {self.head_spans.num_heads} entries for "
+                                  f"{self.num_kv_heads} KV heads")
+            if not self.dense:
+                raise ConfigError(f"{where}: head_spans need dense storage (bits 0), got bits {self.bits}")
+            if self.head_spans.min_span < self.sink:
+                raise ConfigError(f"{where}: head_spans.min_span {self.head_spans.min_span} is below the sink "
+                                  f"({self.sink})")
 
     @property
     def dense(self) -> bool:
         """Nothing is compressed: every position is kept as the engine's K/V."""
         return self.bits == 0
+
+    def span_starts(self, lengths: torch.Tensor) -> torch.Tensor | None:
+        """Per KV head, the first non-sink position a query of length ``lengths`` reads (``HeadSpans.starts``);
+        None when the layer reads every position."""
+        return None if self.head_spans is None else self.head_spans.starts(lengths, self.sink)
 
     @property
     def uses_fp_store(self) -> bool:

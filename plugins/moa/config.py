@@ -1,0 +1,118 @@
+"""The MoA plan: per-layer, per-KV-head elastic spans (alpha, beta), the sink, the model identity.
+
+What ``overdrive calibrate --method moa`` writes and every runtime reads (the transformers span cache,
+the vLLM and SGLang backends). JSON, versioned, validated on load::
+
+    {
+      "format": "overdrive.moa.plan", "version": 1,
+      "model": {"architecture": "LlamaForCausalLM", "num_layers": 32, "num_attention_heads": 32,
+                "num_kv_heads": 8, "head_size": 128},
+      "sink": 64, "min_span": 128, "density": 0.5,
+      "layers": [{"alpha": [...one per KV head...], "beta": [...one per KV head...]}, ...one per layer...],
+      "calibration": {...how it was made (informational)...}
+    }
+
+Rule (the KV-cache contract's ``HeadSpans``): a query that is the ``N``-th token of its sequence reads,
+in KV head ``h`` of layer ``l``, the first ``sink`` positions and the most recent ``S - sink`` ones with
+``S = min(N, max(min_span, ceil(alpha[l][h] + beta[l][h] * N)))``. One span per KV head: under GQA the
+query heads of a group share it (MoA's reference converts GQA models to MHA instead). ``density`` is the
+calibration's target (the fraction of causal attention entries read at the calibration lengths).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from overdrive.config import ConfigError, MethodConfig
+from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
+
+FORMAT = "overdrive.moa.plan"
+
+
+@dataclasses.dataclass
+class MoAPlan(MethodConfig):
+    """A MoA plan (format in the module docstring)."""
+
+    VERSION = 1
+    format: str = FORMAT
+    model: dict = dataclasses.field(default_factory=dict)
+    sink: int = 64
+    min_span: int = 128
+    density: float = 0.0
+    layers: list = dataclasses.field(default_factory=list)
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.format != FORMAT:
+            raise ConfigError(f"MoAPlan.format must be {FORMAT!r}, got {self.format!r} (not a MoA plan)")
+        ident = self.identity
+        if not isinstance(self.sink, int) or self.sink < 0:
+            raise ConfigError(f"MoAPlan.sink must be an integer >= 0, got {self.sink!r}")
+        if not isinstance(self.min_span, int) or self.min_span < max(1, self.sink):
+            raise ConfigError(f"MoAPlan.min_span must be an integer >= max(1, sink = {self.sink}), got {self.min_span!r}")
+        if not isinstance(self.density, (int, float)) or not 0.0 <= float(self.density) <= 1.0:
+            raise ConfigError(f"MoAPlan.density must be in [0, 1], got {self.density!r}")
+        if not isinstance(self.layers, list) or len(self.layers) != ident.num_layers:
+            n = len(self.layers) if isinstance(self.layers, list) else type(self.layers).__name__
+            raise ConfigError(f"MoAPlan.layers: {n} entries for a model of {ident.num_layers} layers")
+        for i, layer in enumerate(self.layers):
+            self._check_layer(i, layer, ident.num_kv_heads)
+
+    @staticmethod
+    def _check_layer(i: int, layer: Any, heads: int) -> None:
+        where = f"MoAPlan.layers[{i}]"
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{where} must be an object with 'alpha' and 'beta', got {type(layer).__name__}")
+        unknown = set(layer) - {"alpha", "beta", "loss"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (expected alpha, beta)")
+        for key in ("alpha", "beta"):
+            vals = layer.get(key)
+            if not isinstance(vals, list) or len(vals) != heads:
+                raise ConfigError(f"{where}.{key} must be a list of {heads} numbers (one per KV head), got {vals!r}")
+            for h, x in enumerate(vals):
+                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                    raise ConfigError(f"{where}.{key}[{h}] must be a finite number, got {x!r}")
+                if key == "beta" and not 0.0 <= x <= 1.0:
+                    raise ConfigError(f"{where}.beta[{h}] must be in [0, 1] (a span grows by at most one position "
+                                      f"per token), got {x!r}")
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.from_dict(self.model, source="MoAPlan.model")
+
+    def check_model(self, model: ModelIdentity, source: str = "MoA plan") -> None:
+        self.identity.check(model, source=source)
+
+    def head_spans(self, layer: int) -> HeadSpans:
+        entry = self.layers[layer]
+        return HeadSpans(tuple(float(a) for a in entry["alpha"]), tuple(float(b) for b in entry["beta"]),
+                         self.min_span)
+
+    def density_at(self, length: int) -> float:
+        """Fraction of the causal attention entries of a ``length``-token sequence read, over layers and KV heads."""
+        per = [d for i in range(len(self.layers)) for d in self.head_spans(i).density(length, self.sink)]
+        return sum(per) / len(per)
+
+
+def make_plan(model: ModelIdentity, alphas: Sequence[Sequence[float]], betas: Sequence[Sequence[float]], *,
+              sink: int = 64, min_span: int = 128, density: float = 0.0, losses: Sequence[Sequence[float]] | None = None,
+              calibration: dict | None = None) -> MoAPlan:
+    """A plan from per-layer, per-KV-head alphas and betas (validated)."""
+    layers = []
+    for i, (a, b) in enumerate(zip(alphas, betas)):
+        entry: dict[str, Any] = {"alpha": [float(x) for x in a], "beta": [float(x) for x in b]}
+        if losses is not None:
+            entry["loss"] = [float(x) for x in losses[i]]
+        layers.append(entry)
+    return MoAPlan(model=model.to_dict(), sink=int(sink), min_span=int(min_span), density=float(density), layers=layers,
+                   calibration=calibration or {})
+
+
+def uniform_plan(model: ModelIdentity, alpha: float, beta: float, *, sink: int = 64, min_span: int = 128,
+                 density: float = 0.0, calibration: dict | None = None) -> MoAPlan:
+    """Every head with the same span: ``beta = 0`` is StreamingLLM's fixed sink + sliding window."""
+    shape = [[alpha] * model.num_kv_heads for _ in range(model.num_layers)]
+    return make_plan(model, shape, [[beta] * model.num_kv_heads for _ in range(model.num_layers)], sink=sink,
+                     min_span=min_span, density=density, calibration=calibration)
