@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from overdrive.attention_probe import attention_function
 from overdrive.config import ConfigError, read_jsonl
 from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
 from overdrive.kernels.span_attention import span_prefill_attention
@@ -160,22 +161,9 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out, w
 
 
-@contextlib.contextmanager
-def probing(model: torch.nn.Module, rec: _Recorder) -> Iterator[_Recorder]:
+def probing(model: torch.nn.Module, rec: _Recorder) -> contextlib.AbstractContextManager[_Recorder]:
     """Run ``model`` with the probe attention function; restores the previous implementation."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(PROBE, _probe_attention)
-    AttentionMaskInterface.register(PROBE, sdpa_mask)
-    prev = model.config._attn_implementation
-    model.set_attn_implementation(PROBE)
-    token = _RECORDER.set(rec)
-    try:
-        yield rec
-    finally:
-        _RECORDER.reset(token)
-        model.set_attn_implementation(prev)
+    return attention_function(model, PROBE, _probe_attention, _RECORDER, rec)
 
 
 # ------------------------------------------------------------------------------------ influence
