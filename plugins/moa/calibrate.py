@@ -45,7 +45,7 @@ from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
 from overdrive.kernels.span_attention import span_prefill_attention
 from overdrive.progress import progress
 
-from .config import MoAPlan, make_plan
+from .config import MoAPlan, make_plan, matched_baselines, uniform_plan
 
 ALPHA_MULTIPLES = (-2, -1, 0, 1, 2, 4, 8)
 TARGETS = ("dense", "text")
@@ -370,14 +370,28 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     best = min(range(len(plans)), key=lambda i: scores[i])
     w, plan = plans[best]
     chosen = picks[best]
+    # references: one span for every head, reading as many positions at the validation length as the best
+    # plan (StreamingLLM's fixed window, and an elastic span); those within the density budget at every
+    # constrained length are validated too, and one wins when it beats every head-specific plan (the
+    # milp adds first-order per-head estimates, which can make deep cuts to a few heads look cheap)
+    refs = {name: p for name, p in matched_baselines(plan, ident, opts.validate_length).items()
+            if all(p.density_at(n) <= opts.density + 1e-9 for n in constrained)}
+    ref_scores = {name: validation_loss(model, val_batches, opts, p) for name, p in refs.items()}
+    winner = min(ref_scores, key=ref_scores.get, default=None)
+    uniform = winner is not None and ref_scores[winner] < scores[best]
     info = {
         "lengths": list(opts.lengths), "max_len": opts.max_len, "validate_length": opts.validate_length,
         "samples": opts.samples, "response_tokens": opts.response_tokens, "target": opts.target, "data": opts.data,
         "candidates": {"alpha_step": opts.alpha_step, "alpha_multiples": list(ALPHA_MULTIPLES), "betas": opts.betas},
         "density_at": {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]},
         "validation": {"dense_loss": dense, "plans": [{"weights": pw, "loss": s} for (pw, _), s in zip(plans, scores)],
-                       "chosen": best},
+                       "chosen": best, "uniform": ref_scores, "result": winner if uniform else "moa"},
     }
+    if uniform:
+        plan = refs[winner]
+        info["density_at"] = {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]}
+        return uniform_plan(ident, plan.layers[0]["alpha"][0], plan.layers[0]["beta"][0], sink=opts.sink,
+                            min_span=opts.min_span, density=opts.density, calibration=info)
     return make_plan(ident, [[a for a in layer["alpha"]] for layer in plan.layers],
                      [[b for b in layer["beta"]] for layer in plan.layers], sink=opts.sink, min_span=opts.min_span,
                      density=opts.density, calibration=info,
@@ -435,7 +449,13 @@ def run(args: argparse.Namespace) -> int:
     cal = plan.calibration
     dens = ", ".join(f"{n}: {d:.3f}" for n, d in cal["density_at"].items())
     val = cal["validation"]
+    moa_loss = val["plans"][val["chosen"]]["loss"]
+    refs = ", ".join(f"{k} {v:.4f}" for k, v in val["uniform"].items())
     print(f"wrote {args.output}: {ident.architecture}, {ident.num_layers} layers x {ident.num_kv_heads} KV heads; density "
-          f"{dens}; validation loss at {cal['validate_length']} tokens {val['plans'][val['chosen']]['loss']:.4f} "
-          f"(dense {val['dense_loss']:.4f}, {len(val['plans'])} Pareto plan(s))")
+          f"{dens}; validation loss at {cal['validate_length']} tokens: best head-specific plan {moa_loss:.4f} "
+          f"(dense {val['dense_loss']:.4f}, {len(val['plans'])} Pareto plan(s); uniform spans {refs or 'over budget'})")
+    if val["result"] != "moa":
+        print(f"overdrive calibrate --method moa: no head-specific plan beat a uniform span of the same reads at "
+              f"{cal['validate_length']} tokens; wrote the {val['result']} plan (every head the same span)",
+              file=sys.stderr)
     return 0

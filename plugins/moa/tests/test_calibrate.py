@@ -161,6 +161,12 @@ def test_calibrate_in_process_meets_the_budget_at_every_length():
         assert plan.calibration["density_at"][str(n)] == pytest.approx(plan.density_at(n))
     val = plan.calibration["validation"]
     assert val["plans"][val["chosen"]]["loss"] == min(p["loss"] for p in val["plans"])
+    # uniform spans of the same reads were validated too; the lowest loss of all is what was written
+    assert val["uniform"] and set(val["uniform"]) <= {"streamingllm", "uniform-elastic"}
+    losses = {"moa": val["plans"][val["chosen"]]["loss"], **val["uniform"]}
+    assert val["result"] == min(losses, key=losses.get)
+    if val["result"] != "moa":
+        assert len({(a, b) for layer in plan.layers for a, b in zip(layer["alpha"], layer["beta"])}) == 1
     assert plan.sink == 4 and plan.min_span == 8 and len(plan.layers) == 2
     assert model.config._attn_implementation == "sdpa"  # the probe restored the model's attention
 
