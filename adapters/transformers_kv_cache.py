@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 import overdrive
 from overdrive.config import ConfigError, MethodConfig
@@ -41,7 +41,7 @@ from overdrive.contracts.kv_cache import (KVBody, KVBudgetError, KVCacheMethod, 
 from overdrive.kinds import Kind
 
 from ._kv_cache import check_formats
-from .transformers_kv_spans import PAGE_SIZE, SpanKVLayer, use_span_attention
+from .transformers_kv_spans import PAGE_SIZE, GrowingLayer, SpanKVLayer, use_span_attention
 
 _FOLDED = "_overdrive_kv_q_scale"  # instance attribute: digest of the q_scale folded into this model
 
@@ -99,12 +99,8 @@ def fold_q_scales(model: torch.nn.Module, method: KVCacheMethod, fmts: list[Laye
     return len(scaled)
 
 
-class OverdriveKVLayer(CacheLayerMixin):
+class OverdriveKVLayer(GrowingLayer):
     """One layer of :class:`OverdriveKVCache` (state is per instance; nothing is kept on the class)."""
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
 
     def __init__(self, method: KVCacheMethod, fmt: LayerKVFormat, name: str) -> None:
         super().__init__()
@@ -199,15 +195,6 @@ class OverdriveKVLayer(CacheLayerMixin):
             self.win_k, self.win_v = self.win_k[:, :, :0], self.win_v[:, :, :0]
         self._enforce_budget()
         return keys, values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
 
     def _select(self, fn) -> None:
         if not self.is_initialized:

@@ -105,12 +105,27 @@ def use_span_attention(model: torch.nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------ cache layer
-class SpanKVLayer(CacheLayerMixin):
-    """One layer of a span format (module docstring); state is per instance."""
+class GrowingLayer(CacheLayerMixin):
+    """What overdrive's transformers cache layers share: they grow by every token stored (``length``),
+    cannot be cropped or compiled, and have no maximum length."""
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    length: int
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SpanKVLayer(GrowingLayer):
+    """One layer of a span format (module docstring); state is per instance."""
 
     def __init__(self, fmt: LayerKVFormat, name: str, page_size: int = PAGE_SIZE) -> None:
         super().__init__()
@@ -245,15 +260,6 @@ class SpanKVLayer(CacheLayerMixin):
         self.length += key_states.shape[2]
         _HANDOFF.layer = self
         return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
 
     def _select(self, rows: torch.Tensor) -> None:
         if not self.is_initialized:

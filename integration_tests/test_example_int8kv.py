@@ -6,7 +6,6 @@ equal transformers' with the same plan (slow)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -155,7 +154,7 @@ def test_vllm_serves_example_int8kv_like_transformers(example_registry, plugin_e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import overdrive.transformers as ot
-    from overdrive.testing.vllm_server import VllmServer
+    from overdrive.testing.vllm_server import VllmServer, kv_cache_tokens
 
     plan = _plan(tmp_path)
     args = SERVE + ["--additional-config", json.dumps({"example_int8kv": {"plan": str(plan)}})]
@@ -176,7 +175,7 @@ def test_vllm_serves_example_int8kv_like_transformers(example_registry, plugin_e
     assert batched == want * 2
     ident = ModelIdentity.from_hf_config(model.config)
     per_token = ident.num_layers * ident.num_kv_heads * (2 * ident.head_size + 8)
-    tokens = int(re.findall(r"KV cache size: ([\d,]+) tokens", log)[-1].replace(",", ""))
+    tokens = kv_cache_tokens(log)
     assert tokens == 2**30 // per_token // 32 * 32  # VllmServer's 1 GiB VLLM_CPU_KVCACHE_SPACE, block 32
 
 

@@ -8,7 +8,6 @@ One server per tensor-parallel size, shared by the module's tests.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from overdrive.moa import MoAPlan
 from overdrive.testing import tiny_llama
 from overdrive.testing.probe import child_env, run_probe
-from overdrive.testing.vllm_server import VllmServer
+from overdrive.testing.vllm_server import VllmServer, kv_cache_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -81,12 +80,6 @@ def _transformers_tokens(prompts: list[str], plan_path: Path | None) -> list[lis
     return out
 
 
-def _kv_tokens(log: str) -> int:
-    m = re.findall(r"KV cache size: ([\d,]+) tokens", log)
-    assert m, "vLLM did not report its KV cache size"
-    return int(m[-1].replace(",", ""))
-
-
 @pytest.fixture(scope="module")
 def served(plan_path, prompts, tmp_path_factory) -> dict:
     args = SERVE + ["--additional-config", json.dumps({"moa": {"plan": str(plan_path)}})]
@@ -109,7 +102,7 @@ def test_vllm_kv_capacity_is_the_dense_one(served):
     """Per-head spans save reads, not vLLM's allocation: the KV capacity equals dense float32 pages
     (2 layers x 2 KV heads x (K + V) x 32 x 4 bytes per token in VLLM_CPU_KVCACHE_SPACE = 1 GiB)."""
     dense = 2 * 2 * 2 * 32 * 4
-    assert _kv_tokens(served["log"]) == 2**30 // dense // 32 * 32
+    assert kv_cache_tokens(served["log"]) == 2**30 // dense // 32 * 32
 
 
 def test_vllm_tensor_parallel_2_equals_transformers(plan_path, prompts, tmp_path):

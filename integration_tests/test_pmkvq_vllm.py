@@ -7,7 +7,6 @@ overdrive's CPU_ATTN override), and a plan made for another model.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from overdrive.kernels.kv_attention import cell_words
 from overdrive.pmkvq.config import PMKVQPlan, make_plan
 from overdrive.testing import tiny_llama
 from overdrive.testing.probe import child_env, run_probe
-from overdrive.testing.vllm_server import VllmServer
+from overdrive.testing.vllm_server import VllmServer, kv_cache_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -62,19 +61,13 @@ def _transformers_tokens(plan: PMKVQPlan | None) -> list[list[int]]:
     return out
 
 
-def _kv_tokens(log: str) -> int:
-    m = re.findall(r"KV cache size: ([\d,]+) tokens", log)
-    assert m, "vLLM did not report its KV cache size"
-    return int(m[-1].replace(",", ""))
-
-
 @pytest.fixture(scope="module")
 def baseline_tokens(tmp_path_factory) -> int:
     with VllmServer(tiny_llama(), SERVE, log_path=tmp_path_factory.mktemp("base") / "vllm.log") as srv:
         got = [srv.greedy_token_ids(p, MAX_TOKENS) for p in PROMPTS]
         log = srv.log_text()
     assert got == _transformers_tokens(None)  # without a plan the override is vLLM's own CPU attention
-    return _kv_tokens(log)
+    return kv_cache_tokens(log)
 
 
 def test_vllm_serves_the_plan_like_transformers_with_larger_kv_capacity(plan_path, baseline_tokens, tmp_path):
@@ -96,7 +89,7 @@ def test_vllm_serves_the_plan_like_transformers_with_larger_kv_capacity(plan_pat
     packed = sum(ident.num_kv_heads * 4 * cell_words(ident.head_size, b, 32) for b in plan.layer_bits)
     space, bs = KV_GIB * 2**30, 32
     assert baseline_tokens == space // dense // bs * bs
-    tokens = _kv_tokens(log)
+    tokens = kv_cache_tokens(log)
     assert tokens == space // packed // bs * bs
     assert tokens / baseline_tokens == pytest.approx(dense / packed, rel=1e-4)  # 6.4x for bits [4, 2]
 

@@ -188,8 +188,6 @@ class Demo:
                 f"vLLM served the video prompt with {logs[-1].split('-> ')[1].split(' (')[0]}")
 
     def pmkvq(self) -> str:
-        import re
-
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -197,6 +195,7 @@ class Demo:
         from overdrive.kernels.kv_attention import cell_words
         from overdrive.pmkvq import load_plan
         from overdrive.testing import tiny_llama
+        from overdrive.testing.vllm_server import kv_cache_tokens
 
         base, plan_path = tiny_llama(), self.work / "pmkvq-plan.json"
         t0 = time.perf_counter()
@@ -221,14 +220,13 @@ class Demo:
                              "additional_config": {"pmkvq": {"plan": str(plan_path)}}}}
         run = run_probe("overdrive.testing.vllm_generate", spec, env=child_env(self.env, engine=True), timeout=600,
                         check=False)
-        cap = re.findall(r"KV cache size: ([\d,]+) tokens", run.output)
-        if run.returncode != 0 or run.result is None or not cap:
+        if run.returncode != 0 or run.result is None or "KV cache size" not in run.output:
             raise RuntimeError(f"vLLM with PM-KVQ failed:\n{run.output[-3000:]}")
         got = run.result["tokens"]
         ident = plan.identity
         dense = ident.num_layers * ident.num_kv_heads * 2 * ident.head_size * 4  # float32 K/V bytes per token
         packed = sum(ident.num_kv_heads * 4 * cell_words(ident.head_size, b, 32) for b in plan.layer_bits)
-        tokens = int(cap[-1].replace(",", ""))
+        tokens = kv_cache_tokens(run.output)
         print(f"  vLLM (--additional-config pmkvq plan, CPU_ATTN override): KV cache size {tokens:,} tokens at 1 GiB "
               f"({dense} -> {packed} bytes per token: {dense / packed:.1f}x the {2**30 // dense:,} of float32 pages)\n"
               f"  vLLM tokens {got}\n  transformers (overdrive.transformers.kv_cache, same plan) {want}")

@@ -48,7 +48,7 @@ import torch
 from overdrive.benchmarks import header, write_json
 from overdrive.contracts.kv_cache import ModelIdentity
 
-from .config import MoAPlan, uniform_plan
+from .config import MoAPlan, matched_baselines, mean_span, uniform_plan
 
 RECORD = "overdrive_moa_bench_record"
 PARTS = ("perplexity", "error", "decode")
@@ -78,22 +78,6 @@ def calibrate_cli(model: Path, text: Path, out: Path, args: argparse.Namespace) 
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr[-3000:]}")
     return {"seconds": time.perf_counter() - t, "command": " ".join(cmd[1:]), "stdout": r.stdout.strip()}
-
-
-def mean_span(plan: MoAPlan, length: int) -> float:
-    """Mean over layers and KV heads of ``S(length)``: positions a query at that length reads."""
-    n = torch.tensor(length)
-    return float(torch.stack([plan.head_spans(i).spans(n).double() for i in range(len(plan.layers))]).mean())
-
-
-def matched_baselines(plan: MoAPlan, ident: ModelIdentity, length: int) -> dict[str, MoAPlan]:
-    """Uniform plans whose query at ``length`` reads (on average over heads) as many positions as the plan's:
-    a fixed window (StreamingLLM) and an elastic span with alpha = 0 (``beta = mean span / length``)."""
-    target = mean_span(plan, length)
-    window = float(round(target))
-    return {"streamingllm": uniform_plan(ident, window, 0.0, sink=plan.sink, min_span=plan.min_span),
-            "uniform-elastic": uniform_plan(ident, 0.0, min(1.0, target / length), sink=plan.sink,
-                                            min_span=plan.min_span)}
 
 
 @torch.no_grad()

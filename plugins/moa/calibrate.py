@@ -39,12 +39,13 @@ from typing import Iterator, Sequence
 
 import torch
 
+from overdrive.attention_probe import attention_function
 from overdrive.config import ConfigError, read_jsonl
 from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
 from overdrive.kernels.span_attention import span_prefill_attention
 from overdrive.progress import progress
 
-from .config import MoAPlan, make_plan
+from .config import MoAPlan, make_plan, uniform_plan
 
 ALPHA_MULTIPLES = (-2, -1, 0, 1, 2, 4, 8)
 TARGETS = ("dense", "text")
@@ -160,22 +161,9 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out, w
 
 
-@contextlib.contextmanager
-def probing(model: torch.nn.Module, rec: _Recorder) -> Iterator[_Recorder]:
+def probing(model: torch.nn.Module, rec: _Recorder) -> contextlib.AbstractContextManager[_Recorder]:
     """Run ``model`` with the probe attention function; restores the previous implementation."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(PROBE, _probe_attention)
-    AttentionMaskInterface.register(PROBE, sdpa_mask)
-    prev = model.config._attn_implementation
-    model.set_attn_implementation(PROBE)
-    token = _RECORDER.set(rec)
-    try:
-        yield rec
-    finally:
-        _RECORDER.reset(token)
-        model.set_attn_implementation(prev)
+    return attention_function(model, PROBE, _probe_attention, _RECORDER, rec)
 
 
 # ------------------------------------------------------------------------------------ influence
@@ -345,6 +333,30 @@ def validation_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], opt
     return total / count
 
 
+def uniform_references(ident: ModelIdentity, opts: CalibOptions, lengths: Sequence[int]) -> dict[str, MoAPlan]:
+    """The widest plans giving every head the same span whose mean density is within ``opts.density`` at
+    every length in ``lengths`` (the budget the milp meets): a fixed window (StreamingLLM: ``alpha = W``,
+    ``beta = 0``) and an elastic span (``alpha = 0``, ``beta``); a reference no span fits is left out."""
+    def fits(p: MoAPlan) -> bool:
+        return all(p.density_at(n) <= opts.density + 1e-9 for n in lengths)
+
+    def make(name: str, x: float) -> MoAPlan:
+        a, b = (x, 0.0) if name == "streamingllm" else (0.0, x)
+        return uniform_plan(ident, a, b, sink=opts.sink, min_span=opts.min_span)
+
+    out = {}
+    for name, lo, hi in (("streamingllm", 0.0, float(max(lengths))), ("uniform-elastic", 0.0, 1.0)):
+        if not fits(make(name, lo)):
+            continue
+        for _ in range(40):  # density grows with the window / beta: bisect for the widest that fits
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if fits(make(name, mid)) else (lo, mid)
+        if name == "streamingllm":  # spans are ceil(alpha + beta N): the bisection ends just below an integer
+            lo = float(int(lo + 1e-6)) if fits(make(name, float(int(lo + 1e-6)))) else float(int(lo))
+        out[name] = make(name, lo)
+    return out
+
+
 def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     """The whole pipeline (module docstring); ``opts`` are resolved against the model's context length."""
     ident = ModelIdentity.from_hf_config(model.config)
@@ -382,14 +394,26 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     best = min(range(len(plans)), key=lambda i: scores[i])
     w, plan = plans[best]
     chosen = picks[best]
+    # references: the widest one-span-for-every-head plans under the same density budget (StreamingLLM's
+    # fixed window, and an elastic span), validated too; one wins when it beats every head-specific plan
+    # (the milp adds first-order per-head estimates, which can make deep cuts to a few heads look cheap)
+    refs = uniform_references(ident, opts, constrained)
+    ref_scores = {name: validation_loss(model, val_batches, opts, p) for name, p in refs.items()}
+    winner = min(ref_scores, key=ref_scores.get, default=None)
+    uniform = winner is not None and ref_scores[winner] < scores[best]
     info = {
         "lengths": list(opts.lengths), "max_len": opts.max_len, "validate_length": opts.validate_length,
         "samples": opts.samples, "response_tokens": opts.response_tokens, "target": opts.target, "data": opts.data,
         "candidates": {"alpha_step": opts.alpha_step, "alpha_multiples": list(ALPHA_MULTIPLES), "betas": opts.betas},
         "density_at": {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]},
         "validation": {"dense_loss": dense, "plans": [{"weights": pw, "loss": s} for (pw, _), s in zip(plans, scores)],
-                       "chosen": best},
+                       "chosen": best, "uniform": ref_scores, "result": winner if uniform else "moa"},
     }
+    if uniform:
+        plan = refs[winner]
+        info["density_at"] = {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]}
+        return uniform_plan(ident, plan.layers[0]["alpha"][0], plan.layers[0]["beta"][0], sink=opts.sink,
+                            min_span=opts.min_span, density=opts.density, calibration=info)
     return make_plan(ident, [[a for a in layer["alpha"]] for layer in plan.layers],
                      [[b for b in layer["beta"]] for layer in plan.layers], sink=opts.sink, min_span=opts.min_span,
                      density=opts.density, calibration=info,
@@ -447,7 +471,13 @@ def run(args: argparse.Namespace) -> int:
     cal = plan.calibration
     dens = ", ".join(f"{n}: {d:.3f}" for n, d in cal["density_at"].items())
     val = cal["validation"]
+    moa_loss = val["plans"][val["chosen"]]["loss"]
+    refs = ", ".join(f"{k} {v:.4f}" for k, v in val["uniform"].items())
     print(f"wrote {args.output}: {ident.architecture}, {ident.num_layers} layers x {ident.num_kv_heads} KV heads; density "
-          f"{dens}; validation loss at {cal['validate_length']} tokens {val['plans'][val['chosen']]['loss']:.4f} "
-          f"(dense {val['dense_loss']:.4f}, {len(val['plans'])} Pareto plan(s))")
+          f"{dens}; validation loss at {cal['validate_length']} tokens: best head-specific plan {moa_loss:.4f} "
+          f"(dense {val['dense_loss']:.4f}, {len(val['plans'])} Pareto plan(s); uniform spans {refs or 'none fit'})")
+    if val["result"] != "moa":
+        print(f"overdrive calibrate --method moa: no head-specific plan beat a uniform span of the same reads at "
+              f"{cal['validate_length']} tokens; wrote the {val['result']} plan (every head the same span)",
+              file=sys.stderr)
     return 0

@@ -24,6 +24,8 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+import torch
+
 from overdrive.config import ConfigError, MethodConfig
 from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
 
@@ -116,3 +118,19 @@ def uniform_plan(model: ModelIdentity, alpha: float, beta: float, *, sink: int =
     shape = [[alpha] * model.num_kv_heads for _ in range(model.num_layers)]
     return make_plan(model, shape, [[beta] * model.num_kv_heads for _ in range(model.num_layers)], sink=sink,
                      min_span=min_span, density=density, calibration=calibration)
+
+
+def mean_span(plan: MoAPlan, length: int) -> float:
+    """Mean over layers and KV heads of ``S(length)``: positions a query at that length reads."""
+    n = torch.tensor(length)
+    return float(torch.stack([plan.head_spans(i).spans(n).double() for i in range(len(plan.layers))]).mean())
+
+
+def matched_baselines(plan: MoAPlan, ident: ModelIdentity, length: int) -> dict[str, MoAPlan]:
+    """Uniform plans whose query at ``length`` reads (on average over heads) as many positions as the plan's:
+    a fixed window (StreamingLLM) and an elastic span with alpha = 0 (``beta = mean span / length``)."""
+    target = mean_span(plan, length)
+    window = float(round(target))
+    return {"streamingllm": uniform_plan(ident, window, 0.0, sink=plan.sink, min_span=plan.min_span),
+            "uniform-elastic": uniform_plan(ident, 0.0, min(1.0, target / length), sink=plan.sink,
+                                            min_span=plan.min_span)}

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -403,8 +402,7 @@ def vllm_capacity(tmp: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"plan_bits": PMKVQPlan.load(plan).layer_bits, "VLLM_CPU_KVCACHE_SPACE_GiB": 1}
     for name, extra in (("no plan", []), ("pmkvq", ["--additional-config", json.dumps({"pmkvq": {"plan": str(plan)}})])):
         with VllmServer(tiny_llama(), args + extra, log_path=tmp / f"vllm-{name.replace(' ', '_')}.log") as srv:
-            m = re.findall(r"KV cache size: ([\d,]+) tokens", srv.log_text())
-            out[f"{name} tokens"] = int(m[-1].replace(",", ""))
+            out[f"{name} tokens"] = srv.kv_cache_tokens()
     out["ratio"] = out["pmkvq tokens"] / out["no plan tokens"]
     return out
 

@@ -31,10 +31,11 @@ import dataclasses
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
+from overdrive.attention_probe import attention_function
 from overdrive.config import ConfigError
 from overdrive.contracts.kv_cache import ModelIdentity
 from overdrive.kernels import kv_dequantize, kv_quantize
@@ -141,26 +142,9 @@ def _probe_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register_probe() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(PROBE, _probe_attention)
-    AttentionMaskInterface.register(PROBE, sdpa_mask)
-
-
-@contextlib.contextmanager
-def probing(model: torch.nn.Module, rec: _Recorder) -> Iterator[_Recorder]:
+def probing(model: torch.nn.Module, rec: _Recorder) -> contextlib.AbstractContextManager[_Recorder]:
     """Run ``model`` with the recording attention function; restores the previous implementation."""
-    _register_probe()
-    prev = model.config._attn_implementation
-    model.set_attn_implementation(PROBE)
-    token = _RECORDER.set(rec)
-    try:
-        yield rec
-    finally:
-        _RECORDER.reset(token)
-        model.set_attn_implementation(prev)
+    return attention_function(model, PROBE, _probe_attention, _RECORDER, rec)
 
 
 def position_ids_for(seq_len: int, max_len: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:

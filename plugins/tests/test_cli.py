@@ -133,11 +133,15 @@ def test_doctor_command_registers_into_every_engine(tmp_path):
     report = json.loads(r.stdout)
     assert r.returncode == 0, report["problems"]
     regs = {f: e.get("registers") for f, e in report["frameworks"].items()}
-    assert "pmkvq" in regs["vllm"]  # KV-cache methods register an attention backend
+    from overdrive.kinds import Kind
+    from overdrive.registry import get_registry
+
+    # every built-in KV-cache method (PM-KVQ, MoA, ...) registers an attention backend in vLLM and SGLang
+    kv = {s.name for s in get_registry().methods(Kind.KV_CACHE)} - {"example_int8kv"}
+    assert {"pmkvq", "moa"} <= kv and kv <= set(regs["vllm"]) and kv <= set(regs["sglang"])
     assert "framefusion" in regs["vllm"]  # token reduction: a configuration hook (--additional-config)
-    regs["vllm"] = [x for x in regs["vllm"] if x not in ("pmkvq", "framefusion")]
-    assert "pmkvq" in regs["sglang"]  # KV-cache methods register an SGLang attention backend too
-    regs["sglang"] = [x for x in regs["sglang"] if x != "pmkvq"]
+    regs["vllm"] = [x for x in regs["vllm"] if x not in kv | {"framefusion"}]
+    regs["sglang"] = [x for x in regs["sglang"] if x not in kv]
     assert regs == {  # the example's KV-cache method registers an attention backend in both engines as well
         "vllm": ["example_w8", "mbq", "example_int8kv"], "sglang": ["example_w8", "mbq", "example_int8kv"],
         "transformers": ["example_w8", "mbq"], "diffusers": None}

@@ -161,8 +161,37 @@ def test_calibrate_in_process_meets_the_budget_at_every_length():
         assert plan.calibration["density_at"][str(n)] == pytest.approx(plan.density_at(n))
     val = plan.calibration["validation"]
     assert val["plans"][val["chosen"]]["loss"] == min(p["loss"] for p in val["plans"])
+    # the widest uniform spans within the same budget were validated too; the lowest loss of all was written
+    assert val["uniform"] and set(val["uniform"]) <= {"streamingllm", "uniform-elastic"}
+    losses = {"moa": val["plans"][val["chosen"]]["loss"], **val["uniform"]}
+    assert val["result"] == min(losses, key=losses.get)
+    if val["result"] != "moa":
+        assert len({(a, b) for layer in plan.layers for a, b in zip(layer["alpha"], layer["beta"])}) == 1
     assert plan.sink == 4 and plan.min_span == 8 and len(plan.layers) == 2
     assert model.config._attn_implementation == "sdpa"  # the probe restored the model's attention
+
+
+def test_uniform_references_are_the_widest_spans_within_the_budget():
+    from overdrive.moa.calibrate import uniform_references
+
+    ident = ModelIdentity.from_hf_config(__import__("transformers").AutoConfig.from_pretrained(tiny_llama()))
+    opts = CalibOptions(density=0.5, max_len=160, lengths=(64, 128), validate_length=96, sink=4,
+                        min_span=8).resolve(2048)
+    lengths = (64, 128, 160)
+    refs = uniform_references(ident, opts, lengths)
+    assert set(refs) == {"streamingllm", "uniform-elastic"}
+    w = refs["streamingllm"].layers[0]["alpha"][0]
+    beta = refs["uniform-elastic"].layers[0]["beta"][0]
+    for name, p in refs.items():
+        assert max(p.density_at(n) for n in lengths) <= 0.5 + 1e-9
+    # one position wider (window) or 1e-6 more beta: over budget at some length (closed-form density check)
+    from overdrive.moa.config import uniform_plan
+    assert max(uniform_plan(ident, w + 1, 0.0, sink=4, min_span=8).density_at(n) for n in lengths) > 0.5
+    assert max(uniform_plan(ident, 0.0, beta + 1e-6, sink=4, min_span=8).density_at(n) for n in lengths) > 0.5
+    # a budget no span can meet leaves the references out
+    tight = CalibOptions(density=0.05, max_len=160, lengths=(64, 128), validate_length=96, sink=4,
+                         min_span=8).resolve(2048)
+    assert uniform_references(ident, tight, lengths) == {}
 
 
 def test_data_files(tmp_path):
