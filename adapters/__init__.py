@@ -104,7 +104,7 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
     }, "entry point sglang.srt.plugins"),
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43", {
         Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)` / `disable` / `calibrate`: one hook layer "
-                        "(`adapters/diffusers_hooks.py`): step/CFG-branch tracking, block and attention-module calls, "
+                        "(`adapters/diffusers/hooks.py`): step/CFG-branch tracking, block and attention-module calls, "
                         "attention-op interception, exact restore, calibration recording/replay; per-model metadata "
                         "(Flux, SD3, PixArt, Wan, CogVideoX, HunyuanVideo); several methods per pipeline; methods "
                         "with quantized checkpoints (ViDiT-Q) also load through `DiffusionPipeline.from_pretrained` "
@@ -112,7 +112,7 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.FRAME_RATE: "`vg = overdrive.diffusers.enable(pipe, NAME)`, then `vg(**call)`: the pipeline's own loop "
                          "with a `callback_on_step_end` that swaps in the shorter latent after K steps, original noise "
                          "and per-block rotary positions through the hook layer, the pipeline's decode, frames restored "
-                         "by interpolation (`adapters/diffusers_frame_rate.py`; Wan, HunyuanVideo; flow-matching Euler "
+                         "by interpolation (`adapters/diffusers/frame_rate.py`; Wan, HunyuanVideo; flow-matching Euler "
                          "schedulers); `overdrive generate --method NAME`",
     }, "overdrive.diffusers.enable(pipe, method)"),
     AdapterInfo("transformers", "overdrive.adapters.transformers", ("transformers",), ">=5.16,<5.20", {

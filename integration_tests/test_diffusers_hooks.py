@@ -1,4 +1,4 @@
-"""The diffusers hook layer (adapters/diffusers_hooks.py) on real tiny diffusers pipelines.
+"""The diffusers hook layer (adapters/diffusers/hooks.py) on real tiny diffusers pipelines.
 
 References: the pipelines' own schedulers (timesteps, step counts), the unaccelerated pipeline
 (bit-identical outputs), torch's own forward pre-hooks (per-block argument rewriting), the module
@@ -12,7 +12,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 import overdrive
 import overdrive.diffusers as odd
-from overdrive.adapters.diffusers_hooks import PipelineCalibration, Session
+from overdrive.adapters.diffusers.hooks import PipelineCalibration, Session
 from overdrive.contracts import DiTHooks
 from overdrive.testing.diffusion import assert_same_module_state, module_state, pipeline_inputs, tiny_pipeline
 

@@ -33,7 +33,7 @@ def test_paged_attention_matches_float64_reference_over_an_engine_schedule(int8k
     """Rows joining and decoding in mixed steps (block size 4, head size 48, GQA 2): each step's attention
     output vs float64 softmax attention over sink tokens exact, older tokens int8-quantize-dequantized, the
     step's own tokens exact; pages and the full-precision store written by the adapter's bookkeeping."""
-    from overdrive.adapters.vllm_kv_cache import FullPrecisionStore, store_geometry, write_fp_store
+    from overdrive.adapters.vllm.kv_cache import FullPrecisionStore, store_geometry, write_fp_store
 
     g = torch.Generator().manual_seed(0)
     hq, hk, d, bs, sink = 4, 2, 48, 4, 3
@@ -89,7 +89,7 @@ def test_paged_attention_matches_float64_reference_over_an_engine_schedule(int8k
 
 def test_transformers_cache_holds_sink_exact_and_int8_after(int8kv, example_registry):
     """The generic transformers cache with the example's formats: what each update returns, step by step."""
-    from overdrive.adapters.transformers_kv_cache import OverdriveKVLayer
+    from overdrive.adapters.transformers.kv_cache import OverdriveKVLayer
 
     g = torch.Generator().manual_seed(1)
     sink = 2

@@ -24,7 +24,7 @@ def smollm2():
 def test_fixture_is_the_trained_model(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from overdrive.mbq.perplexity import eval_chunks, perplexity
+    from overdrive.benchmarks.mbq_perplexity import eval_chunks, perplexity
     from overdrive.testing.real import opticks_split
 
     conf = json.loads((smollm2 / "config.json").read_text())
@@ -54,7 +54,7 @@ def test_awq_calibrates_the_real_model_from_the_cli_with_text_and_chat_records(s
     import overdrive.transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from overdrive.mbq.perplexity import eval_chunks, perplexity
+    from overdrive.benchmarks.mbq_perplexity import eval_chunks, perplexity
 
     tok = AutoTokenizer.from_pretrained(out)
     ids = eval_chunks(tok, opticks_split()[1], 1, 128)

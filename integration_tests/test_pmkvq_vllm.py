@@ -161,5 +161,5 @@ def test_block_size_or_head_size_the_kernel_cannot_take_is_a_startup_error(plan_
 
 def test_backend_is_in_vllms_registry_by_name():
     out = run_probe(PROBES / "vllm_kv_registry.py", "pmkvq", "48", env=child_env(engine=True)).result
-    assert out == {"name": "PMKVQ", "cli": "PMKVQ", "cpu": "overdrive.adapters.vllm_kv_backend.OverdriveCPUAttentionBackend",
+    assert out == {"name": "PMKVQ", "cli": "PMKVQ", "cpu": "overdrive.adapters.vllm.kv_backend.OverdriveCPUAttentionBackend",
                    "cell_parent": "PmkvqBackend", "blocks": ["MultipleOf(16)"], "heads": [32, 64, 96]}

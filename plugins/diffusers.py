@@ -6,7 +6,7 @@ weights (ViDiT-Q), so ``DiffusionPipeline.from_pretrained(DIR)`` loads them.
 from overdrive.adapters.diffusers import (DENOISERS, calibrate, calibrate_command, denoiser_info, denoiser_of, disable,
                                           enable, enabled, generate_command, register_denoiser, video_codec,
                                           write_pipeline)
-from overdrive.adapters.diffusers_quant import register
+from overdrive.adapters.diffusers.quant import register
 
 __all__ = ["DENOISERS", "calibrate", "calibrate_command", "denoiser_info", "denoiser_of", "disable", "enable",
            "enabled", "generate_command", "register", "register_denoiser", "video_codec", "write_pipeline"]

@@ -12,9 +12,9 @@
     out = overdrive.transformers.routed_generate(small, large, "r2r", router="./router", input_ids=ids)  # routing
 """
 from overdrive.adapters.transformers import OverdriveLinear, register
-from overdrive.adapters.transformers_kv_cache import kv_cache
-from overdrive.adapters.transformers_routing import RoutedOutput, routed_generate
-from overdrive.adapters.transformers_token_reduction import VLMS, disable, enable, enabled, register_vlm
+from overdrive.adapters.transformers.kv_cache import kv_cache
+from overdrive.adapters.transformers.routing import RoutedOutput, routed_generate
+from overdrive.adapters.transformers.token_reduction import VLMS, disable, enable, enabled, register_vlm
 
 __all__ = ["OverdriveLinear", "RoutedOutput", "VLMS", "disable", "enable", "enabled", "kv_cache", "register",
            "register_vlm", "routed_generate"]

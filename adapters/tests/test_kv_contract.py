@@ -18,8 +18,8 @@ from overdrive.contracts.kv_cache import (HeadSpans, KVCacheMethod, LayerKVForma
 from overdrive.kinds import Kind
 
 ADAPTERS = Path(overdrive.__file__).resolve().parents[1] / "adapters"
-KV_ADAPTERS = ["_kv_cache.py", "vllm_kv_cache.py", "vllm_kv_backend.py", "sglang_kv_cache.py",
-               "transformers_kv_cache.py", "transformers_kv_spans.py"]
+KV_ADAPTERS = ["_kv_cache.py", "vllm/kv_cache.py", "vllm/kv_backend.py", "sglang/kv_cache.py",
+               "transformers/kv_cache.py", "transformers/kv_spans.py"]
 
 
 def fmt(**kw) -> LayerKVFormat:
@@ -142,7 +142,7 @@ def test_kv_adapters_name_no_method():
 
 
 def test_sglang_kv_adapter_does_not_import_the_vllm_adapter():
-    tree = ast.parse((ADAPTERS / "sglang_kv_cache.py").read_text())
+    tree = ast.parse((ADAPTERS / "sglang/kv_cache.py").read_text())
     mods = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in mods if "vllm" in m], mods
@@ -162,7 +162,7 @@ def test_generic_cache_with_a_dense_method_equals_dynamic_cache(llama):
     prefill and decode steps (the cache returns every position at full precision)."""
     from transformers import DynamicCache
 
-    from overdrive.adapters.transformers_kv_cache import OverdriveKVCache
+    from overdrive.adapters.transformers.kv_cache import OverdriveKVCache
 
     ident = ModelIdentity.from_hf_config(llama.config)
     method = _Dense()
@@ -178,7 +178,7 @@ def test_generic_cache_with_a_dense_method_equals_dynamic_cache(llama):
 
 
 def test_transformers_adapter_rejects_a_custom_transform_qk_and_unfoldable_scales(llama):
-    from overdrive.adapters.transformers_kv_cache import fold_q_scales
+    from overdrive.adapters.transformers.kv_cache import fold_q_scales
 
     ident = ModelIdentity.from_hf_config(llama.config)
 

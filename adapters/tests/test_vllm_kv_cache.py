@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from overdrive.adapters.vllm_kv_cache import FullPrecisionStore, backend_class_name, backend_name, plan_env
+from overdrive.adapters.vllm.kv_cache import FullPrecisionStore, backend_class_name, backend_name, plan_env
 from overdrive.contracts.kv_cache import LayerKVFormat
 
 BS, SINK, WINDOW = 4, 1, 4

@@ -14,7 +14,7 @@ from overdrive.testing.probe import emit
 def main(model: str) -> dict:
     from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
 
-    from overdrive.adapters.vllm_kv_backend import OverdriveKVImpl
+    from overdrive.adapters.vllm.kv_backend import OverdriveKVImpl
     from overdrive.config import ConfigError
 
     cfg = VllmConfig(model_config=ModelConfig(model=model, dtype="float32"), cache_config=CacheConfig(block_size=32))

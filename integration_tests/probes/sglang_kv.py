@@ -28,9 +28,9 @@ def main(name: str, plan: str, lens: list[int], steps: int, wrong_plan: str | No
     from sglang.srt.server_args import ServerArgs
 
     import overdrive
-    from overdrive.adapters.sglang_kv_cache import load_formats, make_backend_class
+    from overdrive.adapters.sglang.kv_cache import load_formats, make_backend_class
     from overdrive.config import ConfigError
-    from overdrive.adapters.transformers_kv_cache import OverdriveKVLayer
+    from overdrive.adapters.transformers.kv_cache import OverdriveKVLayer
     from overdrive.contracts.kv_cache import ModelIdentity
 
     load_plugins()

@@ -27,7 +27,7 @@ def main(name: str, plan: str) -> dict:
     from sglang.srt.server_args import ServerArgs
 
     import overdrive
-    from overdrive.adapters.sglang_kv_cache import make_backend_class
+    from overdrive.adapters.sglang.kv_cache import make_backend_class
     from overdrive.contracts.kv_cache import ModelIdentity
 
     load_plugins()

@@ -9,7 +9,7 @@ import sys
 
 from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
 
-from overdrive.adapters.vllm_kv_backend import OverdriveKVImpl
+from overdrive.adapters.vllm.kv_backend import OverdriveKVImpl
 from overdrive.config import ConfigError
 from overdrive.testing.probe import emit
 

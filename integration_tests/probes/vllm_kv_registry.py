@@ -8,9 +8,9 @@ import sys
 from vllm.config import AttentionConfig
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-import overdrive.adapters.vllm_kv_backend as kb
+import overdrive.adapters.vllm.kv_backend as kb
 from overdrive.adapters import vllm as adapter
-from overdrive.adapters.vllm_kv_cache import backend_class_name
+from overdrive.adapters.vllm.kv_cache import backend_class_name
 from overdrive.testing.probe import emit
 
 method, cell_bytes = sys.argv[1], int(sys.argv[2])

@@ -1,7 +1,7 @@
 """Framework-neutral contracts, one per kind. Methods implement them; adapters consume them.
 
 Only the contracts that methods already need are defined; the others arrive with their first method
-(DESIGN.md: "define the kind contracts as the first methods need them").
+(kind contracts are defined as the first methods need them).
 """
 from .dit_cache import (Attachment, AttentionOp, CalibrationArtifact, CalibrationRun, DenoiserInfo, DenoiserSession,
                         DiTCacheMethod, DiTHooks, ModuleCall, RecordedCall, RotaryInfo, StepContext)

@@ -1,7 +1,7 @@
 """The DiT caching / attention-compression contract (kind ``dit_caching``).
 
 A DiT method is a set of framework-neutral callbacks (:class:`DiTHooks`) that the diffusers hook
-layer (``overdrive.adapters.diffusers_hooks``) calls around the denoiser, its transformer blocks, its
+layer (``overdrive.adapters.diffusers.hooks``) calls around the denoiser, its transformer blocks, its
 attention modules and the attention op inside them. The layer owns everything that depends on the
 framework:
 

@@ -17,7 +17,7 @@ frames are restored afterwards by interpolation. This module is framework-neutra
   temporal positions (per-block RoPE), and the interpolator.
 
 Adapters own the framework side: running the denoising loop, the VAE, the scheduler and the
-transformer's rotary embeddings (``overdrive.adapters.diffusers_frame_rate``).
+transformer's rotary embeddings (``overdrive.adapters.diffusers.frame_rate``).
 """
 from __future__ import annotations
 

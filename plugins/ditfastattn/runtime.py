@@ -1,6 +1,6 @@
 """DiTFastAttn as callbacks of overdrive's diffusers hook layer (framework-neutral: no diffusers here).
 
-The layer (``overdrive.adapters.diffusers_hooks``) tells the method, per denoiser call, the step
+The layer (``overdrive.adapters.diffusers.hooks``) tells the method, per denoiser call, the step
 context (CFG branch, step, new run, batched CFG, text length of MMDiT models) and calls it at every
 self-attention module and at the attention op inside it:
 

@@ -17,7 +17,7 @@ LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
              tie_word_embeddings=False)
 
 #: scale of the LM head: random tiny models have nearly flat logits, so greedy choices flip under a
-#: different summation order; a large head makes the top-1 margin large (DESIGN.md)
+#: different summation order; a large head makes the top-1 margin large (docs/architecture.md, "Comparing engines")
 LOGIT_SCALE = 24.0
 
 

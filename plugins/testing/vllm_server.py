@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def cpu_env(tp: int = 1, kv_cache_gib: int = 1) -> dict[str, str]:
-    """Environment vLLM needs on these CPU machines (DESIGN.md, "Environment facts")."""
+    """Environment vLLM needs on these CPU machines (docs/compatibility.md)."""
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
     n = os.cpu_count() or 1

@@ -35,7 +35,7 @@ FACADES = ("overdrive.diffusers", "overdrive.transformers")
 #: (file relative to the repository, imported module) -> why it is allowed
 ALLOWED = {
     ("plugins/r2r/__init__.py", "overdrive.transformers"):
-        "overdrive.r2r.generate is the public name issue 14 asks for; it only delegates (lazily) to the "
+        "overdrive.r2r.generate is the public routing entry point of the method; it only delegates (lazily) to the "
         "transformers facade's routed_generate, which serves every token-routing method",
 }
 

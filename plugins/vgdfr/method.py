@@ -1,6 +1,6 @@
 """VGDFR as a frame-rate-schedule method (framework-neutral: no diffusers here).
 
-The diffusers adapter (``overdrive.adapters.diffusers_frame_rate``) runs the pipeline's own loop and,
+The diffusers adapter (``overdrive.adapters.diffusers.frame_rate``) runs the pipeline's own loop and,
 after ``compress_step`` steps, hands this method x̂0 (decoded to pixels, or as latents); the method
 returns the schedule (:mod:`.schedule`), merges x̂0, names the blocks that keep the original
 temporal positions, and restores the merged frames after decoding with its interpolator.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import overdrive.transformers as ot
-from overdrive.adapters.transformers_kv_cache import OverdriveKVCache, OverdriveKVLayer
+from overdrive.adapters.transformers.kv_cache import OverdriveKVCache, OverdriveKVLayer
 from overdrive.config import ConfigError
 from overdrive.contracts.kv_cache import KVBudgetError, LayerKVFormat, ModelIdentity
 from overdrive.kernels import kv_dequantize, kv_quantize

@@ -1,6 +1,6 @@
 """PM-KVQ's quantizer on the tensors PM-KVQ cares about: round-trip error within each width's bound on
 random and outlier-heavy K/V, and the integer-domain b -> b/2 requantization against an independent
-float64 quantize(dequantize(.)) at b/2 bits (issue 4, tests).
+float64 quantize(dequantize(.)) at b/2 bits.
 
 The bounds are closed forms of the format (half a step of each token's group), computed here in
 float64 from the data, not from the quantizer's own scale output.

@@ -1,0 +1,363 @@
+"""``./run demo``: overdrive end to end on embedded tiny models through the real engines.
+
+The plugin surfaces are driven with the example third-party plugin (examples/third_party_plugin,
+installed into a temporary folder exactly as pip would): every registration path, a real vLLM server,
+SGLang's real registries, a diffusers pipeline and the kernels; then each built-in method end to end
+(MBQ: calibrate the tiny VLM at W3, answer a video question in vLLM and transformers). Each step prints what it did and what it measured; the exit code is non-zero if any
+step failed. Methods add their own steps here as they land.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+PROMPTS = ["the quick brown fox", "hello world"]
+
+
+def _h(title: str) -> None:
+    print(f"\n=== {title} " + "=" * max(0, 76 - len(title)), flush=True)
+
+
+class Demo:
+    def __init__(self, workdir: Path) -> None:
+        from overdrive.testing.distributions import install_example_plugin
+
+        self.work = workdir
+        self.site = install_example_plugin(workdir / "site")
+        sys.path.insert(0, str(self.site))
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.site), os.environ.get("PYTHONPATH", "")]),
+                    "HF_HUB_OFFLINE": "1", "OVERDRIVE_PROGRESS": "0"}
+        self.results: list[tuple[str, bool, str]] = []
+
+    def step(self, title: str, fn: Callable[[], str]) -> None:
+        _h(title)
+        t0 = time.perf_counter()
+        try:
+            summary = fn()
+            ok = True
+        except Exception:  # noqa: BLE001 - the demo reports every step and goes on
+            traceback.print_exc()
+            summary, ok = "FAILED (traceback above)", False
+        dt = time.perf_counter() - t0
+        print(f"--> {summary}  [{dt:.1f} s]")
+        self.results.append((title, ok, summary))
+
+    # -- steps ----------------------------------------------------------------------------------
+    def registry(self) -> str:
+        import overdrive
+        from overdrive import cli
+
+        overdrive.get_registry(reload=True)
+        cli.main(["list"])
+        return f"{len(overdrive.list_methods())} methods from entry points: {', '.join(overdrive.get_registry().names())}"
+
+    def doctor(self) -> str:
+        from overdrive import cli
+
+        r = cli.doctor_report(try_register=True)
+        for f, e in r["frameworks"].items():
+            print(f"  {f:13s} {e['message']}" + (f"; registers {e['registers']}" if "registers" in e else ""))
+        print(f"  kernels: {r['kernel_backend']}")
+        if r["problems"]:
+            raise RuntimeError("doctor found problems: " + "; ".join(r["problems"]))
+        return "no problems"
+
+    def _vllm_tokens(self, ckpt: Path, trace: Path | None = None) -> tuple[list[list[int]], float]:
+        from overdrive.testing.vllm_server import VllmServer
+
+        env = {"PYTHONPATH": self.env["PYTHONPATH"], **({"OVERDRIVE_TRACE": str(trace)} if trace else {})}
+        t0 = time.perf_counter()
+        with VllmServer(ckpt, ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"],
+                        env=env, log_path=self.work / f"vllm-{ckpt.name}.log") as srv:
+            startup = time.perf_counter() - t0
+            return [srv.greedy_token_ids(p, 8) for p in PROMPTS], startup
+
+    @staticmethod
+    def _hf_tokens(path: Path) -> list[list[int]]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import overdrive.transformers  # noqa: F401 - registers overdrive's quantizers
+
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        out = []
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            out.append(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist())
+        return out
+
+    @staticmethod
+    def _size_mb(d: Path) -> float:
+        return sum(f.stat().st_size for f in d.glob("*.safetensors")) / 1e6
+
+    def vllm(self) -> str:
+        from overdrive.testing import tiny_llama
+        from overdrive_example.w8 import dequantize_checkpoint
+
+        base = tiny_llama()
+        q = self.work / "llama-example_w8"
+        subprocess.run([sys.executable, "-m", "overdrive.cli", "quantize", "--method", "example_w8",
+                        "--model", str(base), "--output", str(q)], env=self.env, check=True)
+        print(f"  quantized {base.name}: {self._size_mb(base):.2f} MB -> {self._size_mb(q):.2f} MB")
+        trace = self.work / "trace.jsonl"
+        got, startup = self._vllm_tokens(q, trace)
+        procs = sorted({(x["pid"], x["process"]) for x in map(json.loads, trace.read_text().splitlines())
+                        if x["framework"] == "vllm" and x["registered"]})
+        print(f"  vLLM server up in {startup:.1f} s; overdrive registered in {len(procs)} vLLM processes: {procs}")
+        via_hf = self._hf_tokens(q)
+        want = self._hf_tokens(dequantize_checkpoint(q, self.work / "llama-dequantized"))
+        print(f"  vLLM tokens {got}\n  transformers, overdrive quantizer {via_hf}\n  transformers, dequantized reference {want}")
+        if not got == via_hf == want:
+            raise AssertionError("vLLM, transformers and the reference disagree")
+        return (f"vLLM served example_w8 from config.json ({len(procs)} processes registered); "
+                "transformers loaded it through overdrive's quantizer; both equal the reference")
+
+    def mbq(self) -> str:
+        from overdrive.testing import tiny_qwen2_vl
+        from overdrive.testing.answers import transformers_video_answer, vllm_video_answer
+
+        base = tiny_qwen2_vl()
+        q = self.work / "qwen2.5-vl-mbq-w3"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "overdrive.cli", "quantize", "--method", "mbq", "--bits", "3",
+                        "--group-size", "64", "--model", str(base), "--output", str(q)], env=self.env, check=True)
+        print(f"  MBQ W3 g64 calibration (built-in image-caption sample) in {time.perf_counter() - t0:.1f} s: "
+              f"{self._size_mb(base):.2f} MB -> {self._size_mb(q):.2f} MB")
+        hf = transformers_video_answer(q)
+        vl = vllm_video_answer(q, hf["prompt"])
+        print(f"  video question -> transformers (overdrive quantizer; decoder {hf['decoder_layer']}, "
+              f"vision {hf['vision_layer']}): {hf['tokens']}\n  video question -> vLLM: {vl}")
+        if vl != hf["tokens"]:
+            raise AssertionError("vLLM and transformers disagree on the MBQ checkpoint")
+        return f"MBQ-calibrated W3 Qwen2.5-VL: vLLM and transformers give the same {len(vl)} tokens on a video question"
+
+    def framefusion(self) -> str:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import overdrive.transformers as odt
+        from overdrive.testing.framefusion import partly_static_video
+        from overdrive.testing.llava import tiny_llava_onevision
+
+        path = tiny_llava_onevision()
+        proc = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "describe the video."}]}]
+        inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)],
+                      videos=[partly_static_video(0, frames=8)], return_tensors="pt")
+        with torch.no_grad():
+            before = model(**inputs).logits
+        att = odt.enable(model, "framefusion", cost=0.3, similarity_lower_bound=0.9)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        s = att.summaries[-1][0]
+        odt.disable(model)
+        with torch.no_grad():
+            restored = torch.equal(model(**inputs).logits, before)
+        print(f"  transformers, tiny LLaVA-OneVision (4 layers), {s['vision_tokens']} video tokens: kept per layer "
+              f"{s['per_layer']} (merged {s['merged']}, pruned {s['pruned']}), cost {s['cost']:.3f} (target 0.3); "
+              f"decoded {out[0, inputs.input_ids.shape[1]:].tolist()}; disable() restores exact logits: {restored}")
+        from overdrive.testing import tiny_qwen2_vl
+        from overdrive.testing.probe import child_env, run_probe
+
+        spec = {"model": str(tiny_qwen2_vl()), "max_tokens": 6, "video": "partly_static", "video_frames": 16,
+                "prompts": ["<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>describe the video.<|im_end|>"
+                            "\n<|im_start|>assistant\n"],
+                "llm_args": {"limit_mm_per_prompt": {"video": 1, "image": 0},
+                             "additional_config": {"framefusion": {"cost": 0.3}}}}
+        run = run_probe("overdrive.testing.vllm_generate", spec, env=child_env(self.env, engine=True), timeout=600,
+                        check=False)
+        logs = [x.split("] ", 1)[-1] for x in run.output.splitlines() if "overdrive framefusion: video" in x]
+        if run.returncode != 0 or run.result is None or not logs:
+            raise RuntimeError(f"vLLM with FrameFusion failed:\n{run.output[-3000:]}")
+        res = {"prompt": run.result["prompt_lens"][0], "tokens": run.result["tokens"][0]}
+        print(f"  vLLM (--additional-config framefusion cost 0.3), tiny Qwen2.5-VL: {logs[-1]}; "
+              f"prompt {res['prompt']} tokens; answer {res['tokens']}")
+        if not restored:
+            raise AssertionError("disabling FrameFusion did not restore the original logits")
+        return (f"FrameFusion: transformers cost {s['cost']:.3f} for target 0.3 with exact restore; "
+                f"vLLM served the video prompt with {logs[-1].split('-> ')[1].split(' (')[0]}")
+
+    def pmkvq(self) -> str:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import overdrive.transformers as odt
+        from overdrive.kernels.kv_attention import cell_words
+        from overdrive.pmkvq import load_plan
+        from overdrive.testing import tiny_llama
+        from overdrive.testing.vllm_server import kv_cache_tokens
+
+        base, plan_path = tiny_llama(), self.work / "pmkvq-plan.json"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "pmkvq", "--model", str(base),
+                        "--output", str(plan_path), "--budget", "55000B", "--max-len", "256", "--window", "16",
+                        "--samples", "2", "--seq-len", "64"], env=self.env, check=True)
+        plan = load_plan(plan_path)
+        print(f"  calibrated in {time.perf_counter() - t0:.1f} s: per-layer bits {plan.layer_bits}, "
+              f"alphas {[x.get('alpha') for x in plan.layers]}, {plan.budget_bytes} B per 256-token sequence")
+        tok = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        want = []
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            cache = odt.kv_cache(model, "pmkvq", plan=str(plan_path), mode="static")
+            want.append(model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                       past_key_values=cache)[0, ids.shape[1]:].tolist())
+        from overdrive.testing.probe import child_env, run_probe
+
+        spec = {"model": str(base), "prompts": PROMPTS, "max_tokens": 24,
+                "llm_args": {"max_model_len": 256, "block_size": 32,
+                             "additional_config": {"pmkvq": {"plan": str(plan_path)}}}}
+        run = run_probe("overdrive.testing.vllm_generate", spec, env=child_env(self.env, engine=True), timeout=600,
+                        check=False)
+        if run.returncode != 0 or run.result is None or "KV cache size" not in run.output:
+            raise RuntimeError(f"vLLM with PM-KVQ failed:\n{run.output[-3000:]}")
+        got = run.result["tokens"]
+        ident = plan.identity
+        dense = ident.num_layers * ident.num_kv_heads * 2 * ident.head_size * 4  # float32 K/V bytes per token
+        packed = sum(ident.num_kv_heads * 4 * cell_words(ident.head_size, b, 32) for b in plan.layer_bits)
+        tokens = kv_cache_tokens(run.output)
+        print(f"  vLLM (--additional-config pmkvq plan, CPU_ATTN override): KV cache size {tokens:,} tokens at 1 GiB "
+              f"({dense} -> {packed} bytes per token: {dense / packed:.1f}x the {2**30 // dense:,} of float32 pages)\n"
+              f"  vLLM tokens {got}\n  transformers (overdrive.transformers.kv_cache, same plan) {want}")
+        if got != want:
+            raise AssertionError("vLLM and transformers disagree with the same PM-KVQ plan")
+        return (f"PM-KVQ plan bits {plan.layer_bits}: vLLM holds {dense / packed:.1f}x more KV tokens and answers "
+                "like transformers with the same plan")
+
+    def sglang(self) -> str:
+        from overdrive.testing.probe import run_probe
+
+        out = run_probe("overdrive.testing.sglang_registry", env=self.env).result
+        if "example_w8" not in out["quantization"] or "example_w8" not in out["choices"]:
+            raise AssertionError(f"unexpected SGLang registry state {out}")
+        return (f"SGLang load_plugins() put {', '.join(out['quantization'])} into QUANTIZATION_METHODS and the "
+                "--quantization choices")
+
+    def diffusers(self) -> str:
+        import torch
+
+        import overdrive.diffusers as odd
+        from overdrive.testing import pipeline_inputs, tiny_pipeline
+
+        pipe = tiny_pipeline("flux")
+        kw = dict(num_inference_steps=8, output_type="pt")
+
+        def run() -> tuple[torch.Tensor, float]:
+            t = time.perf_counter()
+            img = pipe(**pipeline_inputs("flux", **kw)).images
+            return img, time.perf_counter() - t
+
+        base, t_base = run()
+        att = odd.enable(pipe, "example_stepcache", interval=2)
+        cached, t_cached = run()
+        evals = att.computed
+        odd.disable(pipe)
+        again, _ = run()
+        mse = torch.mean((cached.double() - base.double()) ** 2).item()
+        psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+        print(f"  denoiser evaluations {evals} of 8 steps; wall {t_cached / t_base:.2f}x of uncached; PSNR {psnr:.1f} dB")
+        if not torch.equal(again, base):
+            raise AssertionError("disable() did not restore the original output")
+        return "tiny Flux through overdrive.diffusers; disable() restored bit-identical output"
+
+    def ditfastattn(self) -> str:
+        import torch
+        from safetensors.torch import save_file
+
+        import overdrive.diffusers as odd
+        from overdrive.metrics import psnr
+        from overdrive.testing import pipeline_inputs, tiny_pipeline
+
+        pipe = tiny_pipeline("sd3")  # MMDiT with batched classifier-free guidance
+        size, steps = 32, 8          # 1024 image tokens
+        pipe.save_pretrained(self.work / "sd3")
+        kw = dict(num_inference_steps=steps, height=size, width=size, output_type="pt")
+        tensors = {k: v for k, v in pipeline_inputs("sd3", seed=100).items() if torch.is_tensor(v)}
+        save_file(tensors, str(self.work / "calib.safetensors"))
+        # v1 through the CLI (a saved pipeline + embeddings file), v2 through the Python API
+        r = subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "ditfastattn",
+                            "--pipeline", str(self.work / "sd3"), "--embeds", str(self.work / "calib.safetensors"),
+                            "--steps", str(steps), "--height", str(size), "--width", str(size),
+                            "--variant", "v1", "--threshold", "0.1", "--output", str(self.work / "dfa-v1.json")],
+                           env=self.env, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"calibration failed:\n{r.stderr[-3000:]}")
+        print("  " + r.stdout.strip().splitlines()[-1])
+        plan = odd.calibrate(pipe, "ditfastattn", {"variant": "v2", "alpha": 0.5},
+                             **pipeline_inputs("sd3", seed=100, **kw))
+        plan.save(self.work / "dfa-v2.json")
+        print(f"  odd.calibrate(pipe, 'ditfastattn', {{'variant': 'v2', 'alpha': 0.5}}): predicted attention FLOPs "
+              f"{plan.meta['predicted_attention_flops_fraction']:.3f} of full")
+
+        def run() -> tuple[torch.Tensor, float]:
+            t = time.perf_counter()
+            img = pipe(**pipeline_inputs("sd3", seed=1, **kw)).images
+            return img, time.perf_counter() - t
+
+        base, _ = run()
+        summary = []
+        for variant in ("v1", "v2"):
+            att = odd.enable(pipe, "ditfastattn", plan=str(self.work / f"dfa-{variant}.json"))
+            out, _ = run()
+            odd.disable(pipe)
+            print(f"  {variant} plan on another prompt: attention FLOPs {att.flops_fraction:.2f} of full, reused "
+                  f"{att.reused}, PSNR {psnr(out, base):.1f} dB vs unaccelerated (speed: docs/benchmarks, "
+                  "this model is too small for attention to dominate)")
+            summary.append(f"{variant} {att.flops_fraction:.2f}")
+        again, _ = run()
+        if not torch.equal(again, base):
+            raise AssertionError("disable() did not restore the original output")
+        return ("calibrated plans on tiny SD3 (1024 tokens, CFG): attention FLOPs " + ", ".join(summary)
+                + "; disable() restored bit-identical output")
+
+    def kernels(self) -> str:
+        from overdrive.testing.probe import run_probe
+
+        out = run_probe("overdrive.testing.kernel_selfcheck", env={**self.env, "OVERDRIVE_KERNELS": "interpret"}).result
+        print(f"  int8_weight_linear (Triton kernel in the interpreter, M=5 K=70 N=33): max |err| vs float64 {out['err']:.2e}")
+        if out["err"] > 1e-3:
+            raise AssertionError("kernel disagrees with the float64 reference")
+        return f"backend {out['backend']}: Triton kernel matches float64"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m overdrive.benchmarks.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: registry doctor kernels vllm mbq framefusion pmkvq sglang diffusers ditfastattn")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="overdrive-demo-") as tmp:
+        d = Demo(Path(tmp))
+        steps: list[tuple[str, str, Callable[[], Any]]] = [
+            ("registry", "Registry: methods x frameworks (overdrive list)", d.registry),
+            ("doctor", "Environment (overdrive doctor)", d.doctor),
+            ("kernels", "Kernels: Triton in the interpreter vs float64", d.kernels),
+            ("vllm", "vLLM + transformers: quantize, serve, load, compare", d.vllm),
+            ("mbq", "MBQ: calibrate a VLM, answer a video question in vLLM and transformers", d.mbq),
+            ("framefusion", "FrameFusion: video token merging + pruning in transformers and vLLM", d.framefusion),
+            ("pmkvq", "PM-KVQ: calibrate a KV plan, serve it in vLLM with more KV capacity, compare with transformers",
+             d.pmkvq),
+            ("sglang", "SGLang: real plugin loader and registries", d.sglang),
+            ("diffusers", "Diffusers: a DiT cache through overdrive.diffusers", d.diffusers),
+            ("ditfastattn", "DiTFastAttn: calibrate v1/v2 plans (CLI), generate with them, disable", d.ditfastattn),
+        ]
+        for key, title, fn in steps:
+            if key not in args.skip:
+                d.step(title, fn)
+    _h("Summary")
+    for title, ok, summary in d.results:
+        print(f"  [{'ok' if ok else 'FAIL'}] {title}: {summary}")
+    return 0 if all(ok for _, ok, _ in d.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
