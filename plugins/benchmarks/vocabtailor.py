@@ -6,8 +6,10 @@ Data: Newton's *Opticks* (overdrive.testing.real). The static set is profiled fr
 (paragraphs as documents) with ``overdrive calibrate --method vocabtailor``; evaluation uses ``--prompts``
 windows spread over the Second and Third Books: a ``--prompt-len``-token prompt and the next
 ``--cont-len`` tokens. For each mode (full vocabulary, static-only, dynamic-only = prompt + special,
-hybrid) through ``overdrive.transformers.enable`` (the adapter users run, teacher-forced over
-prompt + continuation with the request's vocabulary made from the prompt only):
+hybrid) through ``overdrive.transformers.enable`` (the adapter users run; the request's vocabulary is
+made from the prompt only). The teacher-forced pass over prompt + continuation runs once with the full
+vocabulary; each mode's logits are those with the adapter's allowed set for the prompt masked in (what the
+adapter returns, tested equal to 1e-12 in plugins/vocabtailor/tests), so the body runs once per prompt:
 
 * coverage: fraction of continuation tokens inside the request's allowed set;
 * top-1: fraction of continuation positions whose highest allowed logit is the true next token;
@@ -108,7 +110,11 @@ def evaluate(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                        "stats": prof["stats"], "options": prof["options"]},
                            "modes": {}}
     full_greedy: list[list[int]] = []
-    full_nll_on: dict[str, list[float]] = {}
+    full_logits = []
+    for prompt, cont in data:  # teacher-forced once: the adapter's logits are these, masked (tested to 1e-12)
+        with torch.no_grad():
+            full_logits.append(model(torch.tensor([prompt + cont])).logits[0, len(prompt) - 1:-1].double())
+    full_nll: list[torch.Tensor] = []
     for mode in MODES:
         att = None
         if mode != "full":
@@ -117,27 +123,22 @@ def evaluate(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         nll, nll_full = [], []
         mem, rl, agree, dec_tok, dec_s = [], [], [], 0, 0.0
         for i, (prompt, cont) in enumerate(data):
-            ids = torch.tensor([prompt + cont])
-            with torch.no_grad():
-                if att is None:
-                    logits = model(ids).logits[0]
-                else:
-                    with att.requests([torch.tensor(prompt)]):
-                        logits = model(ids).logits[0]
-                    mem.append(att.device_bytes()["total"])
-            pred = logits[len(prompt) - 1:-1]           # positions predicting the continuation
+            pred = full_logits[i]
+            if att is not None:  # the request's allowed set, as the adapter builds it for this prompt
+                allowed = att.set_requests([torch.tensor(prompt)]).full_mask()[0]
+                mem.append(att.device_bytes()["total"])
+                pred = pred.masked_fill(~allowed, float("-inf"))
             target = torch.tensor(cont)
-            logp = torch.log_softmax(pred.double(), -1)  # -inf outside the allowed set: softmax over it
-            lp = logp.gather(1, target[:, None])[:, 0]
+            lp = torch.log_softmax(pred, -1).gather(1, target[:, None])[:, 0]  # softmax over the allowed set
             ok = torch.isfinite(lp)
             total += len(cont)
             covered += int(ok.sum())
             hits += int((pred.argmax(-1) == target).sum())
             nll.extend((-lp[ok]).tolist())
             if mode == "full":
-                full_nll_on[str(i)] = (-lp).tolist()
+                full_nll.append(-lp)
             else:
-                nll_full.extend(x for x, k in zip(full_nll_on[str(i)], ok.tolist()) if k)
+                nll_full.extend(full_nll[i][ok].tolist())
             if i < args.gen_prompts:
                 p = torch.tensor([prompt])
                 with torch.no_grad():

@@ -14,7 +14,6 @@ import math
 from typing import Any, Literal
 
 from overdrive.config import ConfigError, MethodConfig
-from overdrive.contracts.vocab import VocabIdentity
 
 #: which sets make a request's vocabulary (special tokens are always in it)
 MODES = ("hybrid", "static", "dynamic")
@@ -88,6 +87,8 @@ class VocabProfile(MethodConfig):
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
+        from overdrive.contracts.vocab import VocabIdentity  # torch: imported when a profile is used, not listed
+
         ident = VocabIdentity.from_dict(self.model, source="VocabProfile.model")
         for name in ("special_ids", "static_ids"):
             ids = getattr(self, name)
@@ -104,5 +105,7 @@ class VocabProfile(MethodConfig):
                               "tokens (at least end-of-sequence)")
 
     @property
-    def identity(self) -> VocabIdentity:
+    def identity(self) -> Any:
+        from overdrive.contracts.vocab import VocabIdentity
+
         return VocabIdentity.from_dict(self.model)
