@@ -160,3 +160,35 @@ def test_calibrate_cli_errors(tmp_path, capsys):
                      str(tmp_path / "none.txt"), "--output", str(tmp_path / "p.json")]) == 2
     assert "none.txt: no such file" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_vocabulary_leaves_the_device(profile):
+    """On an accelerator: the embedding table is in host memory, only the allowed rows are on the device,
+    and the logits still equal the full model's on the allowed set (float32, same device)."""
+    tok, model = load()
+    model = model.float().cuda()
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True).to("cuda")
+    with torch.no_grad():
+        ref = model(**enc).logits
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    att = odt.enable(model, "vocabtailor", profile=str(profile))
+    torch.cuda.synchronize()
+    freed = before - torch.cuda.memory_allocated()
+    try:
+        with torch.no_grad():
+            got = model(**enc).logits
+        assert att.embedding.weight.device.type == "cpu" and att.head.base_weight.device.type == "cuda"
+        v, d = ref.shape[-1], model.config.hidden_size
+        # both tables (untied) left the device; the resident rows (and their ids) came on (allocator rounds to 512 B)
+        resident = att.device_bytes()["resident_rows"] + att.head.base_ids.numel() * 8
+        assert abs(freed - (2 * v * d * 4 - resident)) <= 2048, (freed, 2 * v * d * 4, resident)
+        mask = torch.isfinite(got)
+        torch.testing.assert_close(got[mask], ref[mask], rtol=1e-5, atol=1e-5)
+        assert model.device.type == "cuda"
+    finally:
+        odt.disable(model)
+    assert model.get_input_embeddings().weight.device.type == "cuda"
