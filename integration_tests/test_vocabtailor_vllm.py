@@ -94,7 +94,8 @@ def test_profile_for_another_model_rejected_at_startup(profile, tmp_path):
     cases = [{"model": str(tiny_llama()), "additional_config": {"vocabtailor": {"profile": str(bad)}}},
              {"model": str(tiny_llama()), "additional_config": {"vocabtailor": {"profile": str(tmp_path / "no.json")}}},
              {"model": str(tiny_llama()), "additional_config": {"vocabtailor": {"profile": str(profile), "mode": "x"}}}]
-    res = run_probe("overdrive.testing.vllm_engine_config", cases, env=child_env(engine=True)).result
+    res = run_probe("overdrive.testing.vllm_engine_config", cases, env=child_env(engine=True),
+                    timeout=900).result
     assert "was made for another model (vocab_size: profile 1024, model 512)" in res[0], res[0]
     assert "no.json: no such file" in res[1], res[1]
     assert "VocabTailorConfig.mode" in res[2], res[2]
