@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +72,7 @@ class Part:
     est_s: int      # expected seconds on an H100, start-up and compilation included (docs/benchmarks/README.md)
     cap_s: int      # timeout on a GPU (the run's budget may cut it shorter)
     what: str
+    quick_cap_s: int = 300  # timeout with --quick (tiny shapes on a CPU that may be shared and slow)
 
 
 PARTS: tuple[Part, ...] = (
@@ -270,9 +272,12 @@ def run_part(part: Part, out: Path, device: str, quick: bool, timeout_s: float, 
 def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, device: str, quick: bool,
             pack: Path | None = None, python: str = sys.executable, env: dict[str, str] | None = None,
             reserve_s: float = 5.0, min_s: float = 10.0, preflight: Part | None = PREFLIGHT,
-            goals: tuple[Goal, ...] = GOALS, log: Callable[[str], None] = print) -> dict[str, Any]:
+            goals: tuple[Goal, ...] = GOALS, log: Callable[[str], None] = print, jobs: int = 1) -> dict[str, Any]:
     """Preflight, then every part in order within ``budget_s`` seconds (``reserve_s`` kept for the summary;
-    a part is started only with at least ``min_s`` left). Returns the summary (also written to ``out``)."""
+    a part is started only with at least ``min_s`` left), ``jobs`` at a time (more than one only on CPU).
+    Returns the summary (also written to ``out``)."""
+    if jobs > 1 and device != "cpu":
+        raise ValueError(f"jobs={jobs}: parts run one at a time on {device} (their timings would share it)")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     deadline = t_start + budget_s
@@ -289,7 +294,8 @@ def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, de
             pack_outputs(out, pack)
 
     if preflight is not None:
-        rec = run_part(preflight, out, device, quick, min(preflight.cap_s, budget_s), python, env)
+        rec = run_part(preflight, out, device, quick, min(preflight.quick_cap_s if quick else preflight.cap_s,
+                                                          budget_s), python, env)
         pf = json.loads((out / "preflight.json").read_text()) if rec["status"] == "ok" else {}
         summary["preflight"] = {**rec, "missing": pf.get("missing"), "checks": pf.get("checks"),
                                 "device": pf.get("device")}
@@ -302,21 +308,41 @@ def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, de
             log(f"[gpu] nothing timed: {why}")
             flush()
             return summary
-    for part in parts:
-        left = deadline - time.monotonic() - reserve_s
-        if left < min_s:
-            summary["parts"].append({"part": part.name, "what": part.what, "status": "not run",
-                                     "why": f"out of budget ({max(left, 0):.0f} s left of {budget_s:.0f})"})
-            log(f"[gpu] {part.name}: not run (out of budget)")
-            flush()
-            continue
-        timeout = min(float(part.cap_s), left)
-        log(f"[gpu] {part.name}: running (timeout {timeout:.0f} s, {left:.0f} s of budget left)")
-        rec = run_part(part, out, device, quick, timeout, python, env)
-        summary["parts"].append(rec)
-        log(f"[gpu] {part.name}: {rec['status']} in {rec['seconds']} s"
-            + (f" ({rec['why']})" if rec.get("why") else ""))
-        flush()
+    records: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    queue = list(parts)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                part = queue.pop(0)
+                left = deadline - time.monotonic() - reserve_s
+                if left < min_s:
+                    records[part.name] = {"part": part.name, "what": part.what, "status": "not run",
+                                          "why": f"out of budget ({max(left, 0):.0f} s left of {budget_s:.0f})"}
+                    log(f"[gpu] {part.name}: not run (out of budget)")
+                    summary["parts"] = [records[p.name] for p in parts if p.name in records]
+                    flush()
+                    continue
+                timeout = min(float(part.quick_cap_s if quick else part.cap_s), left)
+                log(f"[gpu] {part.name}: running (timeout {timeout:.0f} s, {left:.0f} s of budget left)")
+            rec = run_part(part, out, device, quick, timeout, python, env)
+            with lock:
+                records[part.name] = rec
+                log(f"[gpu] {part.name}: {rec['status']} in {rec['seconds']} s"
+                    + (f" ({rec['why']})" if rec.get("why") else ""))
+                summary["parts"] = [records[p.name] for p in parts if p.name in records]
+                flush()
+
+    # jobs > 1 only for --quick on CPU (the test suite): parts timed on one GPU must not share it
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    summary["parts"] = [records[p.name] for p in parts if p.name in records]
     flush()
     return summary
 
@@ -519,9 +545,15 @@ def install(wheel_dir: Path, python: str = sys.executable, log: Callable[[str], 
     for cmd in install_commands(wheel_dir, python, editable=None if here else ROOT):
         log(f"[gpu] $ {' '.join(cmd[:9])} ...")
         subprocess.run(cmd, check=True, cwd=ROOT)
+    commit_from(wheel_dir)
+
+
+def commit_from(wheel_dir: Path) -> None:
+    """In a copy of the tree without .git, take the commit the wheel folder was prepared at (its COMMIT file)
+    as ``$OVERDRIVE_COMMIT``, which every report's header then carries."""
     commit_file = wheel_dir / "COMMIT"
-    if _commit() is None and commit_file.exists():  # a copy without .git: the commit the wheels were made at
-        os.environ["OVERDRIVE_COMMIT"] = commit_file.read_text().strip() + " (from " + commit_file.name + ")"
+    if _commit() is None and commit_file.exists():
+        os.environ["OVERDRIVE_COMMIT"] = f"{commit_file.read_text().strip()} (from {wheel_dir.name}/COMMIT)"
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -535,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a check of every part, not a measurement")
     ap.add_argument("--only", nargs="*", choices=[p.name for p in PARTS], help="run these parts only (in order)")
     ap.add_argument("--skip", nargs="*", default=[], choices=[p.name for p in PARTS], help="leave these parts out")
+    ap.add_argument("--jobs", type=int, default=1, help="parts at a time (CPU only: a faster --quick check)")
     ap.add_argument("--preflight", action="store_true", help="only list what is there and what is missing")
     ap.add_argument("--install-from", type=Path, default=None, metavar="DIR",
                     help="first install the wheels in DIR and overdrive from this tree, offline")
@@ -557,10 +590,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu] {args.prepare_wheels}: {', '.join(info['wheels'])} ({info['total_mb']} MB), commit {info['commit']}")
         return 0
     if args.install_from:
+        t0 = time.time()
         install(args.install_from)
         rest = _drop_option(sys.argv[1:] if argv is None else list(argv), "--install-from")
-        # a fresh interpreter sees the new installs (and imports overdrive as a package, not this script)
-        return subprocess.run([sys.executable, "-m", "overdrive.benchmarks.gpu", *rest], cwd=ROOT).returncode
+        # a fresh interpreter sees the new installs (and imports overdrive as a package, not this script);
+        # the install's time counts against the budget (the whole command must end within the device's limit)
+        return subprocess.run([sys.executable, "-m", "overdrive.benchmarks.gpu", *rest], cwd=ROOT,
+                              env={**os.environ, "OVERDRIVE_GPU_RUN_T0": str(t0)}).returncode
+    if os.environ.get("OVERDRIVE_GPU_RUN_T0"):
+        spent = time.time() - float(os.environ.pop("OVERDRIVE_GPU_RUN_T0"))
+        print(f"[gpu] install took {spent:.0f} s: budget {args.budget_s:.0f} -> {args.budget_s - spent:.0f} s", flush=True)
+        args.budget_s -= spent
+    commit_from(ROOT / ".gpu-wheels")
     device = args.device or _default_device()
     out = args.out or Path(tempfile.mkdtemp(prefix="overdrive-gpu-run-"))
     if args.preflight:
@@ -570,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p for p in PARTS if (args.only is None or p.name in args.only) and p.name not in args.skip]
     print(f"[gpu] {len(parts)} parts on {device}, budget {args.budget_s:.0f} s, output {out}", flush=True)
     s = run_all(parts, out, args.budget_s, device, args.quick, args.pack,
-                log=lambda m: print(m, flush=True))
+                log=lambda m: print(m, flush=True), jobs=args.jobs)
     print(format_summary(s))
     return 0
 

@@ -20,10 +20,11 @@ HEADER = ("benchmark", "date", "device", "commit", "versions")
 
 def test_quick_cpu_run_executes_every_part_and_writes_reports(tmp_path):
     """`--quick --device cpu`: every part in its own process on tiny shapes, each report with the shared header,
-    every goal evaluated from the reports, and the three files for the device tool in the pack folder."""
+    every goal evaluated from the reports, and the three files for the device tool in the pack folder. Two
+    parts at a time (a CPU-only option) to keep it short on a 2-core machine."""
     out, pack = tmp_path / "run", tmp_path / "pack"
     t0 = time.monotonic()
-    s = run_all(PARTS, out, 900, "cpu", quick=True, pack=pack, log=lambda m: None)
+    s = run_all(PARTS, out, 900, "cpu", quick=True, pack=pack, log=lambda m: None, jobs=2)
     took = time.monotonic() - t0
     st = {p["part"]: p for p in s["parts"]}
     assert list(st) == [p.name for p in PARTS]
@@ -78,7 +79,7 @@ def _p(name: str, func: str, cap: int = 60) -> Part:
 def test_a_part_that_hangs_raises_or_crashes_is_recorded_and_the_rest_run(tmp_path, fake_env):
     parts = [_p("hang", "hang", cap=3), _p("boom", "boom"), _p("crash", "crash"), _p("absent", "absent")]
     t0 = time.monotonic()
-    s = run_all(parts, tmp_path / "out", 120, "cpu", quick=True, env=fake_env, preflight=None, reserve_s=0.5,
+    s = run_all(parts, tmp_path / "out", 120, "cpu", quick=False, env=fake_env, preflight=None, reserve_s=0.5,
                 min_s=0.5, goals=(), log=lambda m: None)
     st = {p["part"]: p for p in s["parts"]}
     assert st["hang"]["status"] == "timed out" and 3 <= st["hang"]["seconds"] < 15
@@ -98,12 +99,17 @@ def test_a_part_that_hangs_raises_or_crashes_is_recorded_and_the_rest_run(tmp_pa
 def test_the_budget_cuts_a_long_part_and_leaves_the_next_unrun(tmp_path, fake_env):
     parts = [_p("hang", "hang", cap=100), _p("ok", "ok")]
     t0 = time.monotonic()
-    s = run_all(parts, tmp_path / "out", 4, "cpu", quick=True, env=fake_env, preflight=None, reserve_s=0.5,
+    s = run_all(parts, tmp_path / "out", 4, "cpu", quick=False, env=fake_env, preflight=None, reserve_s=0.5,
                 min_s=2, goals=(), log=lambda m: None)
     hang, ok = s["parts"]
     assert hang["status"] == "timed out" and hang["timeout_s"] == pytest.approx(3.5, abs=0.3)
     assert ok["status"] == "not run" and "out of budget" in ok["why"]
     assert time.monotonic() - t0 < 20
+
+
+def test_parts_share_no_gpu(tmp_path):
+    with pytest.raises(ValueError, match="one at a time"):
+        run_all(PARTS, tmp_path, 10, "cuda", quick=True, jobs=2)
 
 
 def test_a_cuda_run_without_cuda_stops_after_the_preflight(tmp_path):
