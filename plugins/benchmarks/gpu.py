@@ -76,7 +76,7 @@ class Part:
 
 
 PARTS: tuple[Part, ...] = (
-    Part("pytest_gpu", "overdrive.benchmarks.gpu_parts:pytest_gpu", 90, 150,
+    Part("pytest_gpu", "overdrive.benchmarks.gpu_parts:pytest_gpu", 90, 120,
          "pytest -m gpu over kernels/ and plugins/ (compiled Triton kernels vs references)"),
     Part("gemv", "overdrive.benchmarks.gpu_parts:gemv", 75, 120,
          "W3/W4 group-128, W8A8, W4A8 at M = 1, 16, 256 on 4096x4096, 4096x14336, 14336x4096 vs bf16 and a "
@@ -254,18 +254,20 @@ def run_part(part: Part, out: Path, device: str, quick: bool, timeout_s: float, 
             _kill(proc)
             rc = None
     rec["seconds"] = round(time.monotonic() - t0, 1)
-    rec["cpu_seconds"] = round(_children_cpu() - cpu0, 1)  # user + system of the part's processes
+    # user + system seconds of the part's processes (with jobs > 1, of every part that ended meanwhile)
+    rec["cpu_seconds"] = round(_children_cpu() - cpu0, 1)
     rec["log"] = f"logs/{part.name}.log"
-    if rc is None:
-        rec.update(status="timed out", why=f"no result within {timeout_s:.0f} s", log_tail=_tail(log, 600))
-    elif rc != 0 or not report.exists():
-        rec.update(status="failed", rc=rc, why=f"exit code {rc}" + ("" if report.exists() else ", no report"),
-                   log_tail=_tail(log))
-    else:
+    if report.exists():  # written last, so complete; a hang or crash after it (process teardown) is noted
         body = json.loads(report.read_text())
         rec.update(status=body.get("status", "ok"), json=report.name)
         if body.get("why"):
             rec["why"] = body["why"]
+        if rc != 0:
+            rec["after_report"] = "killed at the timeout" if rc is None else f"exit code {rc}"
+    elif rc is None:
+        rec.update(status="timed out", why=f"no result within {timeout_s:.0f} s", log_tail=_tail(log, 600))
+    else:
+        rec.update(status="failed", rc=rc, why=f"exit code {rc}, no report", log_tail=_tail(log))
     return rec
 
 
@@ -300,6 +302,7 @@ def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, de
         summary["preflight"] = {**rec, "missing": pf.get("missing"), "checks": pf.get("checks"),
                                 "device": pf.get("device")}
         summary["device"] = pf.get("device")
+        summary["commit"] = pf.get("commit", summary["commit"])  # the parts' header form (with "+dirty")
         log(format_preflight(summary["preflight"]))
         why = (f"preflight: {pf['fatal']}" if pf.get("fatal") else None) if pf else \
             f"preflight {rec['status']} (is overdrive importable? see logs/preflight.log): {rec.get('why', '')}"
@@ -432,12 +435,17 @@ def format_summary(s: dict[str, Any]) -> str:
 def child(name: str, target: str, device: str, quick: bool, out: Path) -> int:
     """Inside a part's process: call the target, write ``<out>/<name>.json`` with the shared report header."""
     module, _, func = target.partition(":")
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     body = getattr(importlib.import_module(module), func)(device, quick, out)
+    import torch
+
     from overdrive.benchmarks import header, write_json
 
-    # the part's own header (benchmark name, device, date) wins over the generic one
-    report = {**header(f"gpu-{name}", device), "part": name, "quick": quick, **body,
+    # the machine it ran on (a preflight asked for CUDA where there is none still reports); the part's own
+    # header (benchmark name, device, date) wins over the generic one
+    where = device if not device.startswith("cuda") or torch.cuda.is_available() else "cpu"
+    report = {**header(f"gpu-{name}", where), "part": name, "quick": quick, **body,
               "part_seconds": round(time.monotonic() - t0, 2)}
     write_json(out / f"{name}.json", report, indent=1)
     return 0

@@ -53,11 +53,9 @@ def preflight(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     check("python", sys.version_info >= (3, 10), sys.version.split()[0])
     check("torch", True, torch.__version__)
-    dev_name = "CPU"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info(0)
-        dev_name = p.name
         check("cuda device", True, f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
                                    f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free, CUDA {torch.version.cuda}")
     else:
@@ -103,7 +101,7 @@ def preflight(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
         fatal = f"overdrive imports from {origin.parent}, not from this tree ({ROOT}): run with --install-from DIR"
     from overdrive.benchmarks import device_name
 
-    return {"device": device_name(device) if not cuda or torch.cuda.is_available() else dev_name,
+    return {"device": device_name(device) if not cuda or torch.cuda.is_available() else device_name("cpu"),
             "checks": checks, "missing": missing, "fatal": fatal}
 
 
