@@ -114,7 +114,7 @@ def _worst(rows: list[tuple[float, str]], what: str) -> tuple[float, str]:
     if not rows:
         raise LookupError(f"no {what} in the report")
     v, where = min(rows)
-    return v, f"worst of {len(rows)}: {where}; all: " + ", ".join(f"{w} {x:.2f}" for x, w in rows)
+    return v, f"worst of {len(rows)}: {where}; all: " + ", ".join(f"{w} {x:.3g}" for x, w in rows)
 
 
 def _gemv_rows(r: dict[str, Any], schemes: tuple[str, ...], m: int, key: str) -> list[tuple[float, str]]:
@@ -148,7 +148,7 @@ def _pmkvq_4bit(r: dict[str, Any]) -> tuple[float, str]:
 def _moa_span(r: dict[str, Any]) -> tuple[float, str]:
     v, where = _worst([(next(iter(x["speedup_vs"].values())), x["shape"])
                        for x in _kernel_rows(r, "span_paged_attention", "MoA-like")], "MoA-like decode rows")
-    pre = [f"{x['shape']} (density {x['density']:.2f}) {next(iter(x['speedup_vs'].values())):.2f}"
+    pre = [f"{x['shape']} (density {x['density']:.2f}) {next(iter(x['speedup_vs'].values())):.3g}"
            for x in _kernel_rows(r, "span_prefill_attention", "MoA-like")]
     return v, where + ("; prefill: " + ", ".join(pre) if pre else "")
 
@@ -166,7 +166,7 @@ def _ditfastattn_e2e(r: dict[str, Any]) -> tuple[float, str]:
     rows = {x["config"]: x for x in r["rows"]}
     x = rows[DITFASTATTN_GOAL_ROW]
     return x["speedup"], (f"{DITFASTATTN_GOAL_ROW}: {x['median_s']:.3f} s vs {rows['none']['median_s']:.3f} s; all: "
-                          + ", ".join(f"{k} {v['speedup']:.2f}" for k, v in rows.items()))
+                          + ", ".join(f"{k} {v['speedup']:.3g}" for k, v in rows.items()))
 
 
 GOALS: tuple[Goal, ...] = (
@@ -423,7 +423,7 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{p.get('json', '-')} | {note} |")
     lines += ["", "| goal | target | measured (worst case) | status |", "|---|---|---|---|"]
     for g in s["goals"]:
-        val = f"{g['value']:.2f}" if "value" in g else "-"
+        val = f"{g['value']:.3g}" if "value" in g else "-"
         lines.append(f"| {g['text']} | {g['target']} | {val} | {g['status']} |")
     lines += ["", "Goal details:"]
     for g in s["goals"]:
@@ -614,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="overdrive-gpu-run-"))
     if args.preflight:
         s = run_all([], out, args.budget_s, device, args.quick, args.pack)
-        pf = s["preflight"]
-        return 0 if pf and pf["status"] == "ok" and not pf.get("missing") and not s.get("stopped") else 1
+        pf = s["preflight"] or {}
+        required_missing = [c["name"] for c in pf.get("checks") or [] if c["required"] and not c["ok"]]
+        return 0 if pf.get("status") == "ok" and not required_missing and not s.get("stopped") else 1
     parts = [p for p in PARTS if (args.only is None or p.name in args.only) and p.name not in args.skip]
     print(f"[gpu] {len(parts)} parts on {device}, budget {args.budget_s:.0f} s, output {out}", flush=True)
     s = run_all(parts, out, args.budget_s, device, args.quick, args.pack,

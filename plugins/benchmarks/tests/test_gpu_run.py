@@ -112,8 +112,13 @@ def test_parts_share_no_gpu(tmp_path):
         run_all(PARTS, tmp_path, 10, "cuda", quick=True, jobs=2)
 
 
-def test_a_cuda_run_without_cuda_stops_after_the_preflight(tmp_path):
-    s = run_all(PARTS, tmp_path / "out", 120, "cuda", quick=True, log=lambda m: None)
+def test_a_cuda_run_without_cuda_stops_after_the_preflight(tmp_path, capsys):
+    """`--preflight --device cuda` on a machine without CUDA: exit code 1, the missing GPU listed, nothing run."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert gpu.main(["--preflight", "--device", "cuda", "--quick", "--out", str(tmp_path / "out")]) == 1
+    assert "MISS cuda device" in capsys.readouterr().out
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["parts"] == [] and "no CUDA device" in s["stopped"]
     checks = {c["name"]: c for c in s["preflight"]["checks"]}
     assert checks["cuda device"]["ok"] is False and checks["cuda device"]["required"] is True
