@@ -2,7 +2,7 @@
 
 On the GPU machine (torch, Triton and transformers installed; no network), from the repository root::
 
-    python3 plugins/benchmarks/gpu.py --install-from .gpu-wheels --out /tmp/gpu-run --pack "$OUT"
+    python3 plugins/benchmarks/gpu.py --install-from .gpu-wheels --device cuda --out /tmp/gpu-run --pack "$OUT"
 
 (``./run gpu ...`` is the same command). Before the device call, on a machine with the package index::
 
@@ -384,6 +384,7 @@ def pack_outputs(out: Path, pack: Path) -> list[Path]:
     os.close(fd)
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(out, arcname="gpu-run", filter=lambda ti: None if Path(ti.name).name.startswith(".") else ti)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, pack / "gpu-run.tar.gz")
     copied = [pack / "gpu-run.tar.gz"]
     for name in ("summary.json", "summary.md"):
@@ -622,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     s = run_all(parts, out, args.budget_s, device, args.quick, args.pack,
                 log=lambda m: print(m, flush=True), jobs=args.jobs)
     print(format_summary(s))
-    return 0
+    return 1 if s.get("stopped") else 0  # parts that failed are in the summary; a run that could not start is not
 
 
 def _drop_option(argv: list[str], opt: str) -> list[str]:
@@ -638,12 +639,14 @@ def _drop_option(argv: list[str], opt: str) -> list[str]:
 
 
 def _default_device() -> str:
-    """cuda when a GPU driver is visible (nvidia-smi lists one), else cpu; the parent never initialises CUDA."""
+    """cuda when an NVIDIA GPU is visible (nvidia-smi lists one, or its device file is there), else cpu; the
+    parent never initialises CUDA. The documented command names ``--device cuda``, so that a GPU the
+    preflight cannot use stops the run instead of timing nothing on the CPU."""
     if shutil.which("nvidia-smi"):
         r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
         if r.returncode == 0 and "GPU" in r.stdout:
             return "cuda"
-    return "cpu"
+    return "cuda" if Path("/dev/nvidia0").exists() else "cpu"
 
 
 if __name__ == "__main__":
