@@ -53,10 +53,12 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_WHEELS_MB = 40
-# Packages the GPU image lacks (its package list: /work/.library/device/KINDS.md, read 2026-11-17): diffusers
-# and importlib_metadata (diffusers' one requirement the image does not hold). Pure Python, so one wheel
-# each serves any x86-64 Python 3.12 machine.
-CARRIED = ("diffusers", "importlib_metadata")
+# Packages the GPU image lacks (its package list, read 2026-11-17, is in the device tool's notes): diffusers.
+# Its requirements are all in the image (huggingface-hub >= 1.32: 1.33; safetensors >= 0.8: 0.8.0; filelock,
+# numpy, Pillow, regex, requests) except importlib_metadata, which diffusers imports only on Python < 3.8
+# and which (10.x) would need lazy-importer, also absent: not carried. Pure Python: one wheel serves any
+# Python 3.12 machine.
+CARRIED = ("diffusers",)
 # The GPU image's Python (KINDS.md: python3 is 3.12.3); pip download needs it named for --only-binary.
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
