@@ -191,14 +191,22 @@ def evaluate_goals(out: Path, parts: dict[str, dict[str, Any]], goals: tuple[Goa
     for g in goals:
         row: dict[str, Any] = {"goal": g.name, "text": g.text, "part": g.part, "target": g.target}
         rec = parts.get(g.part)
-        if rec is None or rec["status"] != "ok":
-            row.update(status="not run", why=f"part {g.part}: {rec['status'] if rec else 'not reached'}")
+        if rec is not None and rec["status"] == "ok":
+            source = rec.get("json", f"{g.part}.json")
+        elif rec is not None and rec.get("partial_json"):  # cut off: the rows it measured before
+            source = rec["partial_json"]
+            row["partial"] = f"part {rec['status']}: from the rows measured before"
         else:
-            try:
-                value, detail = g.measure(json.loads((out / f"{g.part}.json").read_text()))
-                row.update(status="met" if value >= g.target else "not met", value=round(value, 4), detail=detail)
-            except Exception as e:  # noqa: BLE001 - a report without the rows the goal needs
-                row.update(status="not run", why=f"{type(e).__name__}: {e}")
+            row.update(status="not run", why=f"part {g.part}: {rec['status'] if rec else 'not reached'}")
+            res.append(row)
+            continue
+        try:
+            value, detail = g.measure(json.loads((out / source).read_text()))
+            row.update(status="met" if value >= g.target else "not met", value=round(value, 4),
+                       detail=(f"({row['partial']}) " if "partial" in row else "") + detail)
+        except Exception as e:  # noqa: BLE001 - a report without the rows the goal needs
+            row.update(status="not run", why=f"{type(e).__name__}: {e}" + (f" ({row['partial']})" if "partial" in row
+                                                                              else ""))
         res.append(row)
     return res
 
@@ -239,7 +247,9 @@ def run_part(part: Part, out: Path, device: str, quick: bool, timeout_s: float, 
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{part.name}.log"
     report = out / f"{part.name}.json"
+    partial = out / f"{part.name}.partial.json"  # rows so far, if the part writes them (kernel tables do)
     report.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     cmd = [python, "-m", "overdrive.benchmarks.gpu", "--child", part.name, "--target", part.target,
            "--device", device, "--out", str(out)] + (["--quick"] if quick else [])
     rec: dict[str, Any] = {"part": part.name, "what": part.what, "timeout_s": round(timeout_s, 1)}
@@ -260,6 +270,7 @@ def run_part(part: Part, out: Path, device: str, quick: bool, timeout_s: float, 
     rec["cpu_seconds"] = round(_children_cpu() - cpu0, 1)
     rec["log"] = f"logs/{part.name}.log"
     if report.exists():  # written last, so complete; a hang or crash after it (process teardown) is noted
+        partial.unlink(missing_ok=True)
         body = json.loads(report.read_text())
         rec.update(status=body.get("status", "ok"), json=report.name)
         if body.get("why"):
@@ -270,6 +281,8 @@ def run_part(part: Part, out: Path, device: str, quick: bool, timeout_s: float, 
         rec.update(status="timed out", why=f"no result within {timeout_s:.0f} s", log_tail=_tail(log, 600))
     else:
         rec.update(status="failed", rc=rc, why=f"exit code {rc}, no report", log_tail=_tail(log))
+    if not report.exists() and partial.exists():
+        rec["partial_json"] = partial.name
     return rec
 
 
@@ -421,13 +434,14 @@ def format_summary(s: dict[str, Any]) -> str:
              + (f". Stopped: {s['stopped']}" if s.get("stopped") else ""), "",
              "| part | status | seconds (timeout) | report | note |", "|---|---|---|---|---|"]
     for p in s["parts"]:
-        note = (p.get("why") or "").replace("|", "/").replace("\n", " ")[:160]
+        note = ((p.get("why") or "") + (f"; rows so far in {p['partial_json']}" if p.get("partial_json") else "")
+                ).replace("|", "/").replace("\n", " ")[:200]
         lines.append(f"| {p['part']} | {p['status']} | {p.get('seconds', '-')} ({p.get('timeout_s', '-')}) | "
                      f"{p.get('json', '-')} | {note} |")
     lines += ["", "| goal | target | measured (worst case) | status |", "|---|---|---|---|"]
     for g in s["goals"]:
         val = f"{g['value']:.3g}" if "value" in g else "-"
-        lines.append(f"| {g['text']} | {g['target']} | {val} | {g['status']} |")
+        lines.append(f"| {g['text']} | {g['target']} | {val} | {g['status']}{' (partial)' if 'partial' in g else ''} |")
     lines += ["", "Goal details:"]
     for g in s["goals"]:
         lines.append(f"- {g['goal']}: {g.get('detail') or g.get('why', '')}")

@@ -147,6 +147,18 @@ def pytest_gpu(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+def _partial(out_dir: Path, part: str, device: str) -> Any:
+    """A callback writing ``<out_dir>/<part>.partial.json`` (the rows so far, with the report header) after each
+    case: a part cut off at its timeout keeps what it measured (the runner reads it then)."""
+    from overdrive.benchmarks import header, write_json
+
+    head = header(f"gpu-{part}", device, partial=True)
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        write_json(Path(out_dir) / f"{part}.partial.json", {**head, "results": rows}, indent=1)
+    return write
+
+
 def gemv(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
     """The W3/W4/W8A8/W4A8 GEMV/GEMM table at M = 1, 16, 256 (CUDA graphs with L2 flush on a GPU; on CPU the
     same table with ``perf_counter`` timing)."""
@@ -154,7 +166,7 @@ def gemv(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
 
     dev = _dev(device)
     reps = 3 if quick else (50 if dev.type == "cuda" else 10)
-    return kernels_gemv.run(dev, quick, reps, ms=GEMV_MS)
+    return kernels_gemv.run(dev, quick, reps, ms=GEMV_MS, on_row=_partial(out_dir, "gemv", device))
 
 
 def pmkvq_decode(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
@@ -163,14 +175,15 @@ def pmkvq_decode(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
 
     dev = _dev(device)
     opts = {} if dev.type != "cuda" else {"kv_decode_attention": {"shapes": PMKVQ_SHAPES}}
-    return kernels.run(["kv_decode_attention"], dev, quick, case_options=opts)
+    return kernels.run(["kv_decode_attention"], dev, quick, case_options=opts,
+                       on_result=_partial(out_dir, "pmkvq_decode", device))
 
 
 def moa_span(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
     """MoA per-head span attention (prefill and paged decode) vs dense SDPA and a uniform window."""
     from overdrive.benchmarks import kernels
 
-    return kernels.run(["span_attention"], _dev(device), quick)
+    return kernels.run(["span_attention"], _dev(device), quick, on_result=_partial(out_dir, "moa_span", device))
 
 
 # ------------------------------------------------------------------------------------------------ methods

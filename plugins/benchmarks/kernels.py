@@ -436,9 +436,10 @@ CASES = {"act8_linear": act8_linear_cases, "group_linear": group_linear_cases, "
 
 
 def run(ops: list[str], device: torch.device, quick: bool = False,
-        case_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        case_options: dict[str, dict[str, Any]] | None = None,
+        on_result: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Time every case of ``ops``; ``case_options[op]`` is passed to that op's case builder (e.g. the
-    ``shapes`` of ``kv_decode_attention``)."""
+    ``shapes`` of ``kv_decode_attention``); ``on_result`` is called with the results so far after each case."""
     ceil = measure_ceilings(device, quick)
     results = []
     for op in ops:
@@ -457,6 +458,8 @@ def run(ops: list[str], device: torch.device, quick: bool = False,
                                        for name, (b, f) in c.baseline_work.items()}} if c.baseline_work else {}),
                 **c.info,
             })
+            if on_result is not None:
+                on_result(results)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     from overdrive.benchmarks import header

@@ -152,8 +152,10 @@ def build(case: dict[str, Any], device: torch.device) -> tuple[Callable[[], Any]
     return op, base, nbytes, op(), base()
 
 
-def run(device: torch.device, quick: bool, reps: int, ms: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """The whole table as a report; ``ms`` (e.g. (1, 16, 256)) overrides the batch rows."""
+def run(device: torch.device, quick: bool, reps: int, ms: tuple[int, ...] | None = None,
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """The whole table as a report; ``ms`` (e.g. (1, 16, 256)) overrides the batch rows; ``on_row`` is called
+    with the rows so far after each case (a caller that may be cut off keeps what was measured)."""
     from overdrive.kernels.dispatch import active_backend
 
     timer = Timer(device, reps, 2 * _l2_bytes(device))
@@ -174,6 +176,8 @@ def run(device: torch.device, quick: bool, reps: int, ms: tuple[int, ...] | None
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             rows.append({**case, "error": f"{type(e).__name__}: {e}"})
             print(f"{case['scheme']} M={case['m']} K={case['k']} N={case['n']}: {type(e).__name__}: {e}", flush=True)
+        if on_row is not None:
+            on_row(rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     from overdrive.benchmarks import header

@@ -46,6 +46,7 @@ def test_quick_cpu_run_executes_every_part_and_writes_reports(tmp_path):
         names = set(tar.getnames())
     assert {f"gpu-run/{p}.json" for p in st if st[p]["status"] == "ok"} <= names
     assert "gpu-run/logs/gemv.log" in names
+    assert not list(out.glob("*.partial.json"))  # rows-so-far files go once the full report is there
     print(f"quick CPU run: {took:.1f} s wall, {sum(p['cpu_seconds'] for p in s['parts']):.1f} s CPU in parts")
 
 
@@ -61,6 +62,12 @@ def crash(device, quick, out):
     os._exit(3)
 def absent(device, quick, out):
     return {"status": "not available", "why": "nothing to run"}
+def rows_then_hang(device, quick, out):
+    import json
+    rows = [{"scheme": "W3 g128", "k": 64, "n": 64, "m": 1, "speedup_vs_bf16": 2.5, "of_copy_floor": 0.7},
+            {"scheme": "W4 g128", "k": 64, "n": 64, "m": 1, "speedup_vs_bf16": 1.5, "of_copy_floor": 0.8}]
+    (out / "gemv.partial.json").write_text(json.dumps({"results": rows}))
+    time.sleep(600)
 '''
 
 
@@ -94,6 +101,19 @@ def test_a_part_that_hangs_raises_or_crashes_is_recorded_and_the_rest_run(tmp_pa
     assert [p["status"] for p in disk["parts"]] == ["timed out", "failed", "failed", "not available"]
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| hang | timed out |" in md and "| absent | not available |" in md
+
+
+def test_a_part_cut_off_keeps_the_rows_it_measured_for_the_goals(tmp_path, fake_env):
+    s = run_all([Part("gemv", "odfakeparts:rows_then_hang", 1, 3, "gemv rows, then a hang")], tmp_path / "out", 60,
+                "cpu", quick=False, env=fake_env, preflight=None, reserve_s=0.5, min_s=0.5, log=lambda m: None)
+    (rec,) = s["parts"]
+    assert rec["status"] == "timed out" and rec["partial_json"] == "gemv.partial.json"
+    g = {x["goal"]: x for x in s["goals"]}
+    assert (g["gemv_m1_speed"]["status"], g["gemv_m1_speed"]["value"]) == ("not met", 1.5)  # worst of 2.5, 1.5
+    assert (g["gemv_m1_copy"]["status"], g["gemv_m1_copy"]["value"]) == ("met", 0.7)
+    assert "timed out" in g["gemv_m1_speed"]["partial"]
+    assert g["gemm_m256"]["status"] == "not run"  # no M = 256 row was measured before the cut
+    assert "(partial)" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_the_budget_cuts_a_long_part_and_leaves_the_next_unrun(tmp_path, fake_env):
