@@ -319,8 +319,14 @@ def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, de
         summary["device"] = pf.get("device")
         summary["commit"] = pf.get("commit", summary["commit"])  # the parts' header form (with "+dirty")
         log(format_preflight(summary["preflight"]))
-        why = (f"preflight: {pf['fatal']}" if pf.get("fatal") else None) if pf else \
-            f"preflight {rec['status']} (is overdrive importable? see logs/preflight.log): {rec.get('why', '')}"
+        origin = overdrive_from_tree()
+        if pf:
+            why = f"preflight: {pf['fatal']}" if pf.get("fatal") else None
+        elif origin is None or not Path(origin).resolve().is_relative_to(ROOT / "plugins"):
+            why = f"preflight {rec['status']}: overdrive is not importable from this tree ({origin}); see logs/preflight.log"
+        else:  # the preflight itself broke: say so, but do not give up the parts (the device time is scarce)
+            why = None
+            log(f"[gpu] preflight {rec['status']} ({rec.get('why', '')}); going on with the parts")
         if why:
             summary["stopped"] = why
             log(f"[gpu] nothing timed: {why}")

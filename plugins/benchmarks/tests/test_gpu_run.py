@@ -116,6 +116,16 @@ def test_a_part_cut_off_keeps_the_rows_it_measured_for_the_goals(tmp_path, fake_
     assert "(partial)" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_a_broken_preflight_does_not_cost_the_parts(tmp_path, fake_env):
+    """The preflight itself raising (overdrive importable from this tree) is reported and the parts still run."""
+    logs = []
+    s = run_all([_p("absent", "absent")], tmp_path / "out", 60, "cpu", quick=False, env=fake_env,
+                preflight=_p("preflight", "boom"), reserve_s=0.5, min_s=0.5, goals=(), log=logs.append)
+    assert s["preflight"]["status"] == "failed" and not s.get("stopped")
+    assert [p["status"] for p in s["parts"]] == ["not available"]
+    assert any("going on with the parts" in m for m in logs)
+
+
 def test_the_budget_cuts_a_long_part_and_leaves_the_next_unrun(tmp_path, fake_env):
     parts = [_p("hang", "hang", cap=100), _p("ok", "ok")]
     t0 = time.monotonic()
