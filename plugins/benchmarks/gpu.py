@@ -95,8 +95,8 @@ PARTS: tuple[Part, ...] = (
          "ViDiT-Q W8A8 / W4A8 vs bf16 on a Flux-width denoiser (2 + 4 blocks, 4096 + 512 tokens)"),
     Part("vgdfr", "overdrive.benchmarks.gpu_parts:vgdfr", 45, 100,
          "VGDFR on a Wan pipeline with Wan2.1-1.3B widths (6 blocks), bf16, 81 frames 384x384, 10 steps"),
-    Part("calibration", "overdrive.benchmarks.gpu_parts:calibration", 40, 90,
-         "the calibration benchmark (overdrive.benchmarks.calibration), when it is importable"),
+    Part("calibration", "overdrive.benchmarks.gpu_parts:calibration", 90, 150,
+         "the calibration benchmark (overdrive.benchmarks.calibration) with 8 samples, when it is importable"),
 )
 PREFLIGHT = Part("preflight", "overdrive.benchmarks.gpu_parts:preflight", 10, 90,
                  "CUDA, versions, overdrive from this tree, registered methods, disk")

@@ -283,3 +283,19 @@ def test_the_bootstrap_runs_as_a_plain_file_without_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=gpu.ROOT)
     assert "RC 0 False False" in r.stdout, r.stdout + r.stderr
     assert "pytest_gpu" in r.stdout and "total" in r.stdout
+
+
+def test_calibration_part_calls_the_benchmark_with_fewer_samples_on_a_gpu_run(tmp_path, monkeypatch):
+    import types
+
+    from overdrive.benchmarks import gpu_parts
+
+    seen = []
+    fake = types.ModuleType("overdrive.benchmarks.calibration")
+    fake.run = lambda device, quick, out_dir, samples=None: seen.append((device, quick, out_dir, samples)) or {"x": 1}
+    monkeypatch.setitem(sys.modules, "overdrive.benchmarks.calibration", fake)
+    assert gpu_parts.calibration("cuda", False, tmp_path)["x"] == 1
+    assert gpu_parts.calibration("cpu", True, tmp_path) == {"x": 1}  # quick: the benchmark's own tiny shapes
+    assert seen == [("cuda", False, tmp_path, gpu_parts.CALIBRATION_SAMPLES), ("cpu", True, tmp_path, None)]
+    fake.run = lambda device, quick, out_dir: {"y": 2}  # the brief's signature only: called as is
+    assert gpu_parts.calibration("cuda", False, tmp_path) == {"y": 2}
