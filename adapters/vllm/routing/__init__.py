@@ -14,8 +14,10 @@ between chunks), so a small step is a one-token extend and a routed call an exte
 the large model has not seen plus one sampled token, with no re-prefill. Each engine still runs in
 its own engine-core process (plus workers), so the two overlap. The large engine also has prefix
 caching on (prompts shared across requests; a session re-admitted after preemption hits its cache).
-Heavy imports live in :mod:`.vllm_routing_server`; this module stays cheap (it is loaded with the
-registry in every process).
+Heavy imports live in the package's modules, imported when a command runs: :mod:`.launch` (start-up,
+uvicorn, shutdown), :mod:`.engines` (the two engines and the routing loop), :mod:`.api` (the HTTP app),
+:mod:`.worker` (the small engine's capture worker, imported by vLLM). This module stays cheap (it is
+loaded with the registry in every process).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, method: str) -> int:
-    from overdrive.adapters.vllm.routing_server import serve
+    from .launch import serve
 
     return serve(args, method)
 
