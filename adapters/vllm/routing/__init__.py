@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=int, default=None,
                    help="CPU only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE; default 1 unless set)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (always on CPU)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled "
+                        "and both engines stop (default 5)")
     p.add_argument("--router-device", default=None, help="device of the router (default: cuda if present, else cpu)")
     p.add_argument("--router-threads", type=int, default=1,
                    help="torch threads of the server process when the router runs on the CPU (default 1: a small "

@@ -1,14 +1,19 @@
 """The OpenAI-compatible HTTP app of a token-routing server (FastAPI).
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming or not, ``n`` = 1), ``/v1/models``,
-``/health``, ``/r2r/stats``. Extensions: request field ``router_threshold``; response
-``choices[0].token_ids`` and ``choices[0].routed`` (per-token flags), and with
-``return_router_scores: true`` ``choices[0].router_scores`` (the router logit per token, non-streaming);
-``usage.routed_tokens`` and ``usage.small_tokens``.
+``/health`` (503 once an engine is dead), ``/{method}/stats`` (e.g. ``/r2r/stats``). Extensions: request
+field ``router_threshold``; response ``choices[0].token_ids`` and ``choices[0].routed`` (per-token
+flags), and with ``return_router_scores: true`` ``choices[0].router_scores`` (the router logit per
+token, non-streaming); ``usage.routed_tokens`` and ``usage.small_tokens``.
+
+Errors have vLLM's body shape, ``{"error": {"message", "type", "param", "code"}}``: a malformed request
+is a 4xx from :mod:`.validation` before anything reaches an engine; an engine error fails only the
+requests it touched (500; 503 when the engine died), a streamed one with an error event and ``[DONE]``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -17,53 +22,10 @@ from fastapi import Request  # module level: FastAPI resolves handler annotation
 
 from overdrive.contracts.token_routing import RoutedSequence
 
-from .engines import RoutingEngines, Sampling
+from .engines import RoutingEngines
+from .validation import RequestError, Validated, error_body, validate
 
-
-# --------------------------------------------------------------------------------------------- HTTP
-class BadRequest(ValueError):
-    pass
-
-
-def parse_sampling(body: dict) -> Sampling:
-    def num(name: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-        v = body.get(name)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-            raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            bound = f">= {lo}" if hi is None else f"within [{lo}, {hi}]"
-            raise BadRequest(f"'{name}' must be {bound}, got {v!r}")
-        return kind(v)
-
-    if body.get("n", 1) != 1 or body.get("best_of", 1) not in (None, 1):
-        raise BadRequest("only n = 1 (and best_of = 1) is supported")
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "response_format"):
-        if body.get(name) not in (None, False):
-            raise BadRequest(f"'{name}' is not supported by the routing server")
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
-        raise BadRequest("'stop_token_ids' must be a list of integers")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest(f"'seed' must be an integer, got {seed!r}")
-    max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return Sampling(max_tokens=num(max_name, 16, int, 1), temperature=num("temperature", 1.0, float, 0.0, 2.0),
-                    top_p=num("top_p", 1.0, float, 0.0, 1.0), top_k=num("top_k", 0, int, -1), seed=seed,
-                    ignore_eos=bool(body.get("ignore_eos", False)), stop_token_ids=tuple(stop_ids),
-                    threshold=num("router_threshold", None, float, 0.0, 1.0),
-                    return_scores=bool(body.get("return_router_scores", False)))
-
-
-def parse_stop(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("'stop' must be a non-empty string or a list of them")
-    return stop
+log = logging.getLogger("overdrive.routing")
 
 
 class TextStream:
@@ -94,86 +56,82 @@ class TextStream:
         return delta
 
 
-def build_app(model_name: str, lifespan: Any = None) -> Any:
-    """The FastAPI app; its handlers use ``app.state.engines`` (a :class:`RoutingEngines`) and
-    ``app.state.tokenizer``, set by ``lifespan`` (or by the caller) before requests arrive."""
+
+def engine_error(e: BaseException) -> tuple[int, dict]:
+    """(status, vLLM error body) for an error raised while a request ran on the engines: 500, or 503 once an
+    engine is dead (the request may be retried on a restarted server)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(e, EngineDeadError):
+        return 503, error_body("an engine of this server died; the server is shutting down",
+                               503, "ServiceUnavailableError")
+    return 500, error_body(f"the request failed on an engine: {type(e).__name__}: {e}", 500, "InternalServerError")
+
+
+def build_app(method: str, model_name: str, lifespan: Any = None) -> Any:
+    """The FastAPI app; its handlers use ``app.state.engines`` (a :class:`RoutingEngines`),
+    ``app.state.tokenizer`` and ``app.state.limits`` (:class:`~.validation.Limits`), set by ``lifespan``
+    (or by the caller) before requests arrive. ``method`` names the statistics route ``/{method}/stats``."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    app = FastAPI(title=f"overdrive {model_name} routing server", lifespan=lifespan)
+    app = FastAPI(title=f"overdrive {method} routing server", lifespan=lifespan)
     created = int(time.time())
 
-    def error(status: int, message: str) -> Any:
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}},
-                            status_code=status)
+    def error(status: int, body: dict) -> Any:
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:  # the safety net: JSON, never a dropped socket
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, error_body(f"{type(exc).__name__}: {exc}", 500, "InternalServerError"))
 
     @app.get("/health")
-    async def health() -> Any:
+    async def health(request: Request) -> Any:
+        engines = getattr(request.app.state, "engines", None)
+        if engines is None or engines.dead:
+            return error(503, error_body("an engine of this server is dead" if engines is not None else "starting",
+                                         503, "ServiceUnavailableError"))
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models() -> Any:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "overdrive"}]}
+    async def models(request: Request) -> Any:
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "overdrive"}
+        limits = getattr(request.app.state, "limits", None)
+        if limits is not None:
+            card["max_model_len"] = limits.max_model_len
+        return {"object": "list", "data": [card]}
 
-    @app.get("/r2r/stats")
     async def stats(request: Request) -> Any:
         engines = request.app.state.engines
         t = engines.totals
-        return {**t, "routed_fraction": t["routed_tokens"] / t["tokens"] if t["tokens"] else 0.0,
+        return {"method": method, **t, "routed_fraction": t["routed_tokens"] / t["tokens"] if t["tokens"] else 0.0,
                 "threshold": engines.threshold, "router_batches": engines.batcher.calls,
                 "router_rows": engines.batcher.rows}
 
-    def prompt_ids(tok: Any, body: dict, chat: bool) -> list[int]:
-        if chat:
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs:
-                raise BadRequest("'messages' must be a non-empty list")
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-            return list(ids)
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, str):
-            ids = tok(p, add_special_tokens=True).input_ids
-        elif isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
-            ids = p
-        else:
-            raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
-        if not ids:
-            raise BadRequest("the prompt has no tokens")
-        vocab = len(tok)
-        if any(i < 0 or i >= vocab for i in ids):
-            raise BadRequest(f"prompt token ids must be in [0, {vocab})")
-        return list(ids)
+    app.add_api_route(f"/{method}/stats", stats, methods=["GET"])
 
     async def handle(request: Request, chat: bool) -> Any:
-        engines, tok = request.app.state.engines, request.app.state.tokenizer
+        state = request.app.state
+        engines, tok = state.engines, state.tokenizer
+        if engines.dead:
+            return error(503, error_body("an engine of this server died; the server is shutting down",
+                                         503, "ServiceUnavailableError"))
         try:
-            body = await request.json()
-        except json.JSONDecodeError as e:
-            return error(400, f"the body is not valid JSON: {e}")
-        if not isinstance(body, dict):
-            return error(400, "the body must be a JSON object")
-        if body.get("model") not in (None, model_name):
-            return error(404, f"model {body.get('model')!r} does not exist; this server serves {model_name!r}")
+            body = json.loads(await request.body())
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            return error(400, error_body(f"the request body is not valid JSON: {e}", 400, "BadRequestError"))
         try:
-            ids = prompt_ids(tok, body, chat)
-            sp = parse_sampling(body)
-            stop = parse_stop(body)
-        except BadRequest as e:
-            return error(400, str(e))
+            v = validate(body, chat, tok, state.limits)
+        except RequestError as e:
+            return error(e.status, e.body())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        obj = "chat.completion" if chat else "text_completion"
-        if body.get("stream"):
-            opts = body.get("stream_options") or {}
-            return StreamingResponse(stream(engines, tok, rid, ids, sp, stop, chat, bool(opts.get("include_usage"))),
-                                     media_type="text/event-stream")
-        text = TextStream(tok, stop)
+        if v.stream:
+            return StreamingResponse(stream(engines, tok, rid, v, chat), media_type="text/event-stream")
+        text = TextStream(tok, v.stop)
         tokens, routed, scores = [], [], []
         seqs: list[RoutedSequence] = []
-        gen = engines.generate(ids, sp, seqs)
+        gen = engines.generate(v.prompt, v.sampling, seqs)
         try:
             async for ev in gen:
                 tokens.append(ev.token)
@@ -182,30 +140,36 @@ def build_app(model_name: str, lifespan: Any = None) -> Any:
                 text.push(ev.token, final=seqs[0].finished)
                 if text.stopped:
                     break
+        except Exception as e:  # noqa: BLE001 - this request fails; the server goes on (or exits if an engine died)
+            log.error("request %s failed: %s: %s", rid, type(e).__name__, e)
+            engines.totals["failed"] += 1
+            return error(*engine_error(e))
         finally:
             await gen.aclose()
         finish = "stop" if text.stopped else (seqs[0].finish_reason or "length")
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": tokens, "routed": routed}
-        if sp.return_scores:
+        if v.sampling.return_scores:
             choice["router_scores"] = scores
         if chat:
             choice["message"] = {"role": "assistant", "content": text.text}
         else:
             choice.update(text=text.text, logprobs=None)
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [choice],
-                "usage": usage(len(ids), tokens, routed)}
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": [choice], "usage": usage(len(v.prompt), tokens, routed)}
 
     def usage(n_prompt: int, tokens: list[int], routed: list[bool]) -> dict:
         r = sum(routed)
         return {"prompt_tokens": n_prompt, "completion_tokens": len(tokens), "total_tokens": n_prompt + len(tokens),
                 "routed_tokens": r, "small_tokens": len(tokens) - r}
 
-    async def stream(engines: RoutingEngines, tok: Any, rid: str, ids: list[int], sp: Sampling, stop: list[str],
-                     chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(engines: RoutingEngines, tok: Any, rid: str, v: Validated, chat: bool) -> AsyncIterator[str]:
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
-        text = TextStream(tok, stop)
+        text = TextStream(tok, v.stop)
         tokens, routed = [], []
         seqs: list[RoutedSequence] = []
+
+        def data(obj: dict) -> str:
+            return "data: " + json.dumps(obj) + "\n\n"
 
         def chunk(delta: str, new_ids: list[int], new_routed: list[bool], finish: str | None) -> str:
             c: dict[str, Any] = {"index": 0, "finish_reason": finish, "token_ids": new_ids, "routed": new_routed}
@@ -213,14 +177,13 @@ def build_app(model_name: str, lifespan: Any = None) -> Any:
                 c["delta"] = {"content": delta} if delta or finish is None else {}
             else:
                 c.update(text=delta, logprobs=None)
-            return "data: " + json.dumps({"id": rid, "object": chunk_obj, "created": int(time.time()),
-                                          "model": model_name, "choices": [c]}) + "\n\n"
+            return data({"id": rid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
+                         "choices": [c]})
 
         if chat:
-            yield "data: " + json.dumps({"id": rid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
-                                         "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                                      "finish_reason": None}]}) + "\n\n"
-        gen = engines.generate(ids, sp, seqs)
+            yield data({"id": rid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
+                        "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+        gen = engines.generate(v.prompt, v.sampling, seqs)
         try:
             async for ev in gen:
                 tokens.append(ev.token)
@@ -232,11 +195,17 @@ def build_app(model_name: str, lifespan: Any = None) -> Any:
                     yield chunk(delta, [ev.token], [ev.routed], finish)
                     break
                 yield chunk(delta, [ev.token], [ev.routed], None)
+        except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes out as an event, as vLLM does
+            log.error("request %s failed: %s: %s", rid, type(e).__name__, e)
+            engines.totals["failed"] += 1
+            yield data(engine_error(e)[1])
+            yield "data: [DONE]\n\n"
+            return
         finally:
             await gen.aclose()
-        if include_usage:
-            yield "data: " + json.dumps({"id": rid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
-                                         "choices": [], "usage": usage(len(ids), tokens, routed)}) + "\n\n"
+        if v.include_usage:
+            yield data({"id": rid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
+                        "choices": [], "usage": usage(len(v.prompt), tokens, routed)})
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")

@@ -1,4 +1,4 @@
-"""The two engines of a token-routing server and the per-request routing loop (see :mod:`.`).
+"""The two engines of a token-routing server and the per-request routing loop.
 
 Per request (:meth:`RoutingEngines.generate`), with the shared
 :class:`~overdrive.contracts.token_routing.RoutedSequence` bookkeeping:
@@ -13,6 +13,9 @@ Per request (:meth:`RoutingEngines.generate`), with the shared
 * the router scores all requests that stepped together in one batched call (:class:`RouterBatcher`);
 * a routed position opens (first time) or continues a session on the large engine with every token it
   has not seen (an incremental extend) and takes its one sampled token instead.
+
+An engine error reaches only the requests waiting on it (vLLM delivers it to their output collectors;
+a router batch that fails is retried row by row); an engine's death shows in :attr:`RoutingEngines.dead`.
 """
 from __future__ import annotations
 
@@ -59,15 +62,23 @@ class RouterBatcher:
         if not live:
             return
         try:
-            z = self.router.scores(RouterInputs(torch.stack([b[0] for b in live]), torch.stack([b[1] for b in live]),
-                                                torch.tensor([b[2] for b in live])))
-            self.calls += 1
-            self.rows += len(live)
-            for b, zi in zip(live, z.tolist()):
-                b[3].set_result(zi)
-        except Exception as e:  # noqa: BLE001 - delivered to every waiting request
+            z = self._scores(live)
+        except Exception:  # noqa: BLE001 - isolate: score each row alone, so only a failing row's request fails
             for b in live:
-                b[3].set_exception(e)
+                try:
+                    b[3].set_result(self._scores([b])[0])
+                except Exception as e:  # noqa: BLE001 - delivered to that request
+                    b[3].set_exception(e)
+            return
+        for b, zi in zip(live, z):
+            b[3].set_result(zi)
+
+    def _scores(self, rows: list) -> list[float]:
+        z = self.router.scores(RouterInputs(torch.stack([b[0] for b in rows]), torch.stack([b[1] for b in rows]),
+                                            torch.tensor([b[2] for b in rows])))
+        self.calls += 1
+        self.rows += len(rows)
+        return z.tolist()
 
 
 # --------------------------------------------------------------------------------- engine sessions
@@ -140,8 +151,18 @@ class RoutingEngines:
         self.threshold = threshold
         self.eos_ids = eos_ids
         self.batcher = RouterBatcher(router)
-        self.totals = {"requests": 0, "tokens": 0, "routed_tokens": 0, "large_calls": 0}
+        self.totals = {"requests": 0, "tokens": 0, "routed_tokens": 0, "large_calls": 0, "failed": 0}
         self._down = False
+
+    @property
+    def dead(self) -> bool:
+        """True once either engine has died (vLLM's ``AsyncLLM.errored``): the server must not go on."""
+        return bool(self.small.errored or self.large.errored)
+
+    def limits(self) -> tuple[int, int]:
+        """(max_model_len, vocab_size) every request must fit: the smaller of the two engines' values."""
+        confs = [self.small.model_config, self.large.model_config]
+        return min(c.max_model_len for c in confs), min(c.get_vocab_size() for c in confs)
 
     async def generate(self, prompt: list[int], sp: Sampling, seq_out: list[RoutedSequence] | None = None
                        ) -> AsyncIterator[StepEvent]:
@@ -177,8 +198,9 @@ class RoutingEngines:
             if large is not None:
                 await large.close(abort=not seq.finished)
 
-    def shutdown(self) -> None:
-        """Shut both engines down (concurrently: each may wait out vLLM's grace period); idempotent."""
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Shut both engines down (concurrently: each may wait out vLLM's grace period), waiting at most
+        ``timeout`` seconds; idempotent."""
         import threading
 
         engines, self._down = ([] if self._down else [self.small, self.large]), True
@@ -191,4 +213,4 @@ class RoutingEngines:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=60)
+            t.join(timeout=timeout)

@@ -1,10 +1,12 @@
 """Start-up and run of ``overdrive serve-NAME``: input checks, the two engines, uvicorn, shutdown."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -17,6 +19,7 @@ from overdrive.kinds import Kind
 
 from .api import build_app
 from .engines import RoutingEngines
+from .validation import Limits
 from .worker import CONFIG_KEY, worker_cls_for_platform
 
 log = logging.getLogger("overdrive.routing")
@@ -128,8 +131,18 @@ def start_engines(args: Any, router: Router, topk: int, eos_ids: frozenset[int])
     return RoutingEngines(small, large, router, topk, threshold, eos_ids)
 
 
+#: exit status when an engine died while serving (a supervisor restarts the server); 2 is bad input at startup
+EXIT_ENGINE_DIED = 1
+#: seconds between noticing a dead engine and stopping: in-flight requests get their error bodies and
+#: /health answers 503 meanwhile
+DEAD_GRACE_S = 1.0
+#: seconds each engine's shutdown may take before the remaining child processes are killed
+ENGINE_STOP_S = 10.0
+
+
 def serve(args: Any, method: str) -> int:
-    """Run the server until SIGINT/SIGTERM; both engines are shut down on the way out."""
+    """Run the server until SIGINT/SIGTERM (exit 0) or an engine's death (exit :data:`EXIT_ENGINE_DIED`); both
+    engines and every child process are stopped on the way out."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -140,28 +153,73 @@ def serve(args: Any, method: str) -> int:
         return 2
     eos = tok.eos_token_id
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or ()))
+    model_name = args.served_model_name or method
     started: list[RoutingEngines] = []
+    died: list[bool] = []
+
+    async def watch(engines: RoutingEngines) -> None:
+        while not engines.dead:
+            await asyncio.sleep(0.2)
+        died.append(True)
+        log.error("overdrive serve-%s: an engine died (small errored: %s, large errored: %s); /health answers 503, "
+                  "exiting with status %d", method, engines.small.errored, engines.large.errored, EXIT_ENGINE_DIED)
+        await asyncio.sleep(DEAD_GRACE_S)
+        server.should_exit = True
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         engines = start_engines(args, router, topk, eos_ids)
         started.append(engines)
         app.state.engines, app.state.tokenizer = engines, tok
-        log.info("overdrive serve-%s: small %s, large %s, router %s (top-%d, threshold %.4g)",
-                 method, args.small, args.large, args.router, topk, engines.threshold)
+        app.state.limits = Limits(model_name, *engines.limits())
+        log.info("overdrive serve-%s: small %s, large %s, router %s (top-%d, threshold %.4g, max_model_len %d, "
+                 "vocabulary %d)", method, args.small, args.large, args.router, topk, engines.threshold,
+                 app.state.limits.max_model_len, app.state.limits.vocab_size)
+        watchdog = asyncio.create_task(watch(engines))
         print(f"overdrive serve-{method}: ready on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         try:
             yield
         finally:
+            watchdog.cancel()
+            t0 = time.monotonic()
             log.info("overdrive serve-%s: shutting down both engines", method)
-            engines.shutdown()
+            engines.shutdown(timeout=ENGINE_STOP_S)
+            log.info("overdrive serve-%s: engines stopped in %.1f s", method, time.monotonic() - t0)
 
-    app = build_app(args.served_model_name or method, lifespan)
+    app = build_app(method, model_name, lifespan)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                          timeout_graceful_shutdown=10))
+                                          timeout_graceful_shutdown=args.shutdown_timeout))
     try:
         server.run()
     finally:
         for engines in started:
-            engines.shutdown()
+            engines.shutdown(timeout=ENGINE_STOP_S)
+        stop_children()
+    if died:
+        return EXIT_ENGINE_DIED
     return 0 if started else 1
+
+
+def stop_children(timeout: float = 3.0) -> None:
+    """Terminate, then kill, whatever child process is left (an engine that did not stop in time)."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
+    if not kids:
+        return
+    log.warning("stopping %d leftover child processes: %s", len(kids), [(k.pid, _name(k)) for k in kids])
+    for k in kids:
+        with contextlib.suppress(psutil.Error):
+            k.terminate()
+    _, alive = psutil.wait_procs(kids, timeout=timeout)
+    for k in alive:
+        with contextlib.suppress(psutil.Error):
+            k.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def _name(p: Any) -> str:
+    try:
+        return p.name()
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return "?"
