@@ -187,11 +187,10 @@ def model_vocab(path) -> int:
     return json.loads((path / "config.json").read_text())["vocab_size"]
 
 
-def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, models, reference):
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, models):
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    _, _, tok, _, prompts = models
-    t, outs = reference
+    small, large, _, _, prompts = models
     s, l = tiny_r2r_pair()
     vocab = min(model_vocab(s), model_vocab(l))
     before = stats(server)
@@ -208,8 +207,9 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, models,
     assert urllib.request.urlopen(server.base_url + "/health").status == 200
     models_ = json.loads(urllib.request.urlopen(server.base_url + "/v1/models").read())
     assert [m["id"] for m in models_["data"]] == ["r2r"] and models_["data"][0]["max_model_len"] == MAX_MODEL_LEN
-    for ids, ref in zip(prompts[:3], outs[:3]):  # same tokens as the reference, as before the bad requests
-        assert complete(server, ids, t)["choices"][0]["token_ids"] == ref.tokens
+    for ids in prompts[:2]:  # the same tokens as each model's own greedy generation, as before the bad requests
+        assert complete(server, ids, 0.0)["choices"][0]["token_ids"] == greedy(large, ids)
+        assert complete(server, ids, 1.0)["choices"][0]["token_ids"] == greedy(small, ids)
     code, body = post(server, "/v1/completions", {"model": "r2r", "prompt": "hi", "n": 2})
     assert code == 400 and body["error"]["param"] == "n"
     code, body = post(server, "/v1/completions", {"model": "r2r", "prompt": "hi", "router_threshold": 2})
@@ -230,15 +230,16 @@ def test_max_tokens_is_clamped_to_the_context_left(server, models):
 
 
 def _stop_and_check(srv, sig: int) -> None:
-    """The server exits 0 and leaves no child process; the time from the signal to both is printed (the
-    docs' measured shutdown time). The waits are the bound the server enforces: 5 s for in-flight
-    requests (none here), 10 s per engine shutdown, 3 + 3 s to terminate and kill leftovers."""
+    """The server ends by the signal after its shutdown (uvicorn re-raises SIGTERM/SIGINT once it has shut
+    down, so a supervisor sees a normal stop) and leaves no child process; the time from the signal to
+    both is printed (the docs' measured shutdown time). The waits are the bound the server enforces: 5 s
+    for in-flight requests (none here), 10 s per engine shutdown, 3 + 3 s to terminate and kill leftovers."""
     proc = psutil.Process(srv.proc.pid)
     children = proc.children(recursive=True)
     assert sum("EngineCore" in c.name() for c in children) == 2, [c.name() for c in children]
     t0 = time.monotonic()
     os.kill(srv.proc.pid, sig)  # the server process only, as a process manager does
-    assert srv.proc.wait(timeout=30) == 0
+    assert srv.proc.wait(timeout=30) == -sig
     exited = time.monotonic() - t0
     gone, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"orphans after {signal.Signals(sig).name}: {[(p.pid, p.name()) for p in alive]}"

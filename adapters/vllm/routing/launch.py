@@ -184,6 +184,7 @@ def serve(args: Any, method: str) -> int:
             t0 = time.monotonic()
             log.info("overdrive serve-%s: shutting down both engines", method)
             engines.shutdown(timeout=ENGINE_STOP_S)
+            stop_children()  # here, not only after server.run(): uvicorn re-raises SIGTERM/SIGINT when it returns
             log.info("overdrive serve-%s: engines stopped in %.1f s", method, time.monotonic() - t0)
 
     app = build_app(method, model_name, lifespan)
@@ -195,16 +196,24 @@ def serve(args: Any, method: str) -> int:
         for engines in started:
             engines.shutdown(timeout=ENGINE_STOP_S)
         stop_children()
-    if died:
-        return EXIT_ENGINE_DIED
-    return 0 if started else 1
+    status = EXIT_ENGINE_DIED if died else (0 if started else 1)
+    log.info("overdrive serve-%s: exiting with status %d", method, status)
+    return status
 
 
 def stop_children(timeout: float = 3.0) -> None:
-    """Terminate, then kill, whatever child process is left (an engine that did not stop in time)."""
+    """Terminate, then kill, whatever child process is left (an engine that did not stop in time). Exited
+    processes not yet reaped and multiprocessing's resource tracker (it ends with this process, after
+    releasing shared memory) are left alone."""
     import psutil
 
-    kids = psutil.Process().children(recursive=True)
+    def live(k: Any) -> bool:
+        try:
+            return k.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(k.cmdline())
+        except psutil.Error:
+            return False
+
+    kids = [k for k in psutil.Process().children(recursive=True) if live(k)]
     if not kids:
         return
     log.warning("stopping %d leftover child processes: %s", len(kids), [(k.pid, _name(k)) for k in kids])
