@@ -385,6 +385,20 @@ class TransformersCalibration:
                  retain: Sequence[str] = (), logits: slice | None = None,
                  visit: Callable[[Block, int, dict[str, tuple[torch.Tensor, torch.Tensor]]], None] | None = None,
                  desc: str | None = None) -> list[float]:
+        params = list(self.model.parameters())
+        req = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)  # gradients flow to activations only
+        try:
+            return self._backward(batches, loss, attention, retain, logits, visit, desc)
+        finally:
+            for p, r in zip(params, req):
+                p.requires_grad_(r)
+
+    def _backward(self, batches: Sequence[Batch], loss: LossFn, attention: AttentionFn | None,
+                  retain: Sequence[str], logits: slice | None,
+                  visit: Callable[[Block, int, dict[str, tuple[torch.Tensor, torch.Tensor]]], None] | None,
+                  desc: str | None) -> list[float]:
         with torch.no_grad():
             calls, kept = self._layer_outputs(batches, None, f"{desc}: forward" if desc else None, keep=True)
         grads: list[torch.Tensor] = []
@@ -404,9 +418,8 @@ class TransformersCalibration:
         for i in (progress(it, desc=f"{desc}: backward", total=len(self.layers), unit="block") if desc else it):
             self._onload(i)
             layer = self.layers[i]
-            req = [p.requires_grad for p in layer.parameters()]
             for p in layer.parameters():
-                p.requires_grad_(False)
+                p.requires_grad_(False)  # (onloading may have made new parameter tensors)
             blk = Block(self, i, [])
             try:
                 for j, (h, kw) in enumerate(zip(kept[i], kwargs)):
@@ -426,8 +439,6 @@ class TransformersCalibration:
                     del out, x
                 kept[i] = []
             finally:
-                for p, r in zip(layer.parameters(), req):
-                    p.requires_grad_(r)
                 self._offload(i)
         return losses
 
@@ -448,6 +459,10 @@ class TransformersCalibration:
             nxt = self.forward([{"input_ids": out}], logits=slice(-1, None))[0][:, -1].argmax(-1).cpu()
             out = torch.cat([out, nxt[:, None]], dim=1)
         return out
+
+    def resident_model(self) -> torch.nn.Module:
+        self.model.to(self.device, self.dtype)
+        return self.model
 
     def save(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
@@ -489,3 +504,9 @@ def load(model: Path | torch.nn.Module, *, device: str = "cpu", dtype: torch.dty
     auto = AutoModelForImageTextToText if hasattr(conf, "vision_config") else AutoModelForCausalLM
     m = auto.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
     return TransformersCalibration(m, device, compute_dtype, offload_activations, tokenizer, processor, source=path)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from overdrive import ConfigError, cli
-from overdrive.mbq.calibrate import (_Calls, _record, calibrate, decoder_layers, fake_quant_weight, layer_groups,
-                                     search_group_on_module)
+from overdrive.adapters.transformers.calibration import decoder_layers as _decoder_layers
+from overdrive.contracts.llm_calibration import Recording, load_for_calibration
+from overdrive.mbq.calibrate import calibrate as _calibrate
+from overdrive.mbq.calibrate import layer_groups, search_group_on_module
+from overdrive.mbq.quant import fake_quant_weight
 from overdrive.mbq.config import MBQConfig
 from overdrive.mbq.data import build_samples, load_records, text_samples
 from overdrive.testing import tiny_llama
@@ -91,6 +94,31 @@ def test_records_from_txt_folder_and_jsonl(tmp_path):
         load_records(empty)
 
 
+def decoder_layers(model):
+    return _decoder_layers(model)[1]
+
+
+def calibrate(model, samples, cfg, **kw):
+    """The pipeline on a model object (the layer wraps it; blocks are searched in float32 on the CPU)."""
+    run = load_for_calibration(model, device="cpu", compute_dtype=torch.float32)
+    try:
+        return _calibrate(run, samples, cfg, **kw)
+    finally:
+        run.close()
+
+
+def _record(module, rec):
+    def pre(_m, args, kwargs):
+        rec.calls.append((args, dict(kwargs)))
+        rec.inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    def post(_m, _args, _kwargs, out):
+        rec.outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+
+    return [module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post, with_kwargs=True)]
+
+
 def _llama(dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -125,12 +153,12 @@ def test_module_loss_equals_a_float64_mlp_with_quantized_gate_and_up(tok, act_bi
     """gate,up scales judged on the MLP output: each grid point's loss equals an independent float64
     evaluation of down(silu(gate' x') * up' x') with W' = Q(W s) / s (and x' = Qa(x / s) s for A8)."""
     from overdrive.mbq import calibrate as cal
-    from overdrive.mbq.calibrate import fake_quant_act
+    from overdrive.mbq.quant import fake_quant_act
 
     m = _llama()
     layer = decoder_layers(m)[1]
     grp = [g for g in layer_groups(layer) if g.name == "gate_up"][0]
-    rec = _Calls()
+    rec = Recording()
     hs = _record(layer.mlp, rec)
     samples = text_samples(tok, [TEXT * 6], 3, 20)
     with torch.no_grad():
