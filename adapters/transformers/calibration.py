@@ -165,10 +165,11 @@ class Block:
 
     @torch.no_grad()
     def record(self, roles: Sequence[str], calls: Sequence[BlockCall] | None = None, keep_calls: bool = False,
-               on_input: Callable[[str, torch.Tensor], None] | None = None,
-               keep: Callable[[int], bool] | None = None) -> dict[str, Recording]:
+               on_input: Callable[[str, torch.Tensor, int], None] | None = None,
+               keep: Callable[[int], bool] | None = None, outputs: list[torch.Tensor] | None = None
+               ) -> dict[str, Recording]:
         recs = {r: Recording() for r in roles}
-        state = {"keep": True}
+        state = {"keep": True, "call": 0}
         handles = []
         for r in roles:
             if r not in self.roles:
@@ -177,7 +178,7 @@ class Block:
             def pre(_m, args, kwargs, r=r):
                 x = args[0] if args else kwargs["hidden_states"]
                 if on_input is not None:
-                    on_input(r, x)
+                    on_input(r, x, state["call"])
                 if state["keep"]:
                     recs[r].inputs.append(x.detach())
                     if keep_calls:
@@ -191,11 +192,13 @@ class Block:
                         self.roles[r].register_forward_hook(post, with_kwargs=True)]
         try:
             for j, c in enumerate(self._calls if calls is None else calls):
-                state["keep"] = keep is None or keep(j)
+                state["keep"], state["call"] = keep is None or keep(j), j
                 out = self._forward(self._run._on_device(c))
                 if not torch.isfinite(out).all():
                     raise ConfigError(f"NaN/inf activations at decoder layer {self.index} (block output) on "
                                       f"calibration batch {j}; nothing was written")
+                if outputs is not None:
+                    outputs.append(self._run._store(out))
         finally:
             for h in handles:
                 h.remove()

@@ -187,11 +187,14 @@ class CalibrationBlock(Protocol):
         """The block's outputs ``(B, N, H)`` on ``calls`` (default: all), no grad."""
 
     def record(self, roles: Sequence[str], calls: Sequence[BlockCall] | None = None, keep_calls: bool = False,
-               on_input: Callable[[str, torch.Tensor], None] | None = None,
-               keep: Callable[[int], bool] | None = None) -> dict[str, Recording]:
-        """Run the block on ``calls`` and record the named sub-modules. ``on_input(role, x)`` sees every
-        input (e.g. to accumulate statistics or Hessians without keeping them); ``keep(call_index)``
-        chooses the calls whose tensors are kept (default: all)."""
+               on_input: Callable[[str, torch.Tensor, int], None] | None = None,
+               keep: Callable[[int], bool] | None = None, outputs: list[torch.Tensor] | None = None
+               ) -> dict[str, Recording]:
+        """Run the block on ``calls`` and record the named sub-modules. ``on_input(role, x, call_index)``
+        sees every input ``(B, N, F)`` (e.g. to accumulate statistics, or per-linear Hessians sum x xᵀ,
+        token-weighted by the call's sample, without keeping the inputs); ``keep(call_index)``
+        chooses the calls whose tensors are kept (default: all); ``outputs`` (a list) receives the
+        block's outputs, e.g. to propagate them with :meth:`set_outputs` without running the block again."""
 
     def set_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
         """Propagate these outputs (one per call) to the next block instead of running the block."""

@@ -20,6 +20,8 @@ the device at a time, in float32):
    best s is folded into the preceding norm or linear (the float model's function is unchanged).
    The loss is measured on at most ``search_tokens`` calibration tokens (whole sequences spread evenly
    over the data; 0: every token): the grid costs 20 forwards of each judged module, the dominant cost.
+   Then the statistics pass over every token also gives the block's float outputs, which propagate to
+   the next block (folding preserves the float function) instead of a third pass over the block.
 4. ``distort``: each block is calibrated on the outputs of the already-quantized earlier blocks
    (their weights quantized; for W4A8/W8A8 their activations are not); otherwise the folded float
    block's outputs propagate.
@@ -194,13 +196,17 @@ def _search_block(block: CalibrationBlock, samples: Sequence[CalibSample], cfg: 
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
 
-        def acc(role: str, x: torch.Tensor) -> None:
+        def acc(role: str, x: torch.Tensor, _call: int) -> None:
             a = x.detach().reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
             sums[role] = sums[role] + a if role in sums else a
             counts[role] = counts.get(role, 0) + x.numel() // x.shape[-1]
 
-        block.record(roles, calls, on_input=acc, keep=lambda _j: False)
+        float_outputs: list[torch.Tensor] = []
+        block.record(roles, calls, on_input=acc, keep=lambda _j: False, outputs=float_outputs)
         x_means = {r: sums[r] / counts[r] for r in sums}
+        # folding is function-preserving: the float block's outputs are the next block's inputs (up to
+        # rounding), so the block is not run a third time (a method's set_outputs still overrides this)
+        block.set_outputs(float_outputs)
         search_calls = _subset_calls(calls, subset)
         weights = []
         for j, rows in subset:

@@ -232,3 +232,29 @@ def test_cli_calibrates_on_text_with_a_string_only_template(tmp_path, capsys):
                    "--seq-len", "32"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["baseline"] == "awq"
+
+
+def test_search_subset_spreads_whole_sequences_over_the_calls():
+    from overdrive.contracts.llm_calibration import BlockCall
+    from overdrive.mbq.calibrate import search_subset
+
+    calls = [BlockCall(torch.zeros(4, 32, 8), {}), BlockCall(torch.zeros(4, 32, 8), {})]
+    assert search_subset(calls, 0) is None and search_subset(calls, 256) is None  # every token fits
+    assert search_subset(calls, 64) == [(0, [0]), (1, [0])]  # 2 of 8 sequences: the 1st and the 5th
+    assert search_subset(calls, 128) == [(0, [0, 2]), (1, [0, 2])]
+    assert search_subset(calls, 1) == [(0, [0])]
+
+
+def test_search_token_cap_above_the_data_changes_nothing_and_below_it_still_beats_rtn(tok):
+    samples = text_samples(tok, [TEXT * 6], 8, 24, batch=4)
+    cfg = MBQConfig(bits=3, group_size=64, baseline="awq")
+    exact, capped_above, capped = _llama(), _llama(), _llama()
+    r_exact = calibrate(exact, samples, cfg, search_tokens=0)
+    r_above = calibrate(capped_above, samples, cfg, search_tokens=8 * 24)
+    assert [(r.group, r.rho, r.loss) for r in r_exact] == [(r.group, r.rho, r.loss) for r in r_above]
+    for (n, a), (_, b) in zip(exact.state_dict().items(), capped_above.state_dict().items()):
+        assert torch.equal(a, b), n
+    r_capped = calibrate(capped, samples, cfg, search_tokens=48)  # 2 of the 8 sequences judge the grid
+    assert len(r_capped) == len(r_exact) and all(r.loss <= r.rtn_loss + 1e-12 for r in r_capped)
+    with torch.no_grad():
+        assert torch.isfinite(capped(**samples[0].inputs).logits).all()
