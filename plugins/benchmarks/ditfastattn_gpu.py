@@ -57,7 +57,7 @@ def _mask_ref(q, k, v, w, t0, t1, rows):
 
 
 def kernel_cases() -> list[dict[str, Any]]:
-    from overdrive.ditfastattn.plan import band_for
+    from overdrive.ditfastattn.config import band_for
 
     n_img, text = 16384, 512
     cases = [dict(name=f"Flux 2K arrow k={k}", h=24, s=n_img + text, t0=0, t1=text, w=band_for(k, n_img))
