@@ -135,7 +135,7 @@ def run(quick: bool, double: int, single: int, iters: int) -> dict[str, Any]:
         x = torch.randn(m, k, generator=g).to(device, dtype)
         w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device, dtype)
         b = torch.randn(n, generator=g).to(device, dtype)
-        from overdrive.viditq.quant import quantize_weight
+        from overdrive.viditq.numerics import quantize_weight
 
         qw, ws = quantize_weight(w, 8)
         qw, ws = qw.to(device), ws.to(device)
