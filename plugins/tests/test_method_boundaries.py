@@ -6,13 +6,15 @@ Checked on the source (AST), so a method cannot pass by importing lazily inside 
   examples/ imports ``overdrive.adapters`` in any spelling (absolute, ``from overdrive import
   adapters``, relative, ``importlib.import_module``);
 * nor the user-facing facades ``overdrive.diffusers`` / ``overdrive.transformers`` (they re-export
-  adapters);
-* driver scripts (``bench*``, ``gpu_bench*``, ``perplexity*``) are exempt from both: they are not
-  method code but measure the method through the engines, as a user or the engine integration runs it;
-* :data:`ALLOWED` lists the remaining exceptions one by one, each with its reason;
+  adapters); every file of a method folder is checked, with no exception (benchmarks live in
+  ``overdrive.benchmarks``; a method that offers a framework's loop reaches it through
+  :func:`overdrive.driver`);
 * DiT-caching and frame-rate-schedule methods (built-in and the example plugin's) import no
-  ``diffusers`` at all outside benchmark scripts: the diffusers hook layer and the frame-rate
-  integration hand them framework-neutral calls.
+  ``diffusers`` at all: the diffusers hook layer and the frame-rate integration hand them
+  framework-neutral calls;
+* nothing of the runtime (the ``overdrive`` package except ``overdrive.testing``,
+  ``overdrive.benchmarks`` and tests; ``overdrive.adapters``; ``overdrive.kernels``) imports
+  ``overdrive.testing``, the test fixtures.
 
 Tests inside method folders are not method code and may import anything.
 """
@@ -32,12 +34,10 @@ PLUGINS = ROOT / "plugins"
 EXAMPLES = ROOT / "examples"
 ADAPTERS = ("overdrive.adapters",)
 FACADES = ("overdrive.diffusers", "overdrive.transformers")
-#: (file relative to the repository, imported module) -> why it is allowed
-ALLOWED = {
-    ("plugins/r2r/__init__.py", "overdrive.transformers"):
-        "overdrive.r2r.generate is the public routing entry point of the method; it only delegates (lazily) to the "
-        "transformers facade's routed_generate, which serves every token-routing method",
-}
+TESTING = ("overdrive.testing",)
+#: folders of the runtime (besides plugins/ minus NOT_RUNTIME) and their import names
+RUNTIME_ROOTS = {ROOT / "adapters": "overdrive.adapters", ROOT / "kernels": "overdrive.kernels"}
+NOT_RUNTIME = (PLUGINS / "testing", PLUGINS / "benchmarks")
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -71,10 +71,6 @@ def _show(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _is_bench(path: Path) -> bool:
-    return path.name.startswith(("bench", "gpu_bench", "perplexity"))
-
-
 def _sources(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.py") if "tests" not in p.relative_to(folder).parts)
 
@@ -83,6 +79,9 @@ def _package(path: Path) -> str:
     """Import name of the package a file belongs to."""
     if path.is_relative_to(PLUGINS):
         return ".".join(("overdrive", *path.parent.relative_to(PLUGINS).parts))
+    for root, name in RUNTIME_ROOTS.items():
+        if path.is_relative_to(root):
+            return ".".join((name, *path.parent.relative_to(root).parts))
     parts: list[str] = []
     d = path.parent
     while (d / "__init__.py").is_file():
@@ -126,10 +125,7 @@ def test_no_method_imports_an_adapter(where):
     for folder in folders:
         for path in _sources(folder):
             mods = imported_modules(path.read_text(), _package(path))
-            if _is_bench(path):
-                continue
-            bad += [f"{_show(path)}: {m}" for m in _hits(mods, ADAPTERS + FACADES)
-                    if (_show(path), m) not in ALLOWED]
+            bad += [f"{_show(path)}: {m}" for m in _hits(mods, ADAPTERS + FACADES)]
     assert not bad, "methods reach frameworks through their kind contract, not adapters:\n" + "\n".join(bad)
 
 
@@ -143,6 +139,24 @@ def test_dit_methods_import_no_diffusers(example_plugin):
         files += _sources(origin.parent)
     assert any(p.name == "stepcache.py" for p in files) and any(p.parent.name == "ditfastattn" for p in files)
     assert any(p.parent.name == "vgdfr" for p in files)
-    bad = [f"{_show(p)}: {m}" for p in files if not _is_bench(p)
+    bad = [f"{_show(p)}: {m}" for p in files
            for m in _hits(imported_modules(p.read_text(), _package(p)), ("diffusers",))]
     assert not bad, "DiT methods get framework-neutral calls from the diffusers hook layer:\n" + "\n".join(bad)
+
+
+def runtime_sources() -> list[Path]:
+    """Every non-test source of the runtime: plugins/ (but its fixtures and benchmarks), adapters/, kernels/."""
+    files = [p for p in _sources(PLUGINS) if not any(p.is_relative_to(d) for d in NOT_RUNTIME)]
+    for root in RUNTIME_ROOTS:
+        files += _sources(root)
+    return files
+
+
+def test_the_runtime_imports_no_test_fixture():
+    files = runtime_sources()
+    shown = {_show(p) for p in files}
+    assert {"plugins/registry.py", "plugins/mbq/data.py", "adapters/vllm/__init__.py", "kernels/dispatch.py"} <= shown
+    assert not any(s.startswith(("plugins/testing/", "plugins/benchmarks/")) or "/tests/" in s for s in shown)
+    assert _hits(imported_modules("from ..testing.vlm import sample_image", "overdrive.mbq"), TESTING)
+    bad = [f"{_show(p)}: {m}" for p in files for m in _hits(imported_modules(p.read_text(), _package(p)), TESTING)]
+    assert not bad, "the runtime must not depend on the test fixtures (overdrive.testing):\n" + "\n".join(bad)
