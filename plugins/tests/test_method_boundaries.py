@@ -20,7 +20,6 @@ Tests inside method folders are not method code and may import anything.
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import pytest
 
 import overdrive
 from overdrive.kinds import Kind
+from overdrive.testing.imports import hits, imported_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "plugins"
@@ -38,33 +38,6 @@ TESTING = ("overdrive.testing",)
 #: folders of the runtime (besides plugins/ minus NOT_RUNTIME) and their import names
 RUNTIME_ROOTS = {ROOT / "adapters": "overdrive.adapters", ROOT / "kernels": "overdrive.kernels"}
 NOT_RUNTIME = (PLUGINS / "testing", PLUGINS / "benchmarks")
-
-
-def imported_modules(source: str, package: str) -> set[str]:
-    """Every module a source imports or names in ``import_module``/``__import__`` (relative resolved)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                anchor = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{anchor}.{base}" if base else anchor
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
-            fn = node.func
-            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
-            if name in ("import_module", "__import__"):
-                found.add(node.args[0].value)
-    return found
-
-
-def _hits(mods: set[str], prefixes: tuple[str, ...]) -> list[str]:
-    return sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in prefixes))
 
 
 def _show(path: Path) -> str:
@@ -105,11 +78,11 @@ def test_the_checker_sees_every_spelling():
     for src in ("import overdrive.adapters.diffusers", "from overdrive.adapters import diffusers",
                 "from overdrive import adapters", "from ..adapters.diffusers import enable", "from .. import adapters",
                 "def f():\n    import importlib\n    importlib.import_module('overdrive.adapters.vllm')"):
-        assert _hits(imported_modules(src, pkg), ADAPTERS), src
-    assert _hits(imported_modules("from overdrive import diffusers as odd", pkg), FACADES)
-    assert not _hits(imported_modules("from overdrive.contracts import DiTHooks\nfrom .plan import Plan", pkg),
+        assert hits(imported_modules(src, pkg), ADAPTERS), src
+    assert hits(imported_modules("from overdrive import diffusers as odd", pkg), FACADES)
+    assert not hits(imported_modules("from overdrive.contracts import DiTHooks\nfrom .plan import Plan", pkg),
                      ADAPTERS + FACADES)
-    assert _hits(imported_modules("def f():\n    from diffusers.hooks import ModelHook", pkg), ("diffusers",))
+    assert hits(imported_modules("def f():\n    from diffusers.hooks import ModelHook", pkg), ("diffusers",))
 
 
 def test_method_folders_are_found():
@@ -125,7 +98,7 @@ def test_no_method_imports_an_adapter(where):
     for folder in folders:
         for path in _sources(folder):
             mods = imported_modules(path.read_text(), _package(path))
-            bad += [f"{_show(path)}: {m}" for m in _hits(mods, ADAPTERS + FACADES)]
+            bad += [f"{_show(path)}: {m}" for m in hits(mods, ADAPTERS + FACADES)]
     assert not bad, "methods reach frameworks through their kind contract, not adapters:\n" + "\n".join(bad)
 
 
@@ -140,7 +113,7 @@ def test_dit_methods_import_no_diffusers(example_plugin):
     assert any(p.name == "stepcache.py" for p in files) and any(p.parent.name == "ditfastattn" for p in files)
     assert any(p.parent.name == "vgdfr" for p in files)
     bad = [f"{_show(p)}: {m}" for p in files
-           for m in _hits(imported_modules(p.read_text(), _package(p)), ("diffusers",))]
+           for m in hits(imported_modules(p.read_text(), _package(p)), ("diffusers",))]
     assert not bad, "DiT methods get framework-neutral calls from the diffusers hook layer:\n" + "\n".join(bad)
 
 
@@ -157,6 +130,6 @@ def test_the_runtime_imports_no_test_fixture():
     shown = {_show(p) for p in files}
     assert {"plugins/registry.py", "plugins/mbq/data.py", "adapters/vllm/__init__.py", "kernels/dispatch.py"} <= shown
     assert not any(s.startswith(("plugins/testing/", "plugins/benchmarks/")) or "/tests/" in s for s in shown)
-    assert _hits(imported_modules("from ..testing.vlm import sample_image", "overdrive.mbq"), TESTING)
-    bad = [f"{_show(p)}: {m}" for p in files for m in _hits(imported_modules(p.read_text(), _package(p)), TESTING)]
+    assert hits(imported_modules("from ..testing.vlm import sample_image", "overdrive.mbq"), TESTING)
+    bad = [f"{_show(p)}: {m}" for p in files for m in hits(imported_modules(p.read_text(), _package(p)), TESTING)]
     assert not bad, "the runtime must not depend on the test fixtures (overdrive.testing):\n" + "\n".join(bad)
