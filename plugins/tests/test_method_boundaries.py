@@ -12,6 +12,9 @@ Checked on the source (AST), so a method cannot pass by importing lazily inside 
 * DiT-caching and frame-rate-schedule methods (built-in and the example plugin's) import no
   ``diffusers`` at all: the diffusers hook layer and the frame-rate integration hand them
   framework-neutral calls;
+* generic adapters (adapters/) name no built-in method in their code: no method-name default, error
+  prefix or route (names, messages and defaults come from the method spec and the registry; usage
+  examples in docstrings may name one);
 * nothing of the runtime (the ``overdrive`` package except ``overdrive.testing``,
   ``overdrive.benchmarks`` and tests; ``overdrive.adapters``; ``overdrive.kernels``) imports
   ``overdrive.testing``, the test fixtures.
@@ -20,7 +23,9 @@ Tests inside method folders are not method code and may import anything.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +138,23 @@ def test_the_runtime_imports_no_test_fixture():
     assert hits(imported_modules("from ..testing.vlm import sample_image", "overdrive.mbq"), TESTING)
     bad = [f"{_show(p)}: {m}" for p in files for m in hits(imported_modules(p.read_text(), _package(p)), TESTING)]
     assert not bad, "the runtime must not depend on the test fixtures (overdrive.testing):\n" + "\n".join(bad)
+
+
+def _code_strings(source: str) -> list[tuple[int, str]]:
+    """String constants of a source that are not docstrings (line, text)."""
+    tree = ast.parse(source)
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_generic_adapters_name_no_method():
+    names = sorted(method_folders())
+    word = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b", re.IGNORECASE)
+    assert [t for _, t in _code_strings('def f(m="r2r"):\n    """Run framefusion."""\n    raise ValueError("moa: x")\n')
+            if word.search(t)] == ["r2r", "moa: x"]
+    bad = [f"{_show(p)}:{line}: {text[:80]!r}" for p in _sources(ROOT / "adapters")
+           for line, text in _code_strings(p.read_text()) if word.search(text)]
+    assert not bad, "method names in generic adapters (take them from the spec / registry):\n" + "\n".join(bad)
