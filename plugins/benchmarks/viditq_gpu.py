@@ -1,4 +1,4 @@
-"""ViDiT-Q W8A8 / W4A8 vs bf16 on a Flux-width denoiser, for a GPU (the issue's goal: >= 1.4x at W8A8).
+"""ViDiT-Q W8A8 / W4A8 vs bf16 on a Flux-width denoiser, for a GPU (goal: >= 1.4x at W8A8).
 
     python -m overdrive.benchmarks.viditq_gpu [--json OUT.json] [--quick] [--double 2 --single 4]
 
