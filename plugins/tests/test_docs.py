@@ -82,7 +82,7 @@ OUTSIDE = re.compile("|".join((r"DESIGN" + r"\.md", r"shared/" + "research", r"/
 
 
 def test_docs_and_code_stand_alone():
-    assert all(OUTSIDE.search(x) for x in ("see DESIGN" + ".md", "issue 21", "its issues #3/#18", "fixed (#12)"))
+    assert all(OUTSIDE.search(x) for x in ("see DESIGN" + ".md", "iss" + "ue 21", "its iss" + "ues #3/#18", "fixed (" + "#12)"))
     assert not any(OUTSIDE.search(x) for x in ("tissue 3", "an issue with 2 engines", "step #"))
     files = [ROOT / "README.md", ROOT / "run", *(ROOT / "docs").rglob("*.md")]
     for room in ("plugins", "adapters", "kernels", "integration_tests", "examples"):
