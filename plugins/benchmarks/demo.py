@@ -406,16 +406,16 @@ class Demo:
         base, plan_path = tiny_llama(), self.work / "moa-plan.json"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "moa", "--model", str(base),
-                        "--output", str(plan_path), "--density", "0.5", "--lengths", "128,256", "--validate-length",
-                        "192", "--max-len", "256", "--sink", "4", "--min-span", "16", "--samples", "2"],
+                        "--output", str(plan_path), "--density", "0.5", "--lengths", "64,128", "--validate-length",
+                        "96", "--max-len", "128", "--sink", "4", "--min-span", "16", "--samples", "1"],
                        env=self.env, check=True, stdout=subprocess.DEVNULL)
         plan = MoAPlan.load(plan_path)
         print(f"  calibrated (built-in text) in {time.perf_counter() - t0:.1f} s: attention density "
-              f"{plan.density_at(256):.2f} at 256 tokens (budget 0.5), sink {plan.sink}")
+              f"{plan.density_at(128):.2f} at 128 tokens (budget 0.5), sink {plan.sink}")
         tok = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         # held-out text: not the calibration text
-        ids = tok(moa_doc.__doc__ + ff_doc.__doc__, return_tensors="pt").input_ids[:, :256]
+        ids = tok(moa_doc.__doc__ + ff_doc.__doc__, return_tensors="pt").input_ids[:, :128]
         with torch.no_grad():
             dense = model(ids).logits[0]
             cache = odt.kv_cache(model, "moa", plan=str(plan_path))
@@ -423,18 +423,18 @@ class Demo:
         agree = (dense.argmax(-1) == sparse.argmax(-1)).float().mean().item()
         kept = sum(int(layer.positions_kept().sum()) for layer in cache.layers)
         dense_kept = ids.shape[1] * len(cache.layers) * model.config.num_key_value_heads
-        prompt = tok(moa_doc.__doc__, return_tensors="pt").input_ids[:, :130]
+        prompt = tok(moa_doc.__doc__, return_tensors="pt").input_ids[:, :100]
         kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
-        dense_tokens = model.generate(prompt, **kw)[0, 130:].tolist()
+        dense_tokens = model.generate(prompt, **kw)[0, 100:].tolist()
         moa_tokens = model.generate(prompt, past_key_values=odt.kv_cache(model, "moa", plan=str(plan_path)),
-                                    **kw)[0, 130:].tolist()
+                                    **kw)[0, 100:].tolist()
         same = sum(a == b for a, b in zip(dense_tokens, moa_tokens))
         print(f"  transformers, {ids.shape[1]} held-out tokens in one prefill: KV positions held {kept} of {dense_kept} "
               f"dense ({kept / dense_kept:.2f}); next-token argmax equal to dense attention's at {agree:.2f} of them\n"
-              f"  a 130-token prompt, 24 greedy tokens: {same} of 24 equal the dense model's")
+              f"  a 100-token prompt, 24 greedy tokens: {same} of 24 equal the dense model's")
         if not kept < dense_kept:
             raise AssertionError("the MoA cache held as many positions as a dense one")
-        return (f"MoA plan at density {plan.density_at(256):.2f}: {kept / dense_kept:.2f} of the dense KV positions, "
+        return (f"MoA plan at density {plan.density_at(128):.2f} (128 tokens): {kept / dense_kept:.2f} of the dense KV positions, "
                 f"next-token argmax as dense at {agree:.2f} of the positions, {same}/24 greedy tokens as dense")
 
     def r2r(self) -> str:
@@ -443,18 +443,15 @@ class Demo:
 
         import overdrive.r2r as r2r
         from overdrive.testing.r2r import PROMPTS as R2R_PROMPTS
-        from overdrive.testing.r2r import ROUTER_OPTIONS, tiny_r2r_pair
+        from overdrive.testing.r2r import tiny_r2r_pair, tiny_r2r_router
 
         small_path, large_path = tiny_r2r_pair()
-        router_dir = self.work / "r2r-router"
-        o = ROUTER_OPTIONS
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "r2r", "--small", str(small_path),
-                        "--large", str(large_path), "--output", str(router_dir),
-                        *[a for k in ("topk", "width", "blocks", "epochs", "batch_size", "lr", "max_new_tokens",
-                                      "continuation_tokens") for a in ("--" + k.replace("_", "-"), str(o[k]))]],
-                       env=self.env, check=True)
-        print(f"  router trained on the tiny pair's mismatches (built-in prompts) in {time.perf_counter() - t0:.1f} s")
+        # trained by `overdrive calibrate --method r2r`'s pipeline on the pair's mismatches, cached like the
+        # checkpoints (labelling and training take minutes on a 2-core machine: set up once)
+        router_dir = tiny_r2r_router()
+        print(f"  router (overdrive calibrate --method r2r on the tiny pair, cached) ready in "
+              f"{time.perf_counter() - t0:.1f} s: {router_dir}")
         tok = AutoTokenizer.from_pretrained(small_path)
         small = AutoModelForCausalLM.from_pretrained(small_path, dtype=torch.float32)
         large = AutoModelForCausalLM.from_pretrained(large_path, dtype=torch.float32)
@@ -505,7 +502,7 @@ STEPS: list[tuple[str, str]] = [
     ("ditfastattn", "DiTFastAttn: calibrate v1/v2 plans (CLI), generate with them, disable"),
     ("viditq", "ViDiT-Q: calibrate W8A8 (CLI), load the quantized pipeline, compare with float"),
     ("vgdfr", "VGDFR: a shorter latent after a few steps on a video pipeline, compare, disable"),
-    ("r2r", "R2R: train a router (CLI), route a small/large pair, compare with the large model"),
+    ("r2r", "R2R: route a small/large pair with a trained router, compare with the large model"),
 ]
 
 
