@@ -139,7 +139,7 @@ def __getattr__(name: str) -> Any:
     return resolve_generated(__name__, name, _classes, register)
 
 
-def enable(model: torch.nn.Module, method: str = "framefusion", config: Any = None, **options: Any) -> Any:
+def enable(model: torch.nn.Module, method: str, config: Any = None, **options: Any) -> Any:
     """Attach a token-reduction or vocabulary-selection method to a model (by the method's kind)."""
     import overdrive
     from overdrive.kinds import Kind

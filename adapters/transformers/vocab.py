@@ -319,7 +319,7 @@ class VocabAttachment:
 _attached: "weakref.WeakKeyDictionary[torch.nn.Module, VocabAttachment]" = weakref.WeakKeyDictionary()
 
 
-def enable(model: torch.nn.Module, method: str = "vocabtailor", config: MethodConfig | Mapping[str, Any] | None = None,
+def enable(model: torch.nn.Module, method: str, config: MethodConfig | Mapping[str, Any] | None = None,
            tokenizer: Any = None, **options: Any) -> VocabAttachment:
     """Attach vocabulary-selection ``method`` to a transformers causal LM; returns the attachment.
 

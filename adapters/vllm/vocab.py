@@ -192,8 +192,8 @@ class _TrackerMixin:
     def _setup(self, vllm_config: Any, device: torch.device) -> None:
         state = _worker_state(vllm_config)
         if state is None:
-            raise RuntimeError("overdrive VocabRequests is installed by --additional-config '{\"vocabtailor\": ...}'; "
-                               "no vocabulary method is configured")
+            raise RuntimeError("overdrive VocabRequests is installed by --additional-config '{\"NAME\": ...}' naming a "
+                               "vocabulary method; none is configured")
         self.name, self.method, self.cfg, self.profile = state
         self.device = device
         self.vocab = int(vllm_config.model_config.hf_text_config.vocab_size)
