@@ -19,8 +19,6 @@ bit pattern; ``mag_codes`` uint8 (N, K/8 * magnitude_bits / 8), 8/magnitude_bits
 """
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 from overdrive.kernels.hadamard import hadamard_transform, hadamard_transform_transposed, random_orthogonal, split_size
@@ -29,9 +27,10 @@ from .codebook import DIM, direction_codebook, lloyd_max_chi
 from .config import PCDVQConfig
 
 
-def layer_signs(name: str, k: int, seed: int) -> torch.Tensor:
-    """Seeded +-1 signs (k,) int8 of the layer ``name`` (its own seed: seed ^ crc32(name))."""
-    g = torch.Generator().manual_seed((seed ^ zlib.crc32(name.encode())) & 0x7FFFFFFF)
+def layer_signs(k: int, seed: int) -> torch.Tensor:
+    """Seeded +-1 signs (k,) int8 for layers with ``k`` input features. Every layer with the same input
+    size gets the same signs, so layers an engine fuses (q/k/v, gate/up: one input) share one set."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + k) & 0x7FFFFFFF)
     return (torch.randint(0, 2, (k,), generator=g) * 2 - 1).to(torch.int8)
 
 
@@ -107,7 +106,7 @@ def quantize_weight(name: str, w: torch.Tensor, cfg: PCDVQConfig, codebook: torc
     cb = direction_codebook(cfg.direction_bits, cfg.codebook_samples, cfg.seed) if codebook is None else codebook
     levels, bounds = lloyd_max_chi(cfg.magnitude_bits)
     n, k = w.shape
-    signs = layer_signs(name, k, cfg.seed)
+    signs = layer_signs(k, cfg.seed)
     wr = rotate(w.to(torch.float64), signs, cfg)
     s0 = wr.pow(2).mean(1).sqrt().clamp_min(1e-30)
     v = wr.reshape(-1, DIM)

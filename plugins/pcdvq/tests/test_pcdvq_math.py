@@ -74,7 +74,7 @@ def test_lloyd_max_chi8_fixed_point(bits):
 def test_hadamard_undone_exactly(block):
     cfg = PCDVQConfig(hadamard_block=block, direction_bits=8)
     w = torch.randn(5, 48, dtype=torch.float64)
-    s = layer_signs("x", 48, 0)
+    s = layer_signs(48, 0)
     assert torch.allclose(unrotate(rotate(w, s, cfg), s, cfg), w, atol=1e-12, rtol=0)
     t = hadamard_matrix_of(48, s.double(), hadamard_mixer(cfg), block)
     assert torch.allclose(rotate(w, s, cfg), w @ t, atol=1e-12, rtol=0)
@@ -84,7 +84,7 @@ def _reference(w: torch.Tensor, name: str, cfg: PCDVQConfig, cb: torch.Tensor) -
     """Plain float64 PCDVQ: rotate by the dense T, nearest direction by cosine, nearest χ level,
     least-squares row scale, rotate back."""
     n, k = w.shape
-    t = hadamard_matrix_of(k, layer_signs(name, k, cfg.seed).double(), hadamard_mixer(cfg), cfg.hadamard_block)
+    t = hadamard_matrix_of(k, layer_signs(k, cfg.seed).double(), hadamard_mixer(cfg), cfg.hadamard_block)
     wr = w.double() @ t
     levels, _ = lloyd_max_chi(cfg.magnitude_bits)
     levels = torch.from_numpy(levels)
