@@ -6,8 +6,9 @@ Tensors per quantized linear layer ``P`` (N out, K in; docs/methods/pcdvq.md): `
 :meth:`PCDVQMethod.validate_partition` refuses a shard whose input features are not whole Hadamard
 blocks.
 
-At load time the rotated weight ``W' = W T`` is dequantized once into the activation dtype; ``apply``
-rotates the activations (``x T``, overdrive.kernels.hadamard) and multiplies: ``y = (x T) W'^T``.
+``apply`` rotates the activations (``x T``, overdrive.kernels.hadamard), then multiplies by the rotated
+weight ``W' = W T``: on CUDA the codes stay codes and overdrive.kernels.vq_linear (Triton) decodes them
+inside the GEMV/GEMM; on CPU ``W'`` is decoded once at load time (float32) and multiplied densely.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ import torch
 from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import ParamSpec, WeightQuantMethod, check_quant_method
 
+from overdrive.kernels import vq_linear
+
+from .codebook import lloyd_max_chi
 from .config import PCDVQConfig
-from .quantizer import dequantize_rotated, hadamard_mixer, rotate
+from .quantizer import dequantize_rotated, dir_from_int16, hadamard_mixer, rotate, unpack_mags
 from .runtime import load_codebook
 
 NAME = "pcdvq"
@@ -53,17 +57,26 @@ class PCDVQMethod(WeightQuantMethod):
 
     def process_after_loading(self, params: dict[str, torch.Tensor], cfg: PCDVQConfig) -> dict[str, torch.Tensor]:
         cb = load_codebook(cfg)
-        dtype = torch.float32  # engines cast activations; the weight follows x's dtype in apply
-        w = dequantize_rotated(params["dir_codes"].cpu(), params["mag_codes"].cpu(), params["scales"].cpu(), cfg,
-                               cb, dtype).to(params["scales"].device)
+        dev = params["scales"].device
+        if dev.type == "cuda":  # keep the codes: overdrive.kernels.vq_linear decodes them in the GEMV/GEMM
+            levels = torch.from_numpy(lloyd_max_chi(cfg.magnitude_bits)[0]).float()
+            return {"dir_codes": dir_from_int16(params["dir_codes"]).contiguous(),
+                    "mag_codes": unpack_mags(params["mag_codes"], cfg.magnitude_bits).contiguous(),
+                    "scales": params["scales"].float(), "codebook": cb.to(dev), "levels": levels.to(dev),
+                    "hadamard_signs": params["hadamard_signs"]}
+        # CPU: decode once (float32) and multiply densely
+        w = dequantize_rotated(params["dir_codes"], params["mag_codes"], params["scales"], cfg, cb, torch.float32)
         return {"weight_rot": w, "hadamard_signs": params["hadamard_signs"]}
 
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: PCDVQConfig) -> torch.Tensor:
-        mixer = hadamard_mixer(cfg)
-        xr = rotate(x, params["hadamard_signs"], cfg, mixer)
-        w = params["weight_rot"]
-        return torch.nn.functional.linear(xr, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        xr = rotate(x, params["hadamard_signs"], cfg, hadamard_mixer(cfg))
+        if "weight_rot" in params:
+            y = torch.nn.functional.linear(xr, params["weight_rot"].to(x.dtype))
+        else:
+            y = vq_linear(xr, params["dir_codes"], params["mag_codes"], params["scales"], params["codebook"],
+                          params["levels"])
+        return y if bias is None else y + bias.to(y.dtype)
 
 
 METHOD = PCDVQMethod()

@@ -105,3 +105,24 @@ def test_codebook_digest_mismatch_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("OVERDRIVE_CACHE", str(tmp_path))
     with pytest.raises(ConfigError, match="codebook_digest"):
         load_codebook(PCDVQConfig(direction_bits=6, codebook_samples=2048, codebook_digest="0" * 16))
+
+
+def test_code_path_matches_the_dense_path(ckpt, monkeypatch):
+    """The kernel path (codes kept, overdrive.kernels.vq_linear, here in Triton's interpreter) equals
+    the dense CPU path on a stored layer."""
+    from overdrive.pcdvq.codebook import lloyd_max_chi
+    from overdrive.pcdvq.quantizer import dir_from_int16, unpack_mags
+    from overdrive.pcdvq.runtime import load_codebook
+
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    cfg = METHOD.config_from_checkpoint(qc)
+    t = load_file(ckpt / "model.safetensors")
+    p = "model.layers.0.mlp.gate_proj"
+    params = {k.removeprefix(p + "."): v for k, v in t.items() if k.startswith(p + ".")}
+    x = torch.randn(2, 128)
+    dense = METHOD.apply(x, METHOD.process_after_loading(dict(params), cfg), None, cfg)
+    coded = {"dir_codes": dir_from_int16(params["dir_codes"]), "mag_codes": unpack_mags(params["mag_codes"], 2),
+             "scales": params["scales"], "codebook": load_codebook(cfg),
+             "levels": torch.from_numpy(lloyd_max_chi(2)[0]).float(), "hadamard_signs": params["hadamard_signs"]}
+    monkeypatch.setenv("OVERDRIVE_KERNELS", "interpret")
+    torch.testing.assert_close(METHOD.apply(x, coded, None, cfg), dense, atol=1e-4, rtol=1e-4)
