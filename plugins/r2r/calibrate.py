@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from overdrive.config import ConfigError, read_jsonl
+from overdrive.contracts.llm_calibration import add_device_arguments, check_device, load_for_calibration, load_tokenizer
 
 from .config import R2RRouterConfig
 from .labels import AgreementJudge, LabelOptions, LabelSet, label_pairs
@@ -72,15 +73,14 @@ def make_judge(spec: str, margin: float, small, large, tokenizer):
     return factory(small=small, large=large, tokenizer=tokenizer)
 
 
-def _load_lm(path: Path, device: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+def _load_lm(path: Path, device: str | None, dtype: str = "float32") -> torch.nn.Module:
+    """The whole model on ``device`` (labelling generates with a KV cache), through the LLM calibration layer."""
+    run = load_for_calibration(path, device=device, dtype=dtype)
+    run.close()  # the model keeps its own attention; only the loading and placement are the layer's
+    return run.resident_model().eval()
 
 
 def calibrate(args: argparse.Namespace) -> Path:
-    from transformers import AutoTokenizer
-
     from overdrive.contracts.token_routing import check_shared_tokenizer
 
     if args.labels_only and (args.labels_out is None or args.labels is not None):
@@ -95,15 +95,17 @@ def calibrate(args: argparse.Namespace) -> Path:
         topk = args.topk or 100
         if args.large is None:
             raise ConfigError("--large is required unless --labels gives ready labels")
-        tok = AutoTokenizer.from_pretrained(args.small)
+        tok = load_tokenizer(args.small)
         try:
-            check_shared_tokenizer(tok, AutoTokenizer.from_pretrained(args.large), str(args.small), str(args.large))
+            check_shared_tokenizer(tok, load_tokenizer(args.large), str(args.small), str(args.large))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         prompts, answers = read_queries(args.data, tok)
         if args.limit:
             prompts, answers = prompts[:args.limit], answers[:args.limit]
-        small, large = _load_lm(args.small, args.device), _load_lm(args.large, args.device)
+        device = check_device(getattr(args, "device", None))
+        dtype = getattr(args, "dtype", "float32")
+        small, large = _load_lm(args.small, device, dtype), _load_lm(args.large, device, dtype)
         opts = LabelOptions(topk=topk, max_new_tokens=args.max_new_tokens,
                             continuation_tokens=args.continuation_tokens, sentence_end=args.sentence_end)
         judge = make_judge(args.judge, args.judge_margin, small, large, tok)
@@ -139,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=Path, help="train from this labels file instead of labelling")
     p.add_argument("--labels-out", type=Path, help="also save the labels (safetensors)")
     p.add_argument("--labels-only", action="store_true", help="stop after writing --labels-out (train later with --labels)")
-    p.add_argument("--device", default="cpu", help="device for the models while labelling")
+    add_device_arguments(p, dtype_default="float32", activations=False)
     g = p.add_argument_group("labelling")
     g.add_argument("--max-new-tokens", type=int, default=256, help="length of the large model's answers")
     g.add_argument("--continuation-tokens", type=int, default=32, help="longest continuation from a mismatch")
@@ -168,6 +170,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_device(args.device)
         calibrate(args)
     except ConfigError as e:
         print(f"overdrive calibrate --method r2r: {e}", file=sys.stderr)

@@ -12,7 +12,10 @@ Checked on the source (AST), so a method cannot pass by importing lazily inside 
 * :data:`ALLOWED` lists the remaining exceptions one by one, each with its reason;
 * DiT-caching and frame-rate-schedule methods (built-in and the example plugin's) import no
   ``diffusers`` at all outside benchmark scripts: the diffusers hook layer and the frame-rate
-  integration hand them framework-neutral calls.
+  integration hand them framework-neutral calls;
+* no module of a built-in method folder imports ``transformers`` in any spelling (lazily inside a
+  function, ``importlib.import_module("transformers...")``, ``__import__``): LLM calibrations go through
+  the LLM calibration layer (:mod:`overdrive.contracts.llm_calibration`, implemented in adapters/).
 
 Tests inside method folders are not method code and may import anything.
 """
@@ -111,6 +114,13 @@ def test_the_checker_sees_every_spelling():
     assert not _hits(imported_modules("from overdrive.contracts import DiTHooks\nfrom .plan import Plan", pkg),
                      ADAPTERS + FACADES)
     assert _hits(imported_modules("def f():\n    from diffusers.hooks import ModelHook", pkg), ("diffusers",))
+    for src in ("import transformers", "from transformers import AutoModelForCausalLM",
+                "def f():\n    from transformers.integrations.sdpa_attention import sdpa_attention_forward",
+                "import transformers.models.llama as L", "def f():\n    import importlib\n    importlib.import_module('transformers')",
+                "x = __import__('transformers.cache_utils')"):
+        assert _hits(imported_modules(src, pkg), ("transformers",)), src
+    assert not _hits(imported_modules("from overdrive import transformers_utils\nimport transformers_x", pkg),
+                     ("transformers",))
 
 
 def test_method_folders_are_found():
@@ -146,3 +156,13 @@ def test_dit_methods_import_no_diffusers(example_plugin):
     bad = [f"{_show(p)}: {m}" for p in files if not _is_bench(p)
            for m in _hits(imported_modules(p.read_text(), _package(p)), ("diffusers",))]
     assert not bad, "DiT methods get framework-neutral calls from the diffusers hook layer:\n" + "\n".join(bad)
+
+
+def test_methods_import_no_transformers():
+    """Method folders drive LLMs through the LLM calibration layer and their kind contracts, never transformers."""
+    files = [p for folder in method_folders().values() for p in _sources(folder)]
+    assert any(p.parent.name == "mbq" for p in files) and any(p.parent.name == "r2r" for p in files)
+    bad = [f"{_show(p)}: {m}" for p in files
+           for m in _hits(imported_modules(p.read_text(), _package(p)), ("transformers",))]
+    assert not bad, ("method folders import no transformers (use overdrive.contracts.llm_calibration):\n"
+                     + "\n".join(bad))
