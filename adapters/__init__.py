@@ -98,6 +98,9 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.ROUTING: "two `AsyncLLM` engines behind one OpenAI server (`overdrive serve-NAME`): streaming-input "
                       "sessions, `worker_cls` capture worker (hidden state + top-k logits), prefix caching on the large "
                       "engine; CPU: each engine bound to half the cores",
+        Kind.VOCAB: "`--additional-config '{\"NAME\": {\"profile\": ...}}'`: profile checked at startup (configuration "
+                    "hook), a v1 logits processor tracks each batch row's allowed set, vLLM's `LogitsProcessor` layer "
+                    "(pluggable-layer replacement) computes the batch's union of allowed rows and scatters into -inf; TP 1",
     }, "entry point vllm.general_plugins"),
     AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6", {
         Kind.WEIGHT_QUANT: "`QUANTIZATION_METHODS` + `--quantization` choices (registries on CPU; server needs CUDA)",
@@ -128,6 +131,9 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                        "the `overdrive_kv` attention function",
         Kind.ROUTING: "reference loop with two `DynamicCache`s: `overdrive.transformers.routed_generate(small, large, "
                       "NAME, router=...)`",
+        Kind.VOCAB: "`overdrive.transformers.enable(model, NAME, profile=...)`: embedding module on the CPU (rows moved "
+                    "per step), LM head over each batch's allowed rows with -inf elsewhere (full-vocabulary logits for "
+                    "`generate()` and logits processors); `overdrive calibrate --method NAME` tokenizes the corpus",
     }, "import overdrive.transformers",
         drivers={Kind.ROUTING: "overdrive.adapters.transformers.routing:routed_generate"}),
 )
