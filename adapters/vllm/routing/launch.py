@@ -198,33 +198,50 @@ def serve(args: Any, method: str) -> int:
         stop_children()
     status = EXIT_ENGINE_DIED if died else (0 if started else 1)
     log.info("overdrive serve-%s: exiting with status %d", method, status)
+    if died:  # engines and children are stopped; the interpreter's own teardown was seen to take 30 s after a
+        # dead engine (atexit joins), which only delays the supervisor's restart
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     return status
 
 
-def stop_children(timeout: float = 3.0) -> None:
-    """Terminate, then kill, whatever child process is left (an engine that did not stop in time). Exited
-    processes not yet reaped and multiprocessing's resource tracker (it ends with this process, after
-    releasing shared memory) are left alone."""
+def stop_children(grace: float = 2.0, timeout: float = 3.0) -> None:
+    """Wait up to ``grace`` seconds for child processes to end (vLLM's shutdown returns while the processes it
+    killed are still going away), then terminate, and after ``timeout`` kill, whatever is left. Exited
+    processes not yet reaped (zombies) count as gone; multiprocessing's resource tracker (it ends with this
+    process, after releasing shared memory) is left alone."""
     import psutil
 
-    def live(k: Any) -> bool:
+    def running(k: Any) -> bool:
         try:
-            return k.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(k.cmdline())
+            return k.is_running() and k.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 
-    kids = [k for k in psutil.Process().children(recursive=True) if live(k)]
-    if not kids:
+    def wait(procs: list, seconds: float) -> list:
+        end = time.monotonic() + seconds
+        while (left := [k for k in procs if running(k)]) and time.monotonic() < end:
+            time.sleep(0.05)
+        return left
+
+    kids = []
+    for k in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(k.cmdline()):
+                kids.append(k)
+    left = wait(kids, grace)
+    if not left:
         return
-    log.warning("stopping %d leftover child processes: %s", len(kids), [(k.pid, _name(k)) for k in kids])
-    for k in kids:
+    log.warning("stopping %d leftover child processes: %s", len(left), [(k.pid, _name(k)) for k in left])
+    for k in left:
         with contextlib.suppress(psutil.Error):
             k.terminate()
-    _, alive = psutil.wait_procs(kids, timeout=timeout)
-    for k in alive:
+    for k in wait(left, timeout):
         with contextlib.suppress(psutil.Error):
             k.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    wait(left, timeout)
 
 
 def _name(p: Any) -> str:
