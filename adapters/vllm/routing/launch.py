@@ -156,6 +156,7 @@ def serve(args: Any, method: str) -> int:
     model_name = args.served_model_name or method
     started: list[RoutingEngines] = []
     died: list[bool] = []
+    procs: list = []
 
     async def watch(engines: RoutingEngines) -> None:
         while not engines.dead:
@@ -170,6 +171,7 @@ def serve(args: Any, method: str) -> int:
     async def lifespan(app: Any) -> AsyncIterator[None]:
         engines = start_engines(args, router, topk, eos_ids)
         started.append(engines)
+        procs.extend(descendants())  # the engines' processes, to stop even if one is orphaned by a crash
         app.state.engines, app.state.tokenizer = engines, tok
         app.state.limits = Limits(model_name, *engines.limits())
         log.info("overdrive serve-%s: small %s, large %s, router %s (top-%d, threshold %.4g, max_model_len %d, "
@@ -184,7 +186,7 @@ def serve(args: Any, method: str) -> int:
             t0 = time.monotonic()
             log.info("overdrive serve-%s: shutting down both engines", method)
             engines.shutdown(timeout=ENGINE_STOP_S)
-            stop_children()  # here, not only after server.run(): uvicorn re-raises SIGTERM/SIGINT when it returns
+            stop_children(procs)  # here, not only after server.run(): uvicorn re-raises SIGTERM/SIGINT when it returns
             log.info("overdrive serve-%s: engines stopped in %.1f s", method, time.monotonic() - t0)
 
     app = build_app(method, model_name, lifespan)
@@ -195,7 +197,7 @@ def serve(args: Any, method: str) -> int:
     finally:
         for engines in started:
             engines.shutdown(timeout=ENGINE_STOP_S)
-        stop_children()
+        stop_children(procs)
     status = EXIT_ENGINE_DIED if died else (0 if started else 1)
     log.info("overdrive serve-%s: exiting with status %d", method, status)
     if died:  # engines and children are stopped; the interpreter's own teardown was seen to take 30 s after a
@@ -207,11 +209,19 @@ def serve(args: Any, method: str) -> int:
     return status
 
 
-def stop_children(grace: float = 2.0, timeout: float = 3.0) -> None:
+def descendants() -> list:
+    """This process's child processes, recursively (``psutil.Process`` objects)."""
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def stop_children(known: list = (), grace: float = 2.0, timeout: float = 3.0) -> None:
     """Wait up to ``grace`` seconds for child processes to end (vLLM's shutdown returns while the processes it
     killed are still going away), then terminate, and after ``timeout`` kill, whatever is left. Exited
     processes not yet reaped (zombies) count as gone; multiprocessing's resource tracker (it ends with this
-    process, after releasing shared memory) is left alone."""
+    process, after releasing shared memory) is left alone. ``known``: processes recorded earlier (a killed
+    engine core's worker is no longer this process's descendant, but still the server's to stop)."""
     import psutil
 
     def running(k: Any) -> bool:
@@ -226,11 +236,12 @@ def stop_children(grace: float = 2.0, timeout: float = 3.0) -> None:
             time.sleep(0.05)
         return left
 
-    kids = []
-    for k in psutil.Process().children(recursive=True):
+    kids, seen = [], set()
+    for k in [*descendants(), *known]:  # is_running() below also rejects a recorded pid reused since
         with contextlib.suppress(psutil.Error):
-            if "resource_tracker" not in " ".join(k.cmdline()):
+            if k.pid not in seen and "resource_tracker" not in " ".join(k.cmdline()):
                 kids.append(k)
+                seen.add(k.pid)
     left = wait(kids, grace)
     if not left:
         return
