@@ -141,8 +141,9 @@ ENGINE_STOP_S = 10.0
 
 
 def serve(args: Any, method: str) -> int:
-    """Run the server until SIGINT/SIGTERM (exit 0) or an engine's death (exit :data:`EXIT_ENGINE_DIED`); both
-    engines and every child process are stopped on the way out."""
+    """Run the server until SIGINT/SIGTERM (uvicorn re-raises the signal once it has shut down, so the process
+    ends by it) or an engine's death (exit :data:`EXIT_ENGINE_DIED`); both engines and every child process
+    are stopped on the way out. 2: bad input at startup; 1: the engines did not start."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
