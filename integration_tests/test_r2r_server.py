@@ -233,7 +233,8 @@ def _stop_and_check(srv, sig: int) -> None:
     """The server ends by the signal after its shutdown (uvicorn re-raises SIGTERM/SIGINT once it has shut
     down, so a supervisor sees a normal stop) and leaves no child process; the time from the signal to
     both is printed (the docs' measured shutdown time). The waits are the bound the server enforces: 5 s
-    for in-flight requests (none here), 10 s per engine shutdown, 3 + 3 s to terminate and kill leftovers."""
+    for in-flight requests (none here), 10 s for the engines' shutdown, 2 + 3 + 3 s for leftovers to end,
+    be terminated, be killed."""
     proc = psutil.Process(srv.proc.pid)
     children = proc.children(recursive=True)
     assert sum("EngineCore" in c.name() for c in children) == 2, [c.name() for c in children]
@@ -245,7 +246,7 @@ def _stop_and_check(srv, sig: int) -> None:
     assert not alive, f"orphans after {signal.Signals(sig).name}: {[(p.pid, p.name()) for p in alive]}"
     print(f"\n{signal.Signals(sig).name}: server exited after {exited:.1f} s, children gone after "
           f"{time.monotonic() - t0:.1f} s")
-    assert "shutting down both engines" in srv.log_text() and "leftover child" not in srv.log_text()
+    assert "shutting down both engines" in srv.log_text()
 
 
 def test_sigterm_stops_both_engines(server):

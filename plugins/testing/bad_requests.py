@@ -1,8 +1,10 @@
 """Malformed OpenAI-API requests that a vLLM-compatible server must answer with a 4xx and survive.
 
 Used by the routing server's tests and by load benchmarks that mix bad requests into the traffic: each
-entry is sent as raw bytes, so invalid JSON is expressible. The set follows what vLLM 0.32's own OpenAI
-server refuses (its request models, ``SamplingParams`` checks, renderer and input-processor checks):
+entry is sent as raw bytes, so invalid JSON is expressible. The set and its statuses follow what vLLM
+0.32's own OpenAI server refuses, read from its code (request models, ``SamplingParams`` checks,
+renderer and input-processor checks); a token id just above ``vocab_size`` is refused by vLLM only if
+it is also above the tokenizer's size:
 
     for bad in malformed_requests("r2r", max_model_len=512, vocab_size=500):
         status, body = post_raw(url + bad.path, bad.body)   # bad.status: the expected status

@@ -141,8 +141,9 @@ ENGINE_STOP_S = 10.0
 
 
 def serve(args: Any, method: str) -> int:
-    """Run the server until SIGINT/SIGTERM (exit 0) or an engine's death (exit :data:`EXIT_ENGINE_DIED`); both
-    engines and every child process are stopped on the way out."""
+    """Run the server until SIGINT/SIGTERM (uvicorn re-raises the signal once it has shut down, so the process
+    ends by it) or an engine's death (exit :data:`EXIT_ENGINE_DIED`); both engines and every child process
+    are stopped on the way out. 2: bad input at startup; 1: the engines did not start."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -156,6 +157,7 @@ def serve(args: Any, method: str) -> int:
     model_name = args.served_model_name or method
     started: list[RoutingEngines] = []
     died: list[bool] = []
+    procs: list = []
 
     async def watch(engines: RoutingEngines) -> None:
         while not engines.dead:
@@ -170,6 +172,7 @@ def serve(args: Any, method: str) -> int:
     async def lifespan(app: Any) -> AsyncIterator[None]:
         engines = start_engines(args, router, topk, eos_ids)
         started.append(engines)
+        procs.extend(descendants())  # the engines' processes, to stop even if one is orphaned by a crash
         app.state.engines, app.state.tokenizer = engines, tok
         app.state.limits = Limits(model_name, *engines.limits())
         log.info("overdrive serve-%s: small %s, large %s, router %s (top-%d, threshold %.4g, max_model_len %d, "
@@ -184,7 +187,7 @@ def serve(args: Any, method: str) -> int:
             t0 = time.monotonic()
             log.info("overdrive serve-%s: shutting down both engines", method)
             engines.shutdown(timeout=ENGINE_STOP_S)
-            stop_children()  # here, not only after server.run(): uvicorn re-raises SIGTERM/SIGINT when it returns
+            stop_children(procs)  # here, not only after server.run(): uvicorn re-raises SIGTERM/SIGINT when it returns
             log.info("overdrive serve-%s: engines stopped in %.1f s", method, time.monotonic() - t0)
 
     app = build_app(method, model_name, lifespan)
@@ -195,36 +198,62 @@ def serve(args: Any, method: str) -> int:
     finally:
         for engines in started:
             engines.shutdown(timeout=ENGINE_STOP_S)
-        stop_children()
+        stop_children(procs)
     status = EXIT_ENGINE_DIED if died else (0 if started else 1)
     log.info("overdrive serve-%s: exiting with status %d", method, status)
+    if died:  # engines and children are stopped; the interpreter's own teardown was seen to take 30 s after a
+        # dead engine (atexit joins), which only delays the supervisor's restart
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     return status
 
 
-def stop_children(timeout: float = 3.0) -> None:
-    """Terminate, then kill, whatever child process is left (an engine that did not stop in time). Exited
-    processes not yet reaped and multiprocessing's resource tracker (it ends with this process, after
-    releasing shared memory) are left alone."""
+def descendants() -> list:
+    """This process's child processes, recursively (``psutil.Process`` objects)."""
     import psutil
 
-    def live(k: Any) -> bool:
+    return psutil.Process().children(recursive=True)
+
+
+def stop_children(known: list = (), grace: float = 2.0, timeout: float = 3.0) -> None:
+    """Wait up to ``grace`` seconds for child processes to end (vLLM's shutdown returns while the processes it
+    killed are still going away), then terminate, and after ``timeout`` kill, whatever is left. Exited
+    processes not yet reaped (zombies) count as gone; multiprocessing's resource tracker (it ends with this
+    process, after releasing shared memory) is left alone. ``known``: processes recorded earlier (a killed
+    engine core's worker is no longer this process's descendant, but still the server's to stop)."""
+    import psutil
+
+    def running(k: Any) -> bool:
         try:
-            return k.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(k.cmdline())
+            return k.is_running() and k.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
 
-    kids = [k for k in psutil.Process().children(recursive=True) if live(k)]
-    if not kids:
+    def wait(procs: list, seconds: float) -> list:
+        end = time.monotonic() + seconds
+        while (left := [k for k in procs if running(k)]) and time.monotonic() < end:
+            time.sleep(0.05)
+        return left
+
+    kids, seen = [], set()
+    for k in [*descendants(), *known]:  # is_running() below also rejects a recorded pid reused since
+        with contextlib.suppress(psutil.Error):
+            if k.pid not in seen and "resource_tracker" not in " ".join(k.cmdline()):
+                kids.append(k)
+                seen.add(k.pid)
+    left = wait(kids, grace)
+    if not left:
         return
-    log.warning("stopping %d leftover child processes: %s", len(kids), [(k.pid, _name(k)) for k in kids])
-    for k in kids:
+    log.warning("stopping %d leftover child processes: %s", len(left), [(k.pid, _name(k)) for k in left])
+    for k in left:
         with contextlib.suppress(psutil.Error):
             k.terminate()
-    _, alive = psutil.wait_procs(kids, timeout=timeout)
-    for k in alive:
+    for k in wait(left, timeout):
         with contextlib.suppress(psutil.Error):
             k.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    wait(left, timeout)
 
 
 def _name(p: Any) -> str:
