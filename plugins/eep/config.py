@@ -152,9 +152,15 @@ class CheckpointFamily:
 
     block: str            # "model.layers.{layer}.<block>." prefix of the MoE block's tensors
     projections: tuple[str, str, str]  # (gate/w1, up/w3, down/w2) names under experts.{e}.
-    experts_key: str      # config.json key of the number of experts
+    experts_keys: tuple[str, ...]  # config.json keys that may hold the number of experts (first present wins)
     top_k_key: str
     renormalize_key: str | None  # config key of norm_topk_prob, None: always renormalised
+
+    def experts_key(self, config: Mapping[str, Any]) -> str:
+        for k in self.experts_keys:
+            if k in config:
+                return k
+        raise ConfigError(f"config.json has none of {list(self.experts_keys)} (the number of experts)")
 
     def expert_tensor(self, layer: int, expert: int, proj: str) -> str:
         return f"model.layers.{layer}.{self.block}.experts.{expert}.{proj}.weight"
@@ -164,11 +170,13 @@ class CheckpointFamily:
 
 
 FAMILIES: dict[str, CheckpointFamily] = {
-    "MixtralForCausalLM": CheckpointFamily("block_sparse_moe", ("w1", "w3", "w2"), "num_local_experts",
+    "MixtralForCausalLM": CheckpointFamily("block_sparse_moe", ("w1", "w3", "w2"), ("num_local_experts",),
                                            "num_experts_per_tok", None),
-    "Qwen2MoeForCausalLM": CheckpointFamily("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+    "Qwen2MoeForCausalLM": CheckpointFamily("mlp", ("gate_proj", "up_proj", "down_proj"),
+                                            ("num_experts", "num_local_experts"),
                                             "num_experts_per_tok", "norm_topk_prob"),
-    "Qwen3MoeForCausalLM": CheckpointFamily("mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts",
+    "Qwen3MoeForCausalLM": CheckpointFamily("mlp", ("gate_proj", "up_proj", "down_proj"),
+                                            ("num_experts", "num_local_experts"),
                                             "num_experts_per_tok", "norm_topk_prob"),
 }
 

@@ -31,8 +31,9 @@ def export_checkpoint(model: Path, plan: EEPPlan, output: Path, allow_inexact: b
     arch, fam = family_of(config, str(model / "config.json"))
     if arch != plan.identity.architecture:
         raise ConfigError(f"{model}: architecture {arch} but the plan was made for {plan.identity.architecture}")
-    if config.get(fam.experts_key) != plan.identity.num_experts:
-        raise ConfigError(f"{model}: {fam.experts_key}={config.get(fam.experts_key)} but the plan was made for "
+    experts_key = fam.experts_key(config)
+    if config.get(experts_key) != plan.identity.num_experts:
+        raise ConfigError(f"{model}: {experts_key}={config.get(experts_key)} but the plan was made for "
                           f"{plan.identity.num_experts} experts")
     routes: dict[int, list[int]] = {}
     for layer, maps in plan.layers.items():
@@ -100,7 +101,7 @@ def export_checkpoint(model: Path, plan: EEPPlan, output: Path, allow_inexact: b
 
     def update(conf: dict[str, Any]) -> dict[str, Any]:
         conf = dict(conf)
-        conf[fam.experts_key] = b
+        conf[experts_key] = b
         conf[fam.top_k_key] = k
         conf["overdrive_expert_pruning"] = {"method": "eep", "kept_experts": b, "exact": plan.discrete,
                                             "source_experts": plan.identity.num_experts,
