@@ -206,7 +206,7 @@ def test_stock_vllm_serves_the_export_with_transformers_tokens(tmp_path):
     apply_maps(model, maps)
     for p, want in zip(prompts, ours):
         ids = tok(p, return_tensors="pt").input_ids
-        gen = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        gen = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
         assert gen == want
     with VllmServer(out, ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager"],
                     env={"VLLM_PLUGINS": ""}, log_path=tmp_path / "vllm.log") as srv:
