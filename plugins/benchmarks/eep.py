@@ -2,7 +2,7 @@
 
     python -m overdrive.benchmarks.eep [--keep 4 2] [--json OUT] [--quick]
 
-Testbed: SmolLM2-135M-Instruct MoEfied into 8 experts per layer, 2 active
+Testbed: SmolLM2-135M-Instruct MoEfied into 8 experts per layer, 6 active
 (:func:`overdrive.testing.moefy.moefied_smollm2`). Search/calibration text: paragraphs of the First Book
 of *Opticks*; evaluation: disjoint chunks of the Second and Third Books. For each number of kept experts
 B and each strategy: held-out perplexity, top-1 next-token accuracy (the task score), search time,

@@ -36,7 +36,7 @@ BUILDER_VERSION = 1
 ROUTER_SCALE = 0.25
 
 
-def moefied_smollm2(experts: int = 8, top_k: int = 2, calib_tokens: int = 4096, seq_len: int = 256,
+def moefied_smollm2(experts: int = 8, top_k: int = 6, calib_tokens: int = 4096, seq_len: int = 256,
                     seed: int = 0) -> Path:
     """Folder of the MoEfied SmolLM2-135M (Mixtral architecture, ``experts`` experts, ``top_k`` active)."""
     from .real import SMOLLM2
