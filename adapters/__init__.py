@@ -100,6 +100,9 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                       "engine; CPU: each engine bound to half the cores",
         Kind.EXPERT_PRUNING: "discrete plans: `overdrive export --method NAME` writes a standard checkpoint with fewer "
                              "experts that stock vLLM serves with no plugin (continuous route maps: transformers only)",
+        Kind.VOCAB: "`--additional-config '{\"NAME\": {\"profile\": ...}}'`: profile checked at startup (configuration "
+                    "hook), a v1 logits processor tracks each batch row's allowed set, vLLM's `LogitsProcessor` layer "
+                    "(pluggable-layer replacement) computes the batch's union of allowed rows and scatters into -inf; TP 1",
     }, "entry point vllm.general_plugins"),
     AdapterInfo("sglang", "overdrive.adapters.sglang", ("sglang",), ">=0.5.23,<0.6", {
         Kind.WEIGHT_QUANT: "`QUANTIZATION_METHODS` + `--quantization` choices (registries on CPU; server needs CUDA)",
@@ -132,10 +135,13 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                        "the `overdrive_kv` attention function",
         Kind.ROUTING: "reference loop with two `DynamicCache`s: `overdrive.transformers.routed_generate(small, large, "
                       "NAME, router=...)`",
-        Kind.EXPERT_PRUNING: "`overdrive.transformers.prune_experts(model, NAME, plan=...)`: the MoE blocks' router and "
+        Kind.EXPERT_PRUNING: "`overdrive.transformers.enable(model, NAME, plan=...)`: the MoE blocks' router and "
                              "experts swapped for the plan's mapped router and merged experts (any plan, continuous "
                              "route maps included), exact restore; calibration session (task scoring, routing "
                              "statistics) behind `overdrive calibrate --method NAME`; Mixtral, Qwen2-MoE, Qwen3-MoE",
+        Kind.VOCAB: "`overdrive.transformers.enable(model, NAME, profile=...)`: embedding module on the CPU (rows moved "
+                    "per step), LM head over each batch's allowed rows with -inf elsewhere (full-vocabulary logits for "
+                    "`generate()` and logits processors); `overdrive calibrate --method NAME` tokenizes the corpus",
     }, "import overdrive.transformers",
         drivers={Kind.ROUTING: "overdrive.adapters.transformers.routing:routed_generate"}),
 )

@@ -95,6 +95,27 @@ def test_the_swap_equals_a_float64_reference_of_the_pruned_block(family):
         assert torch.allclose(out, ref, atol=1e-10), (family, l, float((out - ref).abs().max()))
 
 
+def test_enable_through_the_facade_applies_a_saved_plan_and_disable_restores(tmp_path):
+    import overdrive.transformers as odt
+
+    model = _load(tiny_moe("qwen3_moe"))
+    ident = moe_identity(model)
+    maps = _random_maps(ident, 7, discrete=True)
+    path = EEPPlan(ident, maps, EEPConfig(experts=5)).save(tmp_path / "p.json")
+    ids = torch.randint(0, 400, (1, 9))
+    ref = model(ids).logits
+    odt.enable(model, "eep", plan=str(path))
+    pruned = model(ids).logits
+    assert not torch.allclose(pruned, ref, atol=1e-3)
+    apply_maps(model, maps)  # the same maps applied directly give the same output
+    assert torch.allclose(model(ids).logits, pruned, atol=1e-12)
+    assert odt.disable(model)
+    assert torch.equal(model(ids).logits, ref)
+    other = _load(tiny_moe("mixtral"))
+    with pytest.raises(ConfigError, match="another model"):
+        odt.enable(other, "eep", plan=str(path))
+
+
 def test_restore_is_exact_and_identity_maps_change_nothing():
     model = _load(tiny_moe("mixtral"))
     ids = torch.randint(0, 400, (1, 9))

@@ -19,6 +19,7 @@ class Kind(str, enum.Enum):
     FRAME_RATE = "frame_rate_schedule"
     ROUTING = "token_routing"
     EXPERT_PRUNING = "expert_pruning"
+    VOCAB = "vocabulary_selection"
 
     @property
     def title(self) -> str:
@@ -43,4 +44,5 @@ _TITLES = {
     Kind.FRAME_RATE: "frame-rate schedule",
     Kind.ROUTING: "token routing",
     Kind.EXPERT_PRUNING: "expert pruning",
+    Kind.VOCAB: "vocabulary selection",
 }

@@ -137,3 +137,36 @@ def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
 
 def __getattr__(name: str) -> Any:
     return resolve_generated(__name__, name, _classes, register)
+
+
+def enable(model: torch.nn.Module, method: str, config: Any = None, **options: Any) -> Any:
+    """Attach a token-reduction, vocabulary-selection or expert-pruning method to a model (by the method's kind)."""
+    import overdrive
+    from overdrive.kinds import Kind
+
+    kind = overdrive.get_method(method).kind
+    if kind is Kind.EXPERT_PRUNING:
+        from overdrive.adapters.transformers import expert_pruning
+
+        return expert_pruning.enable(model, method, config, **options)
+    if kind is Kind.VOCAB:
+        from overdrive.adapters.transformers import vocab
+
+        return vocab.enable(model, method, config, **options)
+    from overdrive.adapters.transformers import token_reduction
+
+    return token_reduction.enable(model, method, config, **options)
+
+
+def disable(model: torch.nn.Module) -> bool:
+    """Remove the method :func:`enable` attached to ``model``; False if none was."""
+    from overdrive.adapters.transformers import expert_pruning, token_reduction, vocab
+
+    return vocab.disable(model) or token_reduction.disable(model) or expert_pruning.disable(model)
+
+
+def enabled(model: torch.nn.Module) -> Any:
+    """The attachment :func:`enable` returned for ``model``, or None."""
+    from overdrive.adapters.transformers import token_reduction, vocab
+
+    return token_reduction.enabled(model) or vocab.enabled(model)

@@ -114,8 +114,14 @@ def restore(model: torch.nn.Module) -> bool:
     return True
 
 
-def enable(model: torch.nn.Module, method: str, plan: Any = None, **options: Any) -> dict[int, LayerMaps]:
-    """Apply expert-pruning ``method``'s ``plan`` (a path or the plan object) to a loaded model."""
+def enable(model: torch.nn.Module, method: str, config: Any = None, plan: Any = None, **options: Any
+           ) -> dict[int, LayerMaps]:
+    """Apply expert-pruning ``method``'s ``plan`` (a path or the plan object) to a loaded model
+    (``overdrive.transformers.enable(model, NAME, plan=...)``); ``config`` is accepted for the generic
+    signature and must be None: a plan carries its options."""
+    if config is not None or options:
+        raise ConfigError(f"{method}: enable takes only plan=PATH (the plan carries its options), got "
+                          f"{['config'] if config is not None else []}{sorted(options)}")
     import overdrive
 
     spec = overdrive.get_method(method, Kind.EXPERT_PRUNING)

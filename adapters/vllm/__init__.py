@@ -4,6 +4,7 @@ Registers every weight-quantization method as a vLLM quantization config
 (``register_quantization_config``), so ``vllm serve CKPT`` detects it from config.json and
 ``--quantization NAME`` selects it; token-reduction methods are enabled per server with
 ``--additional-config '{"NAME": {...}}'`` (:mod:`overdrive.adapters.vllm.token_reduction`);
+vocabulary-selection methods likewise (:mod:`overdrive.adapters.vllm.vocab`);
 KV-cache methods are attention backends (``--attention-backend NAME``; on CPU an override of
 ``CPU_ATTN``), their plan given with ``--additional-config`` (:mod:`overdrive.adapters.vllm.kv_cache`).
 Symbols touched are listed in docs/ledger.md.
@@ -48,7 +49,10 @@ def _register() -> tuple[list[str], list[str]]:
     from overdrive.adapters.vllm.kv_cache import register_backends
 
     kv, kv_skipped = register_backends()  # KV-cache methods: --attention-backend NAME (+ CPU_ATTN override on CPU)
-    return registered + more + kv, skipped + more_skipped + kv_skipped
+    from overdrive.adapters.vllm.vocab import register as register_vocab
+
+    vocab, vocab_skipped = register_vocab()  # vocabulary methods: --additional-config '{"NAME": {"profile": ...}}'
+    return registered + more + kv + vocab, skipped + more_skipped + kv_skipped + vocab_skipped
 
 
 def _quant_api():

