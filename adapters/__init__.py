@@ -98,6 +98,8 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.ROUTING: "two `AsyncLLM` engines behind one OpenAI server (`overdrive serve-NAME`): streaming-input "
                       "sessions, `worker_cls` capture worker (hidden state + top-k logits), prefix caching on the large "
                       "engine; CPU: each engine bound to half the cores",
+        Kind.EXPERT_PRUNING: "discrete plans: `overdrive export --method NAME` writes a standard checkpoint with fewer "
+                             "experts that stock vLLM serves with no plugin (continuous route maps: transformers only)",
         Kind.VOCAB: "`--additional-config '{\"NAME\": {\"profile\": ...}}'`: profile checked at startup (configuration "
                     "hook), a v1 logits processor tracks each batch row's allowed set, vLLM's `LogitsProcessor` layer "
                     "(pluggable-layer replacement) computes the batch's union of allowed rows and scatters into -inf; TP 1",
@@ -107,6 +109,8 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
         Kind.KV_CACHE: "attention-backend registry + `--attention-backend` choices, plan from "
                        "`OVERDRIVE_<METHOD>_PLAN`; the method's `roundtrip` applied in place to SGLang's pool (no memory "
                        "saving); per-head spans (`head_spans`): span attention over the pool read as one-token pages",
+        Kind.EXPERT_PRUNING: "discrete plans: the exported standard checkpoint (`overdrive export --method NAME`), "
+                             "no plugin",
     }, "entry point sglang.srt.plugins"),
     AdapterInfo("diffusers", "overdrive.adapters.diffusers", ("diffusers",), ">=0.42,<0.43", {
         Kind.DIT_CACHE: "`overdrive.diffusers.enable(pipe, NAME)` / `disable` / `calibrate`: one hook layer "
@@ -131,6 +135,10 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                        "the `overdrive_kv` attention function",
         Kind.ROUTING: "reference loop with two `DynamicCache`s: `overdrive.transformers.routed_generate(small, large, "
                       "NAME, router=...)`",
+        Kind.EXPERT_PRUNING: "`overdrive.transformers.enable(model, NAME, plan=...)`: the MoE blocks' router and "
+                             "experts swapped for the plan's mapped router and merged experts (any plan, continuous "
+                             "route maps included), exact restore; calibration session (task scoring, routing "
+                             "statistics) behind `overdrive calibrate --method NAME`; Mixtral, Qwen2-MoE, Qwen3-MoE",
         Kind.VOCAB: "`overdrive.transformers.enable(model, NAME, profile=...)`: embedding module on the CPU (rows moved "
                     "per step), LM head over each batch's allowed rows with -inf elsewhere (full-vocabulary logits for "
                     "`generate()` and logits processors); `overdrive calibrate --method NAME` tokenizes the corpus",

@@ -39,15 +39,18 @@ def checkpoint_shards(model: Path, option: str = "--model") -> list[Path]:
 MAX_SHARD_BYTES = 2 << 30
 
 
-def rewrite_checkpoint(model: Path, output: Path, transform: Transform, quantization_config: Mapping[str, Any],
-                       desc: str = "quantize", max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def rewrite_checkpoint(model: Path, output: Path, transform: Transform, quantization_config: Mapping[str, Any] | None,
+                       desc: str = "quantize", max_shard_bytes: int = MAX_SHARD_BYTES,
+                       config_update: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Path:
     """Write ``output`` (must not exist) from ``model`` through ``transform``; returns ``output``.
 
     Tensors are read one at a time (memory-mapped) and written in output shards of at most
     ``max_shard_bytes`` (a single tensor larger than that gets a shard of its own), so the rewrite of a
     7B model holds one shard's worth of output, not the model: one shard is ``model.safetensors``, more
     are ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json`` as transformers
-    writes them."""
+    writes them. ``transform`` may return nothing for a tensor it buffers (e.g. all experts of a layer,
+    emitted merged once the last one arrives). ``quantization_config`` (if not ``None``) is added to
+    config.json and ``config_update`` (if given) maps the config dict to the one written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -95,7 +98,10 @@ def rewrite_checkpoint(model: Path, output: Path, transform: Transform, quantiza
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         conf = json.loads((model / "config.json").read_text())
-        conf["quantization_config"] = dict(quantization_config)
+        if quantization_config is not None:
+            conf["quantization_config"] = dict(quantization_config)
+        if config_update is not None:
+            conf = config_update(conf)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     return output
 

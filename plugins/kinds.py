@@ -18,6 +18,7 @@ class Kind(str, enum.Enum):
     DIT_CACHE = "dit_caching"
     FRAME_RATE = "frame_rate_schedule"
     ROUTING = "token_routing"
+    EXPERT_PRUNING = "expert_pruning"
     VOCAB = "vocabulary_selection"
 
     @property
@@ -42,5 +43,6 @@ _TITLES = {
     Kind.DIT_CACHE: "DiT caching / attention compression",
     Kind.FRAME_RATE: "frame-rate schedule",
     Kind.ROUTING: "token routing",
+    Kind.EXPERT_PRUNING: "expert pruning",
     Kind.VOCAB: "vocabulary selection",
 }

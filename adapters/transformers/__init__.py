@@ -140,11 +140,16 @@ def __getattr__(name: str) -> Any:
 
 
 def enable(model: torch.nn.Module, method: str, config: Any = None, **options: Any) -> Any:
-    """Attach a token-reduction or vocabulary-selection method to a model (by the method's kind)."""
+    """Attach a token-reduction, vocabulary-selection or expert-pruning method to a model (by the method's kind)."""
     import overdrive
     from overdrive.kinds import Kind
 
-    if overdrive.get_method(method).kind is Kind.VOCAB:
+    kind = overdrive.get_method(method).kind
+    if kind is Kind.EXPERT_PRUNING:
+        from overdrive.adapters.transformers import expert_pruning
+
+        return expert_pruning.enable(model, method, config, **options)
+    if kind is Kind.VOCAB:
         from overdrive.adapters.transformers import vocab
 
         return vocab.enable(model, method, config, **options)
@@ -155,9 +160,9 @@ def enable(model: torch.nn.Module, method: str, config: Any = None, **options: A
 
 def disable(model: torch.nn.Module) -> bool:
     """Remove the method :func:`enable` attached to ``model``; False if none was."""
-    from overdrive.adapters.transformers import token_reduction, vocab
+    from overdrive.adapters.transformers import expert_pruning, token_reduction, vocab
 
-    return vocab.disable(model) or token_reduction.disable(model)
+    return vocab.disable(model) or token_reduction.disable(model) or expert_pruning.disable(model)
 
 
 def enabled(model: torch.nn.Module) -> Any:

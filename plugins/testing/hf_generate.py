@@ -29,7 +29,8 @@ def main(spec: dict) -> dict:
         ids = tok(p, return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         tokens.append(out[0, ids.shape[1]:].tolist())
-    return {"tokens": tokens, "layer": type(model.model.layers[0].mlp.down_proj).__name__}
+    mlp = model.model.layers[0].mlp
+    return {"tokens": tokens, "layer": type(getattr(mlp, "down_proj", mlp)).__name__}
 
 
 def greedy_tokens(model: Path, prompts: Sequence[str], max_tokens: int = 8, timeout: int = 600) -> dict:
