@@ -49,6 +49,7 @@ from .config import MoAPlan, make_plan, uniform_plan
 
 ALPHA_MULTIPLES = (-2, -1, 0, 1, 2, 4, 8)
 TARGETS = ("dense", "text")
+ESTIMATES = ("row", "entry")
 PROBE = "overdrive_moa_probe"
 
 #: a short English text so the command works out of the box (repeated to length); pass --data for real use
@@ -79,6 +80,8 @@ class CalibOptions:
     alpha_step: int = 0  # 0: M / 16
     betas: int = 9
     data: str = "builtin"
+    estimate: str = "row"  # "row": each query row's drop renormalised exactly; "entry": MoA's per-entry sum
+    profile_cache: str = ""  # a folder: influence profiles are kept there and reused (they do not depend on the density)
 
     def resolve(self, max_positions: int) -> "CalibOptions":
         """Fill the length defaults from the model's context and check everything (ConfigError names the option)."""
@@ -95,6 +98,8 @@ class CalibOptions:
             o.validate_length = 3 * o.max_len // 4
         if o.alpha_step <= 0:
             o.alpha_step = max(1, o.max_len // 16)
+        if o.estimate not in ESTIMATES:
+            raise ConfigError(f"--estimate must be one of {ESTIMATES}, got {o.estimate!r}")
         if o.target not in TARGETS:
             raise ConfigError(f"--target must be one of {TARGETS}, got {o.target!r}")
         if o.response_tokens <= 0:
@@ -167,10 +172,12 @@ def probing(model: torch.nn.Module, rec: _Recorder) -> contextlib.AbstractContex
 
 
 # ------------------------------------------------------------------------------------ influence
-def influence_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     scale: float, budget: int = 1 << 24) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (first query, end, I) with I (Hk, chunk, N): the masking influence summed over the batch and over
-    the query heads of each KV group. q (B, Hq, N, D), k/v (B, Hk, N, D), out/dout (B, N, Hq, D)."""
+def _attention_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                      scale: float, budget: int = 1 << 24
+                      ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yield (first query, end, A, T) per query chunk, both (B, Hq, chunk, N) in float32 or wider: the causal
+    attention ``A`` and ``T_ij = -A_ij (g_ij - sum_k A_ik g_ik)`` with ``g_ij = dO_i . v_j`` (zero off the
+    causal part). q (B, Hq, N, D), k/v (B, Hk, N, D), out/dout (B, N, Hq, D)."""
     b, hq, n, d = q.shape
     hk = k.shape[1]
     ct = torch.promote_types(q.dtype, torch.float32)
@@ -186,26 +193,62 @@ def influence_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
         g = do[:, :, c0:c1] @ vv.transpose(-1, -2)  # dL/dA
         dot = (do[:, :, c0:c1] * o[:, :, c0:c1]).sum(-1, keepdim=True)  # sum_k A_ik g_ik
-        infl = -a * (g - dot) / (1.0 - a).clamp_min(1e-6)
-        infl = infl.masked_fill(~causal, 0.0)
-        yield c0, c1, infl.view(b, hk, hq // hk, c1 - c0, n).sum(dim=(0, 2))
+        yield c0, c1, a, (-a * (g - dot)).masked_fill(~causal, 0.0)
+
+
+def influence_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                     scale: float, budget: int = 1 << 24) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (first query, end, I) with I (Hk, chunk, N): the masking influence summed over the batch and over
+    the query heads of each KV group. q (B, Hq, N, D), k/v (B, Hk, N, D), out/dout (B, N, Hq, D)."""
+    b, hq = q.shape[:2]
+    hk = k.shape[1]
+    for c0, c1, a, t in _attention_chunks(q, k, v, out, dout, scale, budget):
+        infl = t / (1.0 - a).clamp_min(1e-6)
+        yield c0, c1, infl.view(b, hk, hq // hk, c1 - c0, -1).sum(dim=(0, 2))
+
+
+
+def _dropped(qlen: torch.Tensor, spans: HeadSpans, sink: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (c, C): query of length ``qlen`` drops keys [lo, hi) under candidate c."""
+    st = spans.starts(qlen, sink).clamp(max=n)  # (c, C)
+    lo = torch.clamp(qlen, max=sink)[:, None].expand_as(st)
+    return lo, torch.maximum(st, lo)
+
+
+def _range_sums(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x (..., c, N): per row, the sums of x over [lo, hi) (c, C) in float64 -> (..., c, C)."""
+    pref = torch.nn.functional.pad(x.double().cumsum(-1), (1, 0))  # sum of keys < x
+    shape = pref.shape[:-1] + lo.shape[-1:]
+    return pref.gather(-1, hi.expand(shape)) - pref.gather(-1, lo.expand(shape))
 
 
 def candidate_losses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     scale: float, spans: HeadSpans, sink: int) -> torch.Tensor:
-    """(Hk, C): for each KV head and candidate (the C "heads" of ``spans``), the summed influence of the entries
-    the candidate drops: query i drops keys [sink, start_c(i + 1))."""
+                     scale: float, spans: HeadSpans, sink: int, estimate: str = "entry") -> torch.Tensor:
+    """(Hk, C): for each KV head and candidate (the C "heads" of ``spans``), the first-order loss change of
+    dropping the entries the candidate drops (query i drops keys [sink, start_c(i + 1))), summed over the
+    batch, the queries and the query heads of the KV group.
+
+    ``estimate="row"``: each query row's drop is taken as a whole: the row renormalised over what it keeps
+    gives ``O'_i = (O_i - sum_D A_ij v_j) / (1 - m_i)`` (``m_i`` the dropped mass), exact, and the loss is
+    linearised in O only: ``dL_i = dO_i . (O'_i - O_i) = sum_D T_ij / (1 - m_i)``.
+    ``estimate="entry"``: MoA's per-entry influence ``I_ij = T_ij / (1 - A_ij)`` summed over the dropped
+    entries (each entry's drop alone, then added): it misses the ``1 / (1 - m_i)`` a deep cut brings."""
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
     n = q.shape[2]
-    total = torch.zeros(k.shape[1], spans.num_heads, dtype=torch.float64, device=q.device)
-    for c0, c1, infl in influence_chunks(q, k, v, out, dout, scale):
-        pref = torch.nn.functional.pad(infl.double().cumsum(-1), (1, 0))  # (Hk, c, N + 1): sum of keys < x
-        qlen = torch.arange(c0 + 1, c1 + 1, device=q.device)
-        st = spans.starts(qlen, sink).clamp(max=n)  # (c, C)
-        lo = torch.clamp(qlen, max=sink)[:, None].expand_as(st)
-        hi = torch.maximum(st, lo)
-        idx_hi = hi.t()[None].expand(pref.shape[0], -1, -1).transpose(1, 2)  # (Hk, c, C)
-        idx_lo = lo.t()[None].expand(pref.shape[0], -1, -1).transpose(1, 2)
-        total += (pref.gather(2, idx_hi) - pref.gather(2, idx_lo)).sum(1)
+    hk = k.shape[1]
+    total = torch.zeros(hk, spans.num_heads, dtype=torch.float64, device=q.device)
+    if estimate == "entry":
+        for c0, c1, infl in influence_chunks(q, k, v, out, dout, scale):
+            lo, hi = _dropped(torch.arange(c0 + 1, c1 + 1, device=q.device), spans, sink, n)
+            total += _range_sums(infl, lo, hi).sum(1)
+        return total
+    b, hq = q.shape[:2]
+    for c0, c1, a, t in _attention_chunks(q, k, v, out, dout, scale):
+        lo, hi = _dropped(torch.arange(c0 + 1, c1 + 1, device=q.device), spans, sink, n)
+        kept = (1.0 - _range_sums(a, lo, hi)).clamp_min(1e-9)  # (B, Hq, c, C)
+        row = _range_sums(t, lo, hi) / kept
+        total += row.view(b, hk, hq // hk, c1 - c0, -1).sum(dim=(0, 2, 3))
     return total
 
 
@@ -311,7 +354,7 @@ def profile(model: torch.nn.Module, batches: Sequence[torch.Tensor], opts: Calib
                     if out.grad is None:
                         raise RuntimeError("no gradient reached an attention output; is the model's attention on "
                                            "the probe path?")
-                    total[i] += candidate_losses(q, k, v, out, out.grad, scale, spans, opts.sink).cpu()
+                    total[i] += candidate_losses(q, k, v, out, out.grad, scale, spans, opts.sink, opts.estimate).cpu()
                 rec.layers = {}
     finally:
         for p, r in zip(model.parameters(), req):
@@ -357,6 +400,28 @@ def uniform_references(ident: ModelIdentity, opts: CalibOptions, lengths: Sequen
     return out
 
 
+def _profile_path(model: torch.nn.Module, stream: torch.Tensor, length: int, offset: int,
+                  cands: Sequence[tuple[float, float]], opts: CalibOptions) -> Path | None:
+    """Where the profile of this length lives in ``opts.profile_cache`` (None: no cache). The name hashes what
+    the profile depends on: the model (identity, path, weights' first values), the calibration tokens, the
+    length and offset, samples, response tokens, target, sink, min span, the candidates and the estimate."""
+    if not opts.profile_cache:
+        return None
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    first = next(model.parameters()).detach().reshape(-1)[:4096].float().cpu().numpy().tobytes()
+    h.update(json.dumps({"identity": ModelIdentity.from_hf_config(model.config).to_dict(),
+                         "path": str(getattr(model.config, "_name_or_path", "")), "length": length, "offset": offset,
+                         "samples": opts.samples, "batch": opts.batch_size, "response": opts.response_tokens,
+                         "target": opts.target, "sink": opts.sink, "min_span": opts.min_span, "cands": list(cands),
+                         "estimate": opts.estimate}, sort_keys=True).encode())
+    h.update(first)
+    h.update(stream.numpy().tobytes())
+    return Path(opts.profile_cache) / f"moa-profile-{length}-{h.hexdigest()[:20]}.safetensors"
+
+
 def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     """The whole pipeline (module docstring); ``opts`` are resolved against the model's context length."""
     ident = ModelIdentity.from_hf_config(model.config)
@@ -372,8 +437,21 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     stream = _context_ids(tokenizer, opts.data)
     losses = {}
     for j, n in enumerate(progress(opts.lengths, desc="moa: influence profile")):
-        batches = make_samples(model, stream, n, opts, offset=(j * 7919) % stream.numel())
-        losses[n] = profile(model, batches, opts, spans, ident)
+        offset = (j * 7919) % stream.numel()
+        cache = _profile_path(model, stream, n, offset, cands, opts)
+        if cache is not None and cache.is_file():
+            from safetensors.torch import load_file
+
+            losses[n] = load_file(str(cache))["losses"]
+            continue
+        losses[n] = profile(model, make_samples(model, stream, n, opts, offset=offset), opts, spans, ident)
+        if cache is not None:
+            from safetensors.torch import save_file
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({"losses": losses[n].contiguous()}, str(tmp))
+            tmp.replace(cache)
     norm = [losses[n] / max(float(losses[n].abs().amax(-1).sum()), 1e-30) for n in opts.lengths]
     weightings = [[1.0 if i == j else 0.0 for i in range(len(norm))] for j in range(len(norm))]
     weightings.append([1.0 / len(norm)] * len(norm))
@@ -404,6 +482,10 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     info = {
         "lengths": list(opts.lengths), "max_len": opts.max_len, "validate_length": opts.validate_length,
         "samples": opts.samples, "response_tokens": opts.response_tokens, "target": opts.target, "data": opts.data,
+        "objective": {"loss": "cross-entropy of the last response_tokens tokens of each sample",
+                      "target": opts.target, "estimate": opts.estimate, "density": opts.density,
+                      "constrained_lengths": constrained, "selection": "scipy milp, one solve per length weighting; "
+                      "the lowest validation loss among them and the uniform references is written"},
         "candidates": {"alpha_step": opts.alpha_step, "alpha_multiples": list(ALPHA_MULTIPLES), "betas": opts.betas},
         "density_at": {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]},
         "validation": {"dense_loss": dense, "plans": [{"weights": pw, "loss": s} for (pw, _), s in zip(plans, scores)],
@@ -419,6 +501,22 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
                      density=opts.density, calibration=info,
                      losses=[[float(losses[opts.lengths[-1]][i, h, c]) for h, c in enumerate(row)]
                              for i, row in enumerate(chosen)])
+
+
+def validation_table(cal: dict) -> str:
+    """The table calibration chose by: every candidate plan's and reference's validation loss (and vs dense)."""
+    val = cal["validation"]
+    dense = val["dense_loss"]
+    rows = [("dense", dense, "")]
+    for i, p in enumerate(val["plans"]):
+        rows.append((f"moa (length weights {', '.join(f'{w:g}' for w in p['weights'])})", p["loss"],
+                     " <- written" if val["result"] == "moa" and i == val["chosen"] else ""))
+    for name, loss in val["uniform"].items():
+        rows.append((f"{name} (every head the same span)", loss, " <- written" if val["result"] == name else ""))
+    lines = [f"validation loss at {cal['validate_length']} tokens ({cal['samples']} samples, loss on the last "
+             f"{cal['response_tokens']} tokens):", f"  {'plan':<48} {'loss':>8} {'vs dense':>9}"]
+    lines += [f"  {name:<48} {loss:8.4f} {loss - dense:+9.4f}{mark}" for name, loss, mark in rows]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -442,6 +540,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-step", type=int, default=0, help="alpha grid step (default max-len/16)")
     p.add_argument("--betas", type=int, default=9, help="beta grid size over [0, 1]")
     p.add_argument("--data", type=Path, default=None, help="calibration text (.txt, or .jsonl with 'text')")
+    p.add_argument("--estimate", choices=ESTIMATES, default="row",
+                   help="influence of a candidate's drop: 'row' (each query row renormalised exactly, the loss "
+                        "linearised in the attention output) or 'entry' (MoA's per-entry influence, summed)")
+    p.add_argument("--profile-cache", type=Path, default=None,
+                   help="folder to keep influence profiles in and reuse (they do not depend on --density)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype to load the model in for calibration")
 
@@ -457,7 +560,8 @@ def run(args: argparse.Namespace) -> int:
         opts = CalibOptions(density=args.density, max_len=args.max_len, lengths=lengths,
                             validate_length=args.validate_length, samples=args.samples, batch_size=args.batch_size,
                             response_tokens=args.response_tokens, target=args.target, sink=args.sink, min_span=args.min_span,
-                            alpha_step=args.alpha_step, betas=args.betas, data=str(args.data) if args.data else "builtin")
+                            alpha_step=args.alpha_step, betas=args.betas, data=str(args.data) if args.data else "builtin",
+                            estimate=args.estimate, profile_cache=str(args.profile_cache or ""))
         if not (args.model / "config.json").is_file():
             raise ConfigError(f"--model {args.model}: no config.json (expected a transformers checkpoint directory)")
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
@@ -471,11 +575,10 @@ def run(args: argparse.Namespace) -> int:
     cal = plan.calibration
     dens = ", ".join(f"{n}: {d:.3f}" for n, d in cal["density_at"].items())
     val = cal["validation"]
-    moa_loss = val["plans"][val["chosen"]]["loss"]
-    refs = ", ".join(f"{k} {v:.4f}" for k, v in val["uniform"].items())
-    print(f"wrote {args.output}: {ident.architecture}, {ident.num_layers} layers x {ident.num_kv_heads} KV heads; density "
-          f"{dens}; validation loss at {cal['validate_length']} tokens: best head-specific plan {moa_loss:.4f} "
-          f"(dense {val['dense_loss']:.4f}, {len(val['plans'])} Pareto plan(s); uniform spans {refs or 'none fit'})")
+    print(f"wrote {args.output}: {ident.architecture}, {ident.num_layers} layers x {ident.num_kv_heads} KV heads; "
+          f"density {dens} (budget {plan.density}; target {cal['target']}, estimate {cal['objective']['estimate']}, "
+          f"data {cal['data']})")
+    print(validation_table(cal))
     if val["result"] != "moa":
         print(f"overdrive calibrate --method moa: no head-specific plan beat a uniform span of the same reads at "
               f"{cal['validate_length']} tokens; wrote the {val['result']} plan (every head the same span)",
