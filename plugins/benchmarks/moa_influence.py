@@ -19,7 +19,6 @@ loss on their last ``--tail`` tokens (``--target text``):
 from __future__ import annotations
 
 import argparse
-import contextvars
 import statistics
 import time
 from pathlib import Path
@@ -27,12 +26,10 @@ from typing import Any
 
 import torch
 
-from overdrive.attention_probe import attention_function
 from overdrive.benchmarks import header, write_json
 from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
 
-EXACT = "overdrive_moa_exact_mask"
-_MASKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("moa_exact_masks", default=None)
+CUTS = {"min_span": (0.0, 0.0), "half": (0.0, 0.5)}  # (alpha, beta): the sink + the smallest span; half the length
 
 
 def span_mask(spans: HeadSpans, n: int, sink: int) -> torch.Tensor:
@@ -44,26 +41,11 @@ def span_mask(spans: HeadSpans, n: int, sink: int) -> torch.Tensor:
     return causal[None] & keep
 
 
-def _masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    masks = _MASKS.get() or {}
-    mask = masks.get(module.layer_idx)
-    if mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    hq, hk = query.shape[1], key.shape[1]
-    rep = hq // hk
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
-        attn_mask=mask.repeat_interleave(rep, 0)[None], scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
 @torch.no_grad()
-def masked_loss(model, ids: torch.Tensor, tail: int, cuts: dict[tuple[int, int], tuple[float, float]], min_span: int,
+def masked_loss(run, ids: torch.Tensor, tail: int, cuts: dict[tuple[int, int], tuple[float, float]], min_span: int,
                 sink: int, ident: ModelIdentity) -> float:
-    """Mean loss of the last ``tail`` tokens with KV head (layer, h) given span (alpha, beta) for each cut."""
+    """Mean loss of the last ``tail`` tokens with KV head (layer, h) given span (alpha, beta) for each cut: SDPA with
+    a per-head boolean mask in the cut layers, the model's own attention elsewhere."""
     from overdrive.moa.calibrate import _response_loss
 
     n = ids.shape[1]
@@ -71,32 +53,42 @@ def masked_loss(model, ids: torch.Tensor, tail: int, cuts: dict[tuple[int, int],
     for layer in sorted({l for l, _ in cuts}):
         ab = [cuts.get((layer, h), (0.0, 1.0)) for h in range(ident.num_kv_heads)]
         masks[layer] = span_mask(HeadSpans(tuple(a for a, _ in ab), tuple(b for _, b in ab), min_span), n, sink)
-    with attention_function(model, EXACT, _masked_attention, _MASKS, masks):
-        return float(_response_loss(model, ids, tail))
+
+    def attention(call):
+        mask = masks.get(call.layer)
+        if mask is None:
+            return None
+        rep = call.query.shape[1] // call.key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            call.query, call.key.repeat_interleave(rep, 1), call.value.repeat_interleave(rep, 1),
+            attn_mask=mask.to(call.query.device).repeat_interleave(rep, 0)[None], scale=call.scale)
+        return out.transpose(1, 2).contiguous()
+
+    (logits,) = run.forward([{"input_ids": ids}], attention=attention, logits=slice(-tail - 1, -1))
+    return float(_response_loss(logits, ids, tail))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from overdrive.contracts.llm_calibration import load_for_calibration
     from overdrive.moa.calibrate import CalibOptions, profile
     from overdrive.testing.real import opticks_split
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    ident = ModelIdentity.from_hf_config(model.config)
+    llm = load_for_calibration(args.model, device="cpu", dtype="float32")
+    tok = llm.tokenizer
+    ident = llm.geometry.identity
     text = opticks_split()[0]
     stream = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     ids = stream[:args.samples * args.length].reshape(args.samples, args.length)
-    cuts = {"min_span": (0.0, 0.0), "half": (0.0, 0.5)}
+    cuts = {k: v for k, v in CUTS.items() if k in args.cuts}
     spans = HeadSpans(tuple(a for a, _ in cuts.values()), tuple(b for _, b in cuts.values()), args.min_span)
     t0 = time.perf_counter()
     pred = {}
     for est in ("entry", "row"):
         opts = CalibOptions(response_tokens=args.tail, sink=args.sink, min_span=args.min_span, estimate=est,
                             target="text")
-        pred[est] = profile(model, [ids], opts, spans, ident)  # (L, Hk, 2)
+        pred[est] = profile(llm, [ids], opts, spans, ident)  # (L, Hk, 2)
     profile_s = time.perf_counter() - t0
-    dense = masked_loss(model, ids, args.tail, {}, args.min_span, args.sink, ident)
+    dense = masked_loss(llm, ids, args.tail, {}, args.min_span, args.sink, ident)
     units = [(l, h) for l in range(ident.num_layers) for h in range(ident.num_kv_heads)]
     order = sorted(units, key=lambda u: float(pred["entry"][u[0], u[1], 0]))  # cheapest min-span cut first
     rest = order[args.cheap:]
@@ -107,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = {"layer": l, "kv_head": h}
         for c, (name, ab) in enumerate(cuts.items()):
             row[name] = {"entry": float(pred["entry"][l, h, c]), "row": float(pred["row"][l, h, c]),
-                         "exact": masked_loss(model, ids, args.tail, {(l, h): ab}, args.min_span, args.sink, ident) - dense}
+                         "exact": masked_loss(llm, ids, args.tail, {(l, h): ab}, args.min_span, args.sink, ident) - dense}
         heads.append(row)
         print(f"layer {l:2d} head {h}: " + "; ".join(
             f"{name} entry {row[name]['entry']:+.4f} row {row[name]['row']:+.4f} exact {row[name]['exact']:+.4f}"
@@ -116,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sets = []
     for k in args.sets:
         chosen = order[:k]
-        exact = masked_loss(model, ids, args.tail, {u: cuts["min_span"] for u in chosen}, args.min_span, args.sink,
+        exact = masked_loss(llm, ids, args.tail, {u: CUTS["min_span"] for u in chosen}, args.min_span, args.sink,
                             ident) - dense
         known = [single[u] for u in chosen if u in single]
         sets.append({"k": k, "heads": [list(u) for u in chosen], "exact": exact,
@@ -155,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cheap", type=int, default=8, help="heads the entry estimate calls cheapest, measured exactly")
     ap.add_argument("--others", type=int, default=6, help="further heads, spread over the rest, measured exactly")
     ap.add_argument("--sets", type=int, nargs="*", default=[3, 8, 23], help="cut the k cheapest heads at once")
+    ap.add_argument("--cuts", nargs="+", choices=tuple(CUTS), default=list(CUTS), help="spans measured per head")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny model and sizes (a smoke run)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if "min_span" not in args.cuts:
+        ap.error("--cuts must include min_span (the sets and the head order use it)")
+    args.cuts = [c for c in CUTS if c in args.cuts]  # min_span first
     if args.quick:
         from overdrive.testing import tiny_llama
 
@@ -169,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = smollm2_135m()
     torch.set_num_threads(args.threads)
-    r = run(args)
+    r = run(args)  # the calibration run is closed with the process
     print(f"{r['device']}  {r['date']}  dense loss {r['dense_loss']:.4f}  ({r['seconds']:.0f} s)")
     for cut, s in r["summary"].items():
         print(f"{cut}: " + "; ".join(f"{est}: pearson {v['pearson']:.3f}, median exact/predicted "
