@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan-dir", type=Path, default=None,
                     help="plans moa-d<density>.json (read when present, else calibrated and kept there)")
     ap.add_argument("--calib-max-len", type=int, default=4096, help="calibration --max-len")
-    ap.add_argument("--calib-lengths", default="512,1024", help="calibration --lengths")
-    ap.add_argument("--calib-validate-length", type=int, default=1536, help="calibration --validate-length")
+    ap.add_argument("--calib-lengths", default="1024,2048",
+                    help="calibration --lengths (where the smallest span's density is well under the budget)")
+    ap.add_argument("--calib-validate-length", type=int, default=3072, help="calibration --validate-length")
     ap.add_argument("--calib-samples", type=int, default=2)
     ap.add_argument("--calib-target", choices=("dense", "text"), default="dense")
     ap.add_argument("--sink", type=int, default=64)

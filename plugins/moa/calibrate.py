@@ -51,7 +51,7 @@ from .search import (ALPHA_MULTIPLES, candidate_density, candidate_losses, candi
 
 __all__ = ["ALPHA_MULTIPLES", "BUILTIN_TEXT", "TARGETS", "CalibOptions", "calibrate", "candidate_density",
            "candidate_losses", "candidates", "influence_chunks", "make_samples", "profile", "select",
-           "uniform_references", "validation_loss", "validation_table"]
+           "uniform_references", "validation_loss", "validation_table", "budget_notes"]
 
 #: a short English text so the command works out of the box (repeated to length); pass --data for real use
 BUILTIN_TEXT = (
@@ -206,6 +206,18 @@ def validation_table(cal: dict) -> str:
     return "\n".join(lines)
 
 
+def budget_notes(cal: dict) -> list[str]:
+    """Warnings about the density budget: a constrained length where even the smallest span reads more than half
+    the budget leaves the heads little room, so that length, not the served ones, shapes the plan (measured on
+    SmolLM2-135M: docs/methods/moa.md, "Why the calibrated plan lost")."""
+    obj = cal.get("objective", {})
+    budget = float(obj.get("density", 0.0))
+    return [f"at {n} tokens the smallest span (--min-span, --sink) already reads {floor:.3f} of the causal entries, "
+            f"over half the --density budget {budget:g}: the plan will be shaped by this length; profile at longer "
+            "--lengths or lower --min-span/--sink"
+            for n, floor in obj.get("smallest_span_density", {}).items() if floor > budget / 2]
+
+
 def calibrate(run: LLMCalibration, opts: CalibOptions) -> MoAPlan:
     """The whole pipeline (module docstring); ``opts`` are resolved against the model's context length."""
     ident = run.geometry.identity
@@ -266,7 +278,9 @@ def calibrate(run: LLMCalibration, opts: CalibOptions) -> MoAPlan:
         "samples": opts.samples, "response_tokens": opts.response_tokens, "target": opts.target, "data": opts.data,
         "objective": {"loss": "cross-entropy of the last response_tokens tokens of each sample",
                       "target": opts.target, "estimate": opts.estimate, "density": opts.density,
-                      "constrained_lengths": constrained, "selection": "scipy milp, one solve per length weighting; "
+                      "constrained_lengths": constrained,
+                      "smallest_span_density": {str(n): float(d.min()) for n, d in zip(constrained, densities)},
+                      "selection": "scipy milp, one solve per length weighting; "
                       "the lowest validation loss among them and the uniform references is written"},
         "candidates": {"alpha_step": opts.alpha_step, "alpha_multiples": list(ALPHA_MULTIPLES), "betas": opts.betas},
         "density_at": {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]},

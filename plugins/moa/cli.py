@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate, validation_table
+    from .calibrate import budget_notes, calibrate, validation_table
 
     try:
         try:
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
           f"density {dens} (budget {plan.density}; target {cal['target']}, estimate {cal['objective']['estimate']}, "
           f"data {cal['data']})")
     print(validation_table(cal))
+    for note in budget_notes(cal):
+        print(f"overdrive calibrate --method moa: note: {note}", file=sys.stderr)
     if val["result"] != "moa":
         print(f"overdrive calibrate --method moa: no head-specific plan beat a uniform span of the same reads at "
               f"{cal['validate_length']} tokens; wrote the {val['result']} plan (every head the same span)",

@@ -195,6 +195,15 @@ def test_calibrate_in_process_meets_the_budget_at_every_length(tmp_path, monkeyp
     plan = calibrate(run, opts)
     assert len(list((tmp_path / "profiles").glob("moa-profile-*.safetensors"))) == 2  # one per profile length
     assert plan.calibration["objective"]["density"] == 0.5 and plan.calibration["objective"]["estimate"] == "row"
+    floors = plan.calibration["objective"]["smallest_span_density"]
+    assert set(floors) == {"64", "128", "160"}
+    for n, floor in floors.items():  # the sparsest candidate: sink 4 + min span 8 (closed form of the per-query rule)
+        n = int(n)
+        assert floor == pytest.approx(sum(min(t, 8) for t in range(1, n + 1)) / (n * (n + 1) / 2))
+    assert cal.budget_notes(plan.calibration) == []  # 0.23 at 64 < half of 0.5
+    tight = {"objective": {"density": 0.3, "smallest_span_density": {"64": 0.23, "128": 0.12}}}
+    (note,) = cal.budget_notes(tight)
+    assert note.startswith("at 64 tokens the smallest span") and "0.230" in note
     table = cal.validation_table(plan.calibration)
     assert table.count("<- written") == 1 and "dense" in table and "streamingllm" in table
 
