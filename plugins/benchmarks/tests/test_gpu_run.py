@@ -299,3 +299,15 @@ def test_calibration_part_calls_the_benchmark_with_fewer_samples_on_a_gpu_run(tm
     assert seen == [("cuda", False, tmp_path, gpu_parts.CALIBRATION_SAMPLES), ("cpu", True, tmp_path, None)]
     fake.run = lambda device, quick, out_dir: {"y": 2}  # the brief's signature only: called as is
     assert gpu_parts.calibration("cuda", False, tmp_path) == {"y": 2}
+
+
+def test_a_tree_without_git_takes_the_commit_the_wheels_were_prepared_at(tmp_path, monkeypatch):
+    (tmp_path / "COMMIT").write_text("0123abc\n")
+    monkeypatch.setenv("OVERDRIVE_COMMIT", "")  # recorded, so what the test sets is undone afterwards
+    monkeypatch.delenv("OVERDRIVE_COMMIT")
+    monkeypatch.setattr(gpu, "_commit", lambda: "fedcba9")  # a git checkout: its own commit stands
+    gpu.commit_from(tmp_path)
+    assert "OVERDRIVE_COMMIT" not in __import__("os").environ
+    monkeypatch.setattr(gpu, "_commit", lambda: None)  # a copy without .git (the GPU machine)
+    gpu.commit_from(tmp_path)
+    assert __import__("os").environ["OVERDRIVE_COMMIT"] == f"0123abc (from {tmp_path.name}/COMMIT)"
