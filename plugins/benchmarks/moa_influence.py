@@ -12,13 +12,14 @@ loss on their last ``--tail`` tokens (``--target text``):
    attention output only). Cuts: the smallest span (``min_span``: sink + recent window) and half the length.
 2. **Exact** loss change of masking that head alone (a real forward with a per-head boolean mask through SDPA,
    independent of the span kernels) for a sample of heads: the ``--cheap`` heads the entry estimate calls
-   cheapest (what the milp cuts first) and ``--others`` spread over the rest.
+   cheapest (what the milp cuts first) and ``--others`` spread evenly over the rest (its cheapest and its costliest included).
 3. **Additivity**: the exact loss change of cutting the k cheapest heads at once (k in ``--sets``) vs the sum of
    their predicted and their single exact changes.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     units = [(l, h) for l in range(ident.num_layers) for h in range(ident.num_kv_heads)]
     order = sorted(units, key=lambda u: float(pred["entry"][u[0], u[1], 0]))  # cheapest min-span cut first
     rest = order[args.cheap:]
-    step = max(1, len(rest) // max(1, args.others))
-    sample = order[:args.cheap] + rest[::step][:args.others]
+    picks = sorted({round(i * (len(rest) - 1) / max(1, args.others - 1)) for i in range(args.others)}) if rest else []
+    sample = order[:args.cheap] + [rest[i] for i in picks]  # evenly over the rest, the costliest head included
     heads = []
     for (l, h) in sample:
         row = {"layer": l, "kv_head": h}
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "length": args.length, "samples": args.samples, "tail": args.tail, "sink": args.sink,
             "min_span": args.min_span, "cuts": {k: list(v) for k, v in cuts.items()}, "dense_loss": dense,
             "profile_seconds": profile_s, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
             "heads": heads, "sets": sets, "summary": summary,
             "all_predicted": {est: pred[est].tolist() for est in pred}}
 
