@@ -165,10 +165,11 @@ class Block:
 
     @torch.no_grad()
     def record(self, roles: Sequence[str], calls: Sequence[BlockCall] | None = None, keep_calls: bool = False,
-               on_input: Callable[[str, torch.Tensor], None] | None = None,
-               keep: Callable[[int], bool] | None = None) -> dict[str, Recording]:
+               on_input: Callable[[str, torch.Tensor, int], None] | None = None,
+               keep: Callable[[int], bool] | None = None, outputs: list[torch.Tensor] | None = None
+               ) -> dict[str, Recording]:
         recs = {r: Recording() for r in roles}
-        state = {"keep": True}
+        state = {"keep": True, "call": 0}
         handles = []
         for r in roles:
             if r not in self.roles:
@@ -177,7 +178,7 @@ class Block:
             def pre(_m, args, kwargs, r=r):
                 x = args[0] if args else kwargs["hidden_states"]
                 if on_input is not None:
-                    on_input(r, x)
+                    on_input(r, x, state["call"])
                 if state["keep"]:
                     recs[r].inputs.append(x.detach())
                     if keep_calls:
@@ -191,11 +192,13 @@ class Block:
                         self.roles[r].register_forward_hook(post, with_kwargs=True)]
         try:
             for j, c in enumerate(self._calls if calls is None else calls):
-                state["keep"] = keep is None or keep(j)
+                state["keep"], state["call"] = keep is None or keep(j), j
                 out = self._forward(self._run._on_device(c))
                 if not torch.isfinite(out).all():
                     raise ConfigError(f"NaN/inf activations at decoder layer {self.index} (block output) on "
                                       f"calibration batch {j}; nothing was written")
+                if outputs is not None:
+                    outputs.append(self._run._store(out))
         finally:
             for h in handles:
                 h.remove()
@@ -385,6 +388,20 @@ class TransformersCalibration:
                  retain: Sequence[str] = (), logits: slice | None = None,
                  visit: Callable[[Block, int, dict[str, tuple[torch.Tensor, torch.Tensor]]], None] | None = None,
                  desc: str | None = None) -> list[float]:
+        params = list(self.model.parameters())
+        req = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)  # gradients flow to activations only
+        try:
+            return self._backward(batches, loss, attention, retain, logits, visit, desc)
+        finally:
+            for p, r in zip(params, req):
+                p.requires_grad_(r)
+
+    def _backward(self, batches: Sequence[Batch], loss: LossFn, attention: AttentionFn | None,
+                  retain: Sequence[str], logits: slice | None,
+                  visit: Callable[[Block, int, dict[str, tuple[torch.Tensor, torch.Tensor]]], None] | None,
+                  desc: str | None) -> list[float]:
         with torch.no_grad():
             calls, kept = self._layer_outputs(batches, None, f"{desc}: forward" if desc else None, keep=True)
         grads: list[torch.Tensor] = []
@@ -404,9 +421,8 @@ class TransformersCalibration:
         for i in (progress(it, desc=f"{desc}: backward", total=len(self.layers), unit="block") if desc else it):
             self._onload(i)
             layer = self.layers[i]
-            req = [p.requires_grad for p in layer.parameters()]
             for p in layer.parameters():
-                p.requires_grad_(False)
+                p.requires_grad_(False)  # (onloading may have made new parameter tensors)
             blk = Block(self, i, [])
             try:
                 for j, (h, kw) in enumerate(zip(kept[i], kwargs)):
@@ -426,8 +442,6 @@ class TransformersCalibration:
                     del out, x
                 kept[i] = []
             finally:
-                for p, r in zip(layer.parameters(), req):
-                    p.requires_grad_(r)
                 self._offload(i)
         return losses
 
@@ -448,6 +462,10 @@ class TransformersCalibration:
             nxt = self.forward([{"input_ids": out}], logits=slice(-1, None))[0][:, -1].argmax(-1).cpu()
             out = torch.cat([out, nxt[:, None]], dim=1)
         return out
+
+    def resident_model(self) -> torch.nn.Module:
+        self.model.to(self.device, self.dtype)
+        return self.model
 
     def save(self, path: str | Path) -> None:
         self.model.save_pretrained(path)
@@ -489,3 +507,9 @@ def load(model: Path | torch.nn.Module, *, device: str = "cpu", dtype: torch.dty
     auto = AutoModelForImageTextToText if hasattr(conf, "vision_config") else AutoModelForCausalLM
     m = auto.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
     return TransformersCalibration(m, device, compute_dtype, offload_activations, tokenizer, processor, source=path)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -44,6 +44,8 @@ PROPAGATE = ("calibrated", "original")
 
 #: the implementations of this contract, by framework: "module:attribute" of their ``load``
 BACKENDS = {"transformers": "overdrive.adapters.transformers.calibration:load"}
+#: their tokenizer loaders
+TOKENIZERS = {"transformers": "overdrive.adapters.transformers.calibration:load_tokenizer"}
 
 #: a calibration batch: the model's keyword inputs (``input_ids``, ``attention_mask``, ``position_ids``,
 #: ``pixel_values``, ...), tensors on the CPU
@@ -83,13 +85,15 @@ def check_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def add_device_arguments(p: Any, dtype_default: str = "auto") -> None:
+def add_device_arguments(p: Any, dtype_default: str = "auto", activations: bool = True) -> None:
     """``--device``, ``--dtype`` and ``--offload-activations``: shared by every LLM calibration command."""
     p.add_argument("--device", default=None,
                    help="device the decoder blocks are calibrated on, one block at a time (default: cuda when "
                         "available, else cpu)")
     p.add_argument("--dtype", default=dtype_default, choices=tuple(DTYPES),
                    help=f"dtype the model is loaded and run in (auto: the checkpoint's; default {dtype_default})")
+    if not activations:
+        return
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations on the CPU (moved to the device per batch) instead of "
                         "on the device")
@@ -183,11 +187,14 @@ class CalibrationBlock(Protocol):
         """The block's outputs ``(B, N, H)`` on ``calls`` (default: all), no grad."""
 
     def record(self, roles: Sequence[str], calls: Sequence[BlockCall] | None = None, keep_calls: bool = False,
-               on_input: Callable[[str, torch.Tensor], None] | None = None,
-               keep: Callable[[int], bool] | None = None) -> dict[str, Recording]:
-        """Run the block on ``calls`` and record the named sub-modules. ``on_input(role, x)`` sees every
-        input (e.g. to accumulate statistics or Hessians without keeping them); ``keep(call_index)``
-        chooses the calls whose tensors are kept (default: all)."""
+               on_input: Callable[[str, torch.Tensor, int], None] | None = None,
+               keep: Callable[[int], bool] | None = None, outputs: list[torch.Tensor] | None = None
+               ) -> dict[str, Recording]:
+        """Run the block on ``calls`` and record the named sub-modules. ``on_input(role, x, call_index)``
+        sees every input ``(B, N, F)`` (e.g. to accumulate statistics, or per-linear Hessians sum x xᵀ,
+        token-weighted by the call's sample, without keeping the inputs); ``keep(call_index)``
+        chooses the calls whose tensors are kept (default: all); ``outputs`` (a list) receives the
+        block's outputs, e.g. to propagate them with :meth:`set_outputs` without running the block again."""
 
     def set_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
         """Propagate these outputs (one per call) to the next block instead of running the block."""
@@ -234,6 +241,10 @@ class LLMCalibration(Protocol):
     def save(self, path: str | Path) -> None:
         """Write the (calibrated) model and its tokenizer/processor as a checkpoint folder."""
 
+    def resident_model(self) -> torch.nn.Module:
+        """The whole model on the device, for calibrations that generate with a KV cache (R2R labels); it
+        must fit the device. Called as the framework calls it (``model(input_ids=..., ...)``)."""
+
     def close(self) -> None:
         """Restore the model (attention implementation) and release the device."""
 
@@ -256,3 +267,12 @@ def load_for_calibration(model: str | Path | torch.nn.Module, *, device: str | N
         model = Path(model)
     return _resolve(BACKENDS[framework])(model, device=device, dtype=check_dtype(dtype),
                                          offload_activations=offload_activations, compute_dtype=compute_dtype, **kw)
+
+
+def load_tokenizer(model: str | Path, framework: str = "transformers") -> Any:
+    """The tokenizer of a checkpoint folder, without loading its weights."""
+    from overdrive.spec import _resolve
+
+    if framework not in TOKENIZERS:
+        raise ConfigError(f"no LLM calibration for framework {framework!r}; known: {', '.join(TOKENIZERS)}")
+    return _resolve(TOKENIZERS[framework])(Path(model))

@@ -135,7 +135,8 @@ def profile(run: LLMCalibration, batches: Sequence[torch.Tensor], opts: CalibOpt
 
     run.backward([{"input_ids": b} for b in batches],
                  lambda logits, j: _response_loss(logits, batches[j], r).mul(batches[j].shape[0]),
-                 attention=record, logits=slice(-r - 1, -1), visit=visit)
+                 attention=record, logits=slice(-r - 1, -1), visit=visit,
+                 desc=f"moa: influence at {int(batches[0].shape[1])} tokens")
     return total / count
 
 
