@@ -18,8 +18,12 @@ Pipeline (``calibrate(run, opts)``) on a language model loaded for calibration (
    of ``I`` (the block sums are the special case of spans rounded to blocks). Under GQA the query heads of a
    KV group share a span, so their influences add: one span per KV head, no conversion to MHA.
 3. **Candidates.** ``alpha`` in ``alpha_step * {-2, -1, 0, 1, 2, 4, 8}`` (``alpha_step = M / 16``) and
-   ``beta`` in ``linspace(0, 1, --betas)``. Candidate c's loss for (layer, KV head) at length N: the sum of
-   ``I`` over the entries its span drops, per sample averaged. Its density at N: the fraction of causal
+   ``beta`` in ``linspace(0, 1, --betas)``. Candidate c's loss for (layer, KV head) at length N, per sample
+   averaged: with ``--estimate row`` (default) each query row's drop D taken whole, the row renormalised
+   exactly over what it keeps and the loss linearised in the attention output only,
+   ``sum_i -sum_D A_ij (g_ij - dO_i . O_i) / (1 - sum_D A_ij)``; with ``--estimate entry`` MoA's sum of
+   ``I`` over the dropped entries, which misses the ``1 / (1 - dropped mass)`` of a deep cut
+   (:func:`.search.candidate_losses`). ``--profile-cache`` keeps the profiles (they do not depend on the density). Its density at N: the fraction of causal
    entries it reads (``HeadSpans.density``; the span rule is per query, see the KV-cache contract).
 4. **Selection** (``scipy.optimize.milp``, no Gurobi): one candidate per (layer, KV head) minimising a
    weighted sum of the per-length losses (each normalised), with the model's mean density at every profile
@@ -47,7 +51,7 @@ from .search import (ALPHA_MULTIPLES, candidate_density, candidate_losses, candi
 
 __all__ = ["ALPHA_MULTIPLES", "BUILTIN_TEXT", "TARGETS", "CalibOptions", "calibrate", "candidate_density",
            "candidate_losses", "candidates", "influence_chunks", "make_samples", "profile", "select",
-           "uniform_references", "validation_loss"]
+           "uniform_references", "validation_loss", "validation_table", "budget_notes"]
 
 #: a short English text so the command works out of the box (repeated to length); pass --data for real use
 BUILTIN_TEXT = (
@@ -127,7 +131,7 @@ def profile(run: LLMCalibration, batches: Sequence[torch.Tensor], opts: CalibOpt
         if out.grad is None:
             raise RuntimeError("no gradient reached an attention output; is the model's attention on the "
                                "calibration path?")
-        total[block.index] += candidate_losses(q, k, v, out, out.grad, scale, spans, opts.sink).cpu()
+        total[block.index] += candidate_losses(q, k, v, out, out.grad, scale, spans, opts.sink, opts.estimate).cpu()
 
     run.backward([{"input_ids": b} for b in batches],
                  lambda logits, j: _response_loss(logits, batches[j], r).mul(batches[j].shape[0]),
@@ -162,6 +166,59 @@ def validation_loss(run: LLMCalibration, batches: Sequence[torch.Tensor], opts: 
     return total / sum(int(b.shape[0]) for b in batches)
 
 
+def _profile_path(run: LLMCalibration, stream: torch.Tensor, length: int, offset: int,
+                  cands: Sequence[tuple[float, float]], opts: CalibOptions) -> Path | None:
+    """Where the profile of this length lives in ``opts.profile_cache`` (None: no cache). The name hashes what
+    the profile depends on: the model (identity, path, its input embedding's first values), the calibration
+    tokens, the length and offset, samples, response tokens, target, sink, min span, candidates, estimate."""
+    if not opts.profile_cache:
+        return None
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    model = getattr(run, "model", None)
+    config = getattr(model, "config", None)
+    h.update(json.dumps({"identity": run.geometry.identity.to_dict(), "path": str(getattr(config, "_name_or_path", "")),
+                         "length": length, "offset": offset, "samples": opts.samples, "batch": opts.batch_size,
+                         "response": opts.response_tokens, "target": opts.target, "sink": opts.sink,
+                         "min_span": opts.min_span, "cands": list(cands), "estimate": opts.estimate},
+                        sort_keys=True).encode())
+    emb = model.get_input_embeddings().weight if model is not None and hasattr(model, "get_input_embeddings") else None
+    if emb is not None and emb.device.type != "meta":
+        h.update(emb.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    h.update(stream.numpy().tobytes())
+    return Path(opts.profile_cache) / f"moa-profile-{length}-{h.hexdigest()[:20]}.safetensors"
+
+
+def validation_table(cal: dict) -> str:
+    """The table calibration chose by: every candidate plan's and reference's validation loss (and vs dense)."""
+    val = cal["validation"]
+    dense = val["dense_loss"]
+    rows = [("dense", dense, "")]
+    for i, p in enumerate(val["plans"]):
+        rows.append((f"moa (length weights {', '.join(f'{w:g}' for w in p['weights'])})", p["loss"],
+                     " <- written" if val["result"] == "moa" and i == val["chosen"] else ""))
+    for name, loss in val["uniform"].items():
+        rows.append((f"{name} (every head the same span)", loss, " <- written" if val["result"] == name else ""))
+    lines = [f"validation loss at {cal['validate_length']} tokens ({cal['samples']} samples, loss on the last "
+             f"{cal['response_tokens']} tokens, target {cal['target']}):", f"  {'plan':<48} {'loss':>8} {'vs dense':>9}"]
+    lines += [f"  {name:<48} {loss:8.4f} {loss - dense:+9.4f}{mark}" for name, loss, mark in rows]
+    return "\n".join(lines)
+
+
+def budget_notes(cal: dict) -> list[str]:
+    """Warnings about the density budget: a constrained length where even the smallest span reads more than half
+    the budget leaves the heads little room, so that length, not the served ones, shapes the plan (measured on
+    SmolLM2-135M: docs/methods/moa.md, "Why the calibrated plan lost")."""
+    obj = cal.get("objective", {})
+    budget = float(obj.get("density", 0.0))
+    return [f"at {n} tokens the smallest span (--min-span, --sink) already reads {floor:.3f} of the causal entries, "
+            f"over half the --density budget {budget:g}: the plan will be shaped by this length; profile at longer "
+            "--lengths or lower --min-span/--sink"
+            for n, floor in obj.get("smallest_span_density", {}).items() if floor > budget / 2]
+
+
 def calibrate(run: LLMCalibration, opts: CalibOptions) -> MoAPlan:
     """The whole pipeline (module docstring); ``opts`` are resolved against the model's context length."""
     ident = run.geometry.identity
@@ -175,8 +232,21 @@ def calibrate(run: LLMCalibration, opts: CalibOptions) -> MoAPlan:
     stream = _context_ids(run.tokenizer, opts.data)
     losses = {}
     for j, n in enumerate(progress(opts.lengths, desc="moa: influence profile")):
-        batches = make_samples(run, stream, n, opts, offset=(j * 7919) % stream.numel())
-        losses[n] = profile(run, batches, opts, spans, ident)
+        offset = (j * 7919) % stream.numel()
+        cache = _profile_path(run, stream, n, offset, cands, opts)
+        if cache is not None and cache.is_file():
+            from safetensors.torch import load_file
+
+            losses[n] = load_file(str(cache))["losses"]
+            continue
+        losses[n] = profile(run, make_samples(run, stream, n, opts, offset=offset), opts, spans, ident)
+        if cache is not None:
+            from safetensors.torch import save_file
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({"losses": losses[n].contiguous()}, str(tmp))
+            tmp.replace(cache)
     norm = [losses[n] / max(float(losses[n].abs().amax(-1).sum()), 1e-30) for n in opts.lengths]
     weightings = [[1.0 if i == j else 0.0 for i in range(len(norm))] for j in range(len(norm))]
     weightings.append([1.0 / len(norm)] * len(norm))
@@ -207,6 +277,12 @@ def calibrate(run: LLMCalibration, opts: CalibOptions) -> MoAPlan:
     info = {
         "lengths": list(opts.lengths), "max_len": opts.max_len, "validate_length": opts.validate_length,
         "samples": opts.samples, "response_tokens": opts.response_tokens, "target": opts.target, "data": opts.data,
+        "objective": {"loss": "cross-entropy of the last response_tokens tokens of each sample",
+                      "target": opts.target, "estimate": opts.estimate, "density": opts.density,
+                      "constrained_lengths": constrained,
+                      "smallest_span_density": {str(n): float(d.min()) for n, d in zip(constrained, densities)},
+                      "selection": "scipy milp, one solve per length weighting; "
+                      "the lowest validation loss among them and the uniform references is written"},
         "candidates": {"alpha_step": opts.alpha_step, "alpha_multiples": list(ALPHA_MULTIPLES), "betas": opts.betas},
         "density_at": {str(n): plan.density_at(n) for n in constrained + [opts.validate_length]},
         "validation": {"dense_loss": dense, "plans": [{"weights": pw, "loss": s} for (pw, _), s in zip(plans, scores)],

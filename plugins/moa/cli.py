@@ -8,7 +8,7 @@ from pathlib import Path
 from overdrive.config import ConfigError
 from overdrive.contracts.llm_calibration import add_device_arguments, check_device, load_for_calibration
 
-from .config import TARGETS, CalibOptions
+from .config import ESTIMATES, TARGETS, CalibOptions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,11 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-step", type=int, default=0, help="alpha grid step (default max-len/16)")
     p.add_argument("--betas", type=int, default=9, help="beta grid size over [0, 1]")
     p.add_argument("--data", type=Path, default=None, help="calibration text (.txt, or .jsonl with 'text')")
+    p.add_argument("--estimate", choices=ESTIMATES, default="row",
+                   help="influence of a candidate's drop: 'row' (each query row renormalised exactly, the loss "
+                        "linearised in the attention output) or 'entry' (MoA's per-entry influence, summed)")
+    p.add_argument("--profile-cache", type=Path, default=None,
+                   help="folder to keep influence profiles in and reuse (they do not depend on --density)")
     add_device_arguments(p, dtype_default="float32")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
+    from .calibrate import budget_notes, calibrate, validation_table
 
     try:
         try:
@@ -45,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         opts = CalibOptions(density=args.density, max_len=args.max_len, lengths=lengths,
                             validate_length=args.validate_length, samples=args.samples, batch_size=args.batch_size,
                             response_tokens=args.response_tokens, target=args.target, sink=args.sink, min_span=args.min_span,
-                            alpha_step=args.alpha_step, betas=args.betas, data=str(args.data) if args.data else "builtin")
+                            alpha_step=args.alpha_step, betas=args.betas, data=str(args.data) if args.data else "builtin",
+                            estimate=args.estimate, profile_cache=str(args.profile_cache or ""))
         check_device(args.device)
         run = load_for_calibration(args.model, device=args.device, dtype=args.dtype,
                                    offload_activations=args.offload_activations)
@@ -61,11 +67,12 @@ def run(args: argparse.Namespace) -> int:
     cal = plan.calibration
     dens = ", ".join(f"{n}: {d:.3f}" for n, d in cal["density_at"].items())
     val = cal["validation"]
-    moa_loss = val["plans"][val["chosen"]]["loss"]
-    refs = ", ".join(f"{k} {v:.4f}" for k, v in val["uniform"].items())
-    print(f"wrote {args.output}: {ident.architecture}, {ident.num_layers} layers x {ident.num_kv_heads} KV heads; density "
-          f"{dens}; validation loss at {cal['validate_length']} tokens: best head-specific plan {moa_loss:.4f} "
-          f"(dense {val['dense_loss']:.4f}, {len(val['plans'])} Pareto plan(s); uniform spans {refs or 'none fit'})")
+    print(f"wrote {args.output}: {ident.architecture}, {ident.num_layers} layers x {ident.num_kv_heads} KV heads; "
+          f"density {dens} (budget {plan.density}; target {cal['target']}, estimate {cal['objective']['estimate']}, "
+          f"data {cal['data']})")
+    print(validation_table(cal))
+    for note in budget_notes(cal):
+        print(f"overdrive calibrate --method moa: note: {note}", file=sys.stderr)
     if val["result"] != "moa":
         print(f"overdrive calibrate --method moa: no head-specific plan beat a uniform span of the same reads at "
               f"{cal['validate_length']} tokens; wrote the {val['result']} plan (every head the same span)",

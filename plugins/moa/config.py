@@ -138,6 +138,7 @@ def matched_baselines(plan: MoAPlan, ident: ModelIdentity, length: int) -> dict[
 
 # ------------------------------------------------------------------------------ calibration options
 TARGETS = ("dense", "text")
+ESTIMATES = ("row", "entry")
 
 
 @dataclasses.dataclass
@@ -155,6 +156,8 @@ class CalibOptions:
     alpha_step: int = 0  # 0: M / 16
     betas: int = 9
     data: str = "builtin"
+    estimate: str = "row"  # "row": each query row's drop renormalised exactly; "entry": MoA's per-entry sum
+    profile_cache: str = ""  # a folder: influence profiles are kept there and reused (they do not depend on the density)
 
     def resolve(self, max_positions: int) -> "CalibOptions":
         """Fill the length defaults from the model's context and check everything (ConfigError names the option)."""
@@ -171,6 +174,8 @@ class CalibOptions:
             o.validate_length = 3 * o.max_len // 4
         if o.alpha_step <= 0:
             o.alpha_step = max(1, o.max_len // 16)
+        if o.estimate not in ESTIMATES:
+            raise ConfigError(f"--estimate must be one of {ESTIMATES}, got {o.estimate!r}")
         if o.target not in TARGETS:
             raise ConfigError(f"--target must be one of {TARGETS}, got {o.target!r}")
         if o.response_tokens <= 0:

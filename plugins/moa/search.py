@@ -12,7 +12,7 @@ import torch
 from overdrive.config import ConfigError
 from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
 
-from .config import CalibOptions, MoAPlan, uniform_plan
+from .config import ESTIMATES, CalibOptions, MoAPlan, uniform_plan
 
 ALPHA_MULTIPLES = (-2, -1, 0, 1, 2, 4, 8)
 
@@ -29,10 +29,12 @@ def candidate_density(cands: Sequence[tuple[float, float]], length: int, opts: C
     return torch.tensor(spans.density(length, opts.sink), dtype=torch.float64)
 
 
-def influence_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     scale: float, budget: int = 1 << 24) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (first query, end, I) with I (Hk, chunk, N): the masking influence summed over the batch and over
-    the query heads of each KV group. q (B, Hq, N, D), k/v (B, Hk, N, D), out/dout (B, N, Hq, D)."""
+def _attention_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                      scale: float, budget: int = 1 << 24
+                      ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yield (first query, end, A, T) per query chunk, both (B, Hq, chunk, N) in float32 or wider: the causal
+    attention ``A`` and ``T_ij = -A_ij (g_ij - sum_k A_ik g_ik)`` with ``g_ij = dO_i . v_j`` (zero off the
+    causal part). q (B, Hq, N, D), k/v (B, Hk, N, D), out/dout (B, N, Hq, D)."""
     b, hq, n, d = q.shape
     hk = k.shape[1]
     ct = torch.promote_types(q.dtype, torch.float32)
@@ -48,26 +50,62 @@ def influence_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
         g = do[:, :, c0:c1] @ vv.transpose(-1, -2)  # dL/dA
         dot = (do[:, :, c0:c1] * o[:, :, c0:c1]).sum(-1, keepdim=True)  # sum_k A_ik g_ik
-        infl = -a * (g - dot) / (1.0 - a).clamp_min(1e-6)
-        infl = infl.masked_fill(~causal, 0.0)
-        yield c0, c1, infl.view(b, hk, hq // hk, c1 - c0, n).sum(dim=(0, 2))
+        yield c0, c1, a, (-a * (g - dot)).masked_fill(~causal, 0.0)
+
+
+def influence_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                     scale: float, budget: int = 1 << 24) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (first query, end, I) with I (Hk, chunk, N): MoA's per-entry masking influence
+    ``I_ij = -A_ij (g_ij - sum_k A_ik g_ik) / (1 - A_ij)`` summed over the batch and over the query heads of
+    each KV group. q (B, Hq, N, D), k/v (B, Hk, N, D), out/dout (B, N, Hq, D)."""
+    b, hq = q.shape[:2]
+    hk = k.shape[1]
+    for c0, c1, a, t in _attention_chunks(q, k, v, out, dout, scale, budget):
+        infl = t / (1.0 - a).clamp_min(1e-6)
+        yield c0, c1, infl.view(b, hk, hq // hk, c1 - c0, -1).sum(dim=(0, 2))
+
+
+def _dropped(qlen: torch.Tensor, spans: HeadSpans, sink: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (c, C): a query of length ``qlen`` drops keys [lo, hi) under candidate c."""
+    st = spans.starts(qlen, sink).clamp(max=n)  # (c, C)
+    lo = torch.clamp(qlen, max=sink)[:, None].expand_as(st)
+    return lo, torch.maximum(st, lo)
+
+
+def _range_sums(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """x (..., c, N): per row, the float64 sums of x over [lo, hi) for each (c, C) range -> (..., c, C)."""
+    pref = torch.nn.functional.pad(x.double().cumsum(-1), (1, 0))  # sum of keys < x
+    shape = pref.shape[:-1] + lo.shape[-1:]
+    return pref.gather(-1, hi.expand(shape)) - pref.gather(-1, lo.expand(shape))
 
 
 def candidate_losses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     scale: float, spans: HeadSpans, sink: int) -> torch.Tensor:
-    """(Hk, C): for each KV head and candidate (the C "heads" of ``spans``), the summed influence of the entries
-    the candidate drops: query i drops keys [sink, start_c(i + 1))."""
+                     scale: float, spans: HeadSpans, sink: int, estimate: str = "entry") -> torch.Tensor:
+    """(Hk, C): for each KV head and candidate (the C "heads" of ``spans``), the first-order loss change of
+    dropping the entries the candidate drops (query i drops keys [sink, start_c(i + 1))), summed over the
+    batch, the queries and the query heads of the KV group.
+
+    ``estimate="row"``: each query row's drop is taken as a whole: the row renormalised over what it keeps
+    gives ``O'_i = (O_i - sum_D A_ij v_j) / (1 - m_i)`` (``m_i`` the dropped mass), exactly, and the loss is
+    linearised in O only: ``dL_i = dO_i . (O'_i - O_i) = sum_D T_ij / (1 - m_i)``.
+    ``estimate="entry"``: MoA's per-entry influence ``I_ij = T_ij / (1 - A_ij)`` summed over the dropped
+    entries (each entry's drop alone, then added): it misses the ``1 / (1 - m_i)`` a deep cut brings."""
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
     n = q.shape[2]
-    total = torch.zeros(k.shape[1], spans.num_heads, dtype=torch.float64, device=q.device)
-    for c0, c1, infl in influence_chunks(q, k, v, out, dout, scale):
-        pref = torch.nn.functional.pad(infl.double().cumsum(-1), (1, 0))  # (Hk, c, N + 1): sum of keys < x
-        qlen = torch.arange(c0 + 1, c1 + 1, device=q.device)
-        st = spans.starts(qlen, sink).clamp(max=n)  # (c, C)
-        lo = torch.clamp(qlen, max=sink)[:, None].expand_as(st)
-        hi = torch.maximum(st, lo)
-        idx_hi = hi.t()[None].expand(pref.shape[0], -1, -1).transpose(1, 2)  # (Hk, c, C)
-        idx_lo = lo.t()[None].expand(pref.shape[0], -1, -1).transpose(1, 2)
-        total += (pref.gather(2, idx_hi) - pref.gather(2, idx_lo)).sum(1)
+    hk = k.shape[1]
+    total = torch.zeros(hk, spans.num_heads, dtype=torch.float64, device=q.device)
+    if estimate == "entry":
+        for c0, c1, infl in influence_chunks(q, k, v, out, dout, scale):
+            lo, hi = _dropped(torch.arange(c0 + 1, c1 + 1, device=q.device), spans, sink, n)
+            total += _range_sums(infl, lo, hi).sum(1)
+        return total
+    b, hq = q.shape[:2]
+    for c0, c1, a, t in _attention_chunks(q, k, v, out, dout, scale):
+        lo, hi = _dropped(torch.arange(c0 + 1, c1 + 1, device=q.device), spans, sink, n)
+        kept = (1.0 - _range_sums(a, lo, hi)).clamp_min(1e-9)  # (B, Hq, c, C)
+        row = _range_sums(t, lo, hi) / kept
+        total += row.view(b, hk, hq // hk, c1 - c0, -1).sum(dim=(0, 2, 3))
     return total
 
 

@@ -102,6 +102,43 @@ def test_candidate_losses_sum_exactly_the_dropped_entries():
     assert float(got[:, 3].abs().max()) == 0.0  # span 23 >= every length: drops nothing
 
 
+def _span_attention(q, k, v, scale, kv_head, alpha, beta, min_span, sink):
+    """float64 attention (B, H, N, D) with one KV head's query heads reading only sink + span (the HeadSpans rule
+    written out per query), every other head dense."""
+    rep = q.shape[1] // k.shape[1]
+    n = q.shape[2]
+    mask = torch.ones(q.shape[1], n, n, dtype=torch.bool).tril()
+    for i in range(n):
+        s = min(i + 1, max(min_span, math.ceil(alpha + beta * (i + 1))))
+        for j in range(sink, i + 1 - s + sink):
+            mask[kv_head * rep:(kv_head + 1) * rep, i, j] = False
+    kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    a = torch.softmax(((q @ kk.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")), -1)
+    return a @ vv
+
+
+def test_row_estimate_is_the_exact_loss_change_of_a_whole_span_for_a_loss_linear_in_the_output():
+    """Loss linear in O: the row-renormalised estimate of dropping a candidate's entries equals the loss change of
+    actually masking them (all query rows at once, GQA group of 2, batch 2); the per-entry sum does not (deep cuts)."""
+    q, k, v, w = _setup(seed=4, n=29)
+    scale, sink, min_span = 0.9, 2, 3
+    spans = HeadSpans((0.0, 4.0, -3.0, 40.0), (0.5, 0.0, 0.75, 0.0), min_span)
+    out = _attention(q, k, v, scale)[1].transpose(1, 2)
+    row = candidate_losses(q, k, v, out, w, scale, spans, sink, estimate="row")
+    entry = candidate_losses(q, k, v, out, w, scale, spans, sink, estimate="entry")
+    base = float((w * out).sum())
+    gaps = []
+    for h in range(2):
+        for c, (a, b) in enumerate(zip(spans.alpha, spans.beta)):
+            masked = float((w * _span_attention(q, k, v, scale, h, a, b, min_span, sink).transpose(1, 2)).sum())
+            assert float(row[h, c]) == pytest.approx(masked - base, rel=1e-9, abs=1e-10)
+            gaps.append(abs(float(entry[h, c]) - (masked - base)))
+    assert float(row[:, 3].abs().max()) == 0.0  # span 40 >= every length: drops nothing
+    assert max(gaps) > 1e-3  # the per-entry sum is not exact for a multi-entry drop
+    with pytest.raises(ValueError, match="estimate must be one of"):
+        candidate_losses(q, k, v, out, w, scale, spans, sink, estimate="block")
+
+
 def test_milp_selection_equals_exhaustive_search():
     g = torch.Generator().manual_seed(3)
     losses = [torch.randn(2, 2, 4, generator=g, dtype=torch.float64) for _ in range(2)]
@@ -140,20 +177,44 @@ def test_candidate_grid_and_density():
     ({"validate_length": 64, "lengths": (64, 128)}, "must differ from the profile lengths"),
     ({"sink": 8, "min_span": 4}, r"--min-span \(4\) must be >= max\(1, --sink = 8\)"),
     ({"target": "gold"}, r"--target must be one of \('dense', 'text'\)"),
+    ({"estimate": "block"}, r"--estimate must be one of \('row', 'entry'\)"),
 ])
 def test_option_errors_name_the_option(kw, message):
     with pytest.raises(ConfigError, match=message):
         CalibOptions(**kw).resolve(2048)
 
 
-def test_calibrate_in_process_meets_the_budget_at_every_length():
+def test_calibrate_in_process_meets_the_budget_at_every_length(tmp_path, monkeypatch):
+    import overdrive.moa.calibrate as cal
     from overdrive.contracts.llm_calibration import load_for_calibration
 
     run = load_for_calibration(tiny_llama(), device="cpu", dtype="float32")
     model = run.model
     opts = CalibOptions(density=0.5, max_len=160, lengths=(64, 128), validate_length=96, samples=1, sink=4,
-                        min_span=8, response_tokens=8)
+                        min_span=8, response_tokens=8, profile_cache=str(tmp_path / "profiles"))
     plan = calibrate(run, opts)
+    assert len(list((tmp_path / "profiles").glob("moa-profile-*.safetensors"))) == 2  # one per profile length
+    assert plan.calibration["objective"]["density"] == 0.5 and plan.calibration["objective"]["estimate"] == "row"
+    floors = plan.calibration["objective"]["smallest_span_density"]
+    assert set(floors) == {"64", "128", "160"}
+    for n, floor in floors.items():  # the sparsest candidate: sink 4 + min span 8 (closed form of the per-query rule)
+        n = int(n)
+        assert floor == pytest.approx(sum(min(t, 8) for t in range(1, n + 1)) / (n * (n + 1) / 2))
+    assert cal.budget_notes(plan.calibration) == []  # 0.23 at 64 < half of 0.5
+    tight = {"objective": {"density": 0.3, "smallest_span_density": {"64": 0.23, "128": 0.12}}}
+    (note,) = cal.budget_notes(tight)
+    assert note.startswith("at 64 tokens the smallest span") and "0.230" in note
+    table = cal.validation_table(plan.calibration)
+    assert table.count("<- written") == 1 and "dense" in table and "streamingllm" in table
+
+    # another density reuses the cached profiles (no profile pass) and meets its own budget
+    def no_profile(*a, **k):
+        raise AssertionError("profiled again although the cache holds this profile")
+
+    monkeypatch.setattr(cal, "profile", no_profile)
+    other = calibrate(run, dataclasses.replace(opts, density=0.6))
+    assert other.calibration["objective"]["density"] == 0.6
+    assert all(other.density_at(n) <= 0.6 + 1e-9 for n in (64, 128, 160))
     run.close()
     assert plan.identity == ModelIdentity.from_hf_config(model.config)
     for n in (64, 128, 160):
