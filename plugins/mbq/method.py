@@ -25,7 +25,8 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import ACT_DTYPE, ParamSpec, WeightQuantMethod, check_quant_method
-from overdrive.kernels import act8_linear, group_linear_kn, packed_length, prepare_group_weight
+from overdrive.kernels import (act8_linear_prepared, group_linear_prepared, packed_length, prepare_act8_linear,
+                               prepare_group_linear)
 
 from .config import MBQConfig
 
@@ -71,16 +72,15 @@ class MBQMethod(WeightQuantMethod):
 
     def process_after_loading(self, params: dict[str, torch.Tensor], cfg: MBQConfig) -> dict[str, torch.Tensor]:
         if cfg.act_bits == 8:
-            return params
-        return prepare_group_weight(params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size)
+            return prepare_act8_linear(params["qweight"], params["scales"], cfg.bits)
+        return prepare_group_linear(params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size)
 
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: MBQConfig) -> torch.Tensor:
         """``params``: what :meth:`process_after_loading` returned."""
         if cfg.act_bits == 8:
-            return act8_linear(x, params["qweight"], params["scales"], cfg.bits, bias)
-        return group_linear_kn(x, params["qweight_kn"], params["scales_kn"], params["szeros_kn"], cfg.bits,
-                               cfg.group_size, bias)
+            return act8_linear_prepared(x, dict(params), cfg.bits, bias)
+        return group_linear_prepared(x, dict(params), cfg.bits, cfg.group_size, bias)
 
 
 METHOD = MBQMethod()
