@@ -11,11 +11,11 @@ from .kv_cache import (HeadSpans, KVBody, KVBudgetError, KVCacheMethod, LayerKVF
 from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, VideoGrid, VisionSpan
 from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMethod, check_shared_tokenizer, route_mask,
                             threshold_logit)
-from .weight_quant import ParamSpec, WeightQuantMethod
+from .weight_quant import ParamSpec, StandardWeight, WeightFormat, WeightQuantMethod
 
 __all__ = ["Attachment", "AttentionOp", "CalibrationArtifact", "CalibrationRun", "CompactionPlan", "DenoiserInfo",
            "DenoiserSession", "DiTCacheMethod", "DiTHooks", "FrameRateMethod", "FrameRateSchedule", "HeadSpans", "Interpolator", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
            "ModelIdentity", "ModuleCall", "PagedBatch", "PagedGeometry", "ParamSpec", "RecordedCall", "RotaryInfo", "RoutedSequence",
            "Router", "RouterInputs", "Selection", "StepContext", "TokenReductionMethod", "TokenRoutingMethod",
-           "VideoCodec", "VideoGrid", "VisionSpan", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",
+           "StandardWeight", "VideoCodec", "VideoGrid", "VisionSpan", "WeightFormat", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",
            "threshold_logit"]
