@@ -134,3 +134,19 @@ def test_vllm_int8_kernel_runs_a_handed_off_layer_against_float64():
     want = (xq @ codes.double().T) * sx * scales.double().T
     got = eng.apply(layer, x, None)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("cc,want", [(90, "Marlin"), (80, "Marlin"), (None, None)])
+def test_sglang_selection_runs_sglangs_own_marlin_predicates(cc, want):
+    pytest.importorskip("sglang")
+    from overdrive.adapters.sglang.linear_kernels import choose as sg_choose
+
+    name, why = sg_choose(W4, (4096, 4096), (4096, 4096), cc)
+    assert (name or "").startswith(want or "") and (name is None) == (want is None)
+    if name is None:
+        assert "no CUDA device" in why
+    # SmolLM2's 576 input features are not a multiple of Marlin's 128-wide K tiles: SGLang's own check says so
+    small, why_small = sg_choose(W4, (576, 1536), (576, 1536), 90)
+    assert small is None and "576" in why_small
+    w3, why3 = sg_choose(W3, (4096, 4096), (4096, 4096), 90)
+    assert w3 is None and "W3" in why3  # SGLang's Marlin takes uint4/uint8 (with zero points) only

@@ -357,8 +357,10 @@ def _measure(row: Row, work: Path, args: argparse.Namespace, logs: Path) -> dict
         model, extra, env = row.build(work)
     except Exception as e:  # noqa: BLE001 - a row that cannot be built is reported, not fatal
         return {**res, "started": False, "error": f"build: {type(e).__name__}: {e}"[:600]}
+    # --enforce-eager on every row (baselines included): torch.compile's warm-up on the shared 2-core
+    # machine takes many minutes per start; the ratios compare like with like
     base = ["--dtype", args.dtype, "--max-model-len", str(2048 if row.video else MAX_MODEL_LEN),
-            "--max-num-seqs", str(args.concurrency), *extra]
+            "--max-num-seqs", str(args.concurrency), "--enforce-eager", *extra]
     log = logs / f"{row.name}.log"
     t0 = time.perf_counter()
     try:
@@ -513,6 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="overdrive-serving-"))
     results: list[dict[str, Any]] = []
+    head = header("serving", requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                  dtype=args.dtype, malformed_every=args.malformed_every, enforce_eager=True, logs=str(logs))
     for grp, rows in groups.items():
         base = [r for r in rows if not r.method]
         methods = [r for r in rows if r.method]
@@ -525,10 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              f"malformed 4xx {res.get('malformed_all_4xx')}"
                                              if res.get("started") else f"did not start: {res.get('error')}"),
                   flush=True)
+            if args.json:  # a partial report survives an interrupted run
+                _ratios(results)
+                write_json(args.json, {**head, "complete": False, "todo": TODO, "results": results})
     _ratios(results)
-    rep = {**header("serving", requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
-                    dtype=args.dtype, malformed_every=args.malformed_every, logs=str(logs)),
-           "todo": TODO, "results": results}
+    rep = {**head, "complete": True, "todo": TODO, "results": results}
     print(table(results))
     for k, v in TODO.items():
         print(f"TODO {k}: {v}")
