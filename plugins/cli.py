@@ -142,7 +142,8 @@ def doctor_report(try_register: bool = True) -> dict[str, Any]:
         report["kernel_backend"] = None
         report["problems"].append(f"kernels: {type(e).__name__}: {e}")
     try:
-        report["weight_formats"] = weight_format_paths(vllm=report["frameworks"].get("vllm", {}).get("state") == "ok")
+        report["weight_formats"] = weight_format_paths(
+            vllm=try_register and report["frameworks"].get("vllm", {}).get("state") == "ok")
     except Exception as e:  # noqa: BLE001
         report["weight_formats"] = None
         report["problems"].append(f"weight formats: {type(e).__name__}: {e}")
