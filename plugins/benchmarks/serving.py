@@ -323,8 +323,9 @@ ROWS: tuple[Row, ...] = (
     Row("framefusion", "qwen2.5-vl-tiny", "framefusion", _framefusion, video=True),
 )
 #: rows not measured by this script, and why (reported in every run)
-TODO = {"r2r": "R2R's routing server (adapters/vllm/routing_server.py) starts two engines; its load row waits for "
-               "the hardened server's start-up helper (another helper's work in progress)"}
+TODO = {"r2r": "R2R's routing server (two engines, `overdrive serve-r2r`; start-up helper "
+               "overdrive.testing.r2r.RoutingServer, merged to main on 2026-12-07 as interim work) has no row yet: "
+               "it needs a small/large pair with a router on the benchmark's model family; not wired in this session"}
 
 
 def _video_content(frames: int = 8) -> Callable[[int], list[dict]]:
