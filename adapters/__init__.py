@@ -31,6 +31,9 @@ class AdapterInfo:
     tested: str                    # PEP 440 specifier of the versions CI runs against
     kinds: Mapping[Kind, str]      # kind contracts this adapter serves today -> how a method of it is reached
     surface: str                   # how the framework finds overdrive (entry point or explicit API)
+    #: kind -> lazy "module:function" of the loop this framework runs a method of that kind with, where
+    #: the framework drives the method itself (token routing); see :func:`overdrive.driver`
+    drivers: Mapping[Kind, str] = dataclasses.field(default_factory=dict)
 
     def installed_version(self) -> str | None:
         for dist in self.distributions:
@@ -125,7 +128,8 @@ ADAPTERS: tuple[AdapterInfo, ...] = (
                        "the `overdrive_kv` attention function",
         Kind.ROUTING: "reference loop with two `DynamicCache`s: `overdrive.transformers.routed_generate(small, large, "
                       "NAME, router=...)`",
-    }, "import overdrive.transformers"),
+    }, "import overdrive.transformers",
+        drivers={Kind.ROUTING: "overdrive.adapters.transformers.routing:routed_generate"}),
 )
 
 

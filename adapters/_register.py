@@ -80,44 +80,56 @@ def reset_for_tests() -> None:
         _done.clear()
 
 
-def register_quantizers(framework: str, specs: list, mapping: dict, config_mapping: dict,
-                        build: Callable[[object], tuple[type, type]],
-                        install: Callable[[str, type, type], None]) -> tuple[list[str], list[str]]:
-    """Register one (config class, quantizer class) per method spec into a framework whose quantizers
-    live in two name-keyed maps (transformers, diffusers); never shadows a framework quantizer of the
-    same name unless forced, and skips names already registered by overdrive."""
+def register_generated(framework: str, specs: list, build: Callable[[object], dict[str, type]],
+                       install: Callable[..., None], *, is_intree: Callable[[str], bool],
+                       module: str, classes: dict[str, type],
+                       is_ours: Callable[[str], bool] = lambda name: False) -> tuple[list[str], list[str]]:
+    """Register classes generated per method spec into one engine; returns (registered, skipped).
+
+    The one registration helper of every engine adapter (vLLM, SGLang, transformers, diffusers):
+    for each spec, ``is_ours(name)``: overdrive already registered it (skipped silently);
+    ``is_intree(name)``: the engine has a method of that name, kept unless forced (see
+    :func:`keep_intree`); otherwise ``build(spec)`` returns the generated classes keyed by a suffix
+    (``{"Config": cls}``, ``{"HfConfig": c, "HfQuantizer": q}``), each named
+    ``Overdrive<Method><suffix>`` in ``module`` and kept in ``classes`` (see :func:`resolve_generated`),
+    then ``install(name, *classes_in_order)`` puts them into the engine's registry.
+    """
     registered: list[str] = []
     skipped: list[str] = []
     for spec in specs:
-        existing = mapping.get(spec.name)
-        if getattr(existing, "overdrive_method", None) == spec.name:
+        if is_ours(spec.name):
             continue
-        reason = keep_intree(framework, spec.name, existing is not None or spec.name in config_mapping)
+        reason = keep_intree(framework, spec.name, is_intree(spec.name))
         if reason:
             skipped.append(reason)
             continue
-        config_cls, quantizer_cls = build(spec)
-        install(spec.name, config_cls, quantizer_cls)
+        built = build(spec)
+        for suffix, cls in built.items():
+            cls.__name__ = cls.__qualname__ = generated_name(spec.name, suffix)
+            cls.__module__ = module
+            classes[cls.__name__] = cls
+        install(spec.name, *built.values())
         registered.append(spec.name)
     return registered, skipped
 
 
-def name_classes(method: str, tag: str, module: str, classes: dict[str, type],
-                 config_cls: type, quantizer_cls: type) -> tuple[type, type]:
-    """Name a built (config, quantizer) pair ``Overdrive<Method><tag>Config`` / ``...Quantizer`` in
-    ``module`` (what reprs and pickling show) and keep them in ``classes`` for :func:`lazy_class`."""
-    cname = "".join(p.capitalize() for p in method.split("_"))
-    for cls, kind in ((config_cls, "Config"), (quantizer_cls, "Quantizer")):
-        cls.__name__ = cls.__qualname__ = f"Overdrive{cname}{tag}{kind}"
-        cls.__module__ = module
-        classes[cls.__name__] = cls
-    return config_cls, quantizer_cls
+def two_map_checks(mapping: dict, config_mapping: dict) -> dict[str, Callable[[str], bool]]:
+    """``is_ours``/``is_intree`` for :func:`register_generated` in an engine whose quantizers live in
+    two name-keyed maps (transformers, diffusers): quantizer classes and config classes."""
+    return {"is_ours": lambda name: getattr(mapping.get(name), "overdrive_method", None) == name,
+            "is_intree": lambda name: name in mapping or name in config_mapping}
 
 
-def lazy_class(module: str, tag: str, classes: dict[str, type], register: Callable[[], object], name: str) -> type:
-    """Body of an adapter module's ``__getattr__``: a class named by :func:`name_classes`, registering
-    the quantizers on first access (so the name resolves in a fresh process, e.g. when unpickling)."""
-    if name.startswith("Overdrive") and (name.endswith(f"{tag}Config") or name.endswith(f"{tag}Quantizer")):
+def generated_name(method: str, suffix: str) -> str:
+    """``Overdrive<Method><suffix>``: the class name a generated engine class has in its adapter module."""
+    return "Overdrive" + "".join(p.capitalize() for p in method.split("_")) + suffix
+
+
+def resolve_generated(module: str, name: str, classes: dict[str, type], register: Callable[[], object]) -> type:
+    """Body of an adapter module's ``__getattr__``: a class named by :func:`register_generated`,
+    registering first, so the name resolves in a fresh process (engines pickle their config classes
+    by reference into worker processes)."""
+    if name.startswith("Overdrive"):
         register()
         if name in classes:
             return classes[name]

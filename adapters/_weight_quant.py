@@ -16,10 +16,7 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import WeightQuantMethod
-from overdrive.kinds import Kind
 from overdrive.spec import MethodSpec
-
-from ._register import keep_intree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +34,6 @@ class EngineQuantAPI:
     #: ``(method name, method, cfg, layer, prefix, loaded params) -> engine kernel or None``: offers a
     #: loaded layer to the engine's own kernels (the layer then runs ``engine.apply(layer, x, bias)``)
     kernel_handoff: Callable[..., Any] | None = None
-
-
-def _camel(name: str) -> str:
-    return "".join(p.capitalize() for p in name.split("_"))
 
 
 def build_linear_method_class(api: EngineQuantAPI) -> type:
@@ -196,44 +189,4 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
         "overdrive_method": name,
         **api.extra_methods,
     }
-    return type(config_class_name(name), (api.QuantizationConfig,), body)
-
-
-def config_class_name(method: str) -> str:
-    return f"Overdrive{_camel(method)}Config"
-
-
-def register_methods(framework: str, api_factory: Callable[[], EngineQuantAPI], is_intree: Callable[[str], bool],
-                     install: Callable[[str, type], None], classes: dict[str, type]) -> tuple[list[str], list[str]]:
-    """Register every weight-quantization method into one engine; returns (registered, skipped).
-
-    ``is_intree(name)``: the engine already has a method of that name that is not ours;
-    ``install(name, cls)``: put the generated config class into the engine's registry;
-    ``classes``: the adapter module's map of generated classes (resolved there when unpickled).
-    The engine is imported (``api_factory``) only if there is a method to register.
-    """
-    import overdrive
-
-    registered: list[str] = []
-    skipped: list[str] = []
-    specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
-    api = api_factory() if specs else None
-    for spec in specs:
-        reason = keep_intree(framework, spec.name, is_intree(spec.name))
-        if reason:
-            skipped.append(reason)
-            continue
-        cls = build_config_class(spec, api)
-        classes[cls.__name__] = cls
-        install(spec.name, cls)
-        registered.append(spec.name)
-    return registered, skipped
-
-
-def resolve_generated(module: str, name: str, classes: dict[str, type], register: Callable[[], None]) -> type:
-    """Module ``__getattr__`` body: find a generated config class by name, registering first."""
-    if name.startswith("Overdrive") and name.endswith("Config"):
-        register()
-        if name in classes:
-            return classes[name]
-    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return type("OverdriveConfig", (api.QuantizationConfig,), body)  # named by register_generated

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 import overdrive.diffusers as odd
 from overdrive.config import ConfigError
-from overdrive.ditfastattn.plan import Plan, band_for
+from overdrive.ditfastattn.config import Plan, band_for
 from overdrive.testing import pipeline_inputs, tiny_pipeline
 
 STEPS = 4

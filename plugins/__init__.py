@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "Kind", "MethodCommand", "MethodConfig", "MethodSpec", "OverdrivePluginWarning",
-    "UnknownMethodError", "get_method", "get_registry", "hookimpl", "list_methods", "__version__",
+    "UnknownMethodError", "driver", "get_method", "get_registry", "hookimpl", "list_methods", "__version__",
 ]
 
 
@@ -34,6 +34,22 @@ def list_methods(kind: Kind | str | None = None) -> list[MethodSpec]:
 def get_method(name: str, kind: Kind | str | None = None) -> MethodSpec:
     """The method called ``name``; raises :class:`UnknownMethodError` listing the known ones."""
     return get_registry().get(name, kind)
+
+
+def driver(kind: Kind | str, framework: str) -> Any:
+    """The loop ``framework`` runs a method of ``kind`` with, where the framework drives the method itself
+    (token routing: the transformers reference loop), from the adapter catalogue; imported on use, so a
+    method can offer it without importing an adapter."""
+    from overdrive.adapters import ADAPTERS, adapter
+
+    from .spec import _resolve
+
+    kind = Kind.parse(kind)
+    info = adapter(framework)
+    if kind not in info.drivers:
+        raise KeyError(f"{framework} has no driver for {kind.value} methods; frameworks with one: "
+                       f"{', '.join(a.framework for a in ADAPTERS if kind in a.drivers) or 'none'}")
+    return _resolve(info.drivers[kind])
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ import torch
 
 from overdrive.config import ConfigError
 
-from overdrive.adapters._register import lazy_class, name_classes, register_quantizers, run_once
+from overdrive.adapters._register import register_generated, resolve_generated, run_once, two_map_checks
 
 _classes: dict[str, type] = {}
 
@@ -53,8 +53,9 @@ def _register() -> tuple[list[str], list[str]]:
         auto.AUTO_QUANTIZATION_CONFIG_MAPPING[name] = config_cls  # no registration function (docs/ledger.md)
         auto.AUTO_QUANTIZER_MAPPING[name] = quantizer_cls
 
-    done, more = register_quantizers("diffusers", specs, auto.AUTO_QUANTIZER_MAPPING,
-                                     auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _build_classes, install)
+    done, more = register_generated(
+        "diffusers", specs, _build_classes, install, module=__name__, classes=_classes,
+        **two_map_checks(auto.AUTO_QUANTIZER_MAPPING, auto.AUTO_QUANTIZATION_CONFIG_MAPPING))
     return done, skipped + more
 
 
@@ -66,7 +67,7 @@ class _MethodName(str):
         return str(self)
 
 
-def _build_classes(spec: Any) -> tuple[type, type]:
+def _build_classes(spec: Any) -> dict[str, type]:
     from diffusers.quantizers.base import DiffusersQuantizer
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
@@ -139,8 +140,8 @@ def _build_classes(spec: Any) -> tuple[type, type]:
         def is_trainable(self) -> bool:
             return False
 
-    return name_classes(name, "Diffusers", __name__, _classes, Config, Quantizer)
+    return {"DiffusersConfig": Config, "DiffusersQuantizer": Quantizer}
 
 
 def __getattr__(name: str) -> Any:
-    return lazy_class(__name__, "Diffusers", _classes, register, name)
+    return resolve_generated(__name__, name, _classes, register)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overdrive.adapters._register import run_once
+from overdrive.adapters._register import register_generated, resolve_generated, run_once
 
 #: generated engine config classes by class name (see __getattr__)
 _classes: dict[str, type] = {}
@@ -21,7 +21,9 @@ def register() -> None:
 
 
 def _register() -> tuple[list[str], list[str]]:
-    from overdrive.adapters._weight_quant import register_methods
+    import overdrive
+    from overdrive.adapters._weight_quant import build_config_class
+    from overdrive.kinds import Kind
 
     def is_intree(name: str) -> bool:
         from sglang.srt.layers import quantization as q
@@ -36,7 +38,10 @@ def _register() -> tuple[list[str], list[str]]:
         if name not in QUANTIZATION_CHOICES:
             add_quantization_method_choices([name])
 
-    registered, skipped = register_methods("sglang", _quant_api, is_intree, install, _classes)
+    specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
+    api = _quant_api() if specs else None
+    registered, skipped = register_generated("sglang", specs, lambda spec: {"Config": build_config_class(spec, api)},
+                                             install, is_intree=is_intree, module=__name__, classes=_classes)
     from overdrive.adapters.sglang.kv_cache import register_backends
 
     kv, kv_skipped = register_backends()  # KV-cache methods: --attention-backend NAME
@@ -60,6 +65,4 @@ def _quant_api():
 
 
 def __getattr__(name: str) -> Any:
-    from overdrive.adapters._weight_quant import resolve_generated
-
     return resolve_generated(__name__, name, _classes, register)

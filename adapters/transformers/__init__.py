@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from overdrive.adapters._register import lazy_class, name_classes, register_quantizers, run_once
+from overdrive.adapters._register import register_generated, resolve_generated, run_once, two_map_checks
 
 _classes: dict[str, type] = {}
 
@@ -68,15 +68,16 @@ def _register() -> tuple[list[str], list[str]]:
     from transformers.quantizers import auto
 
     def install(name: str, config_cls: type, quantizer_cls: type) -> None:
-        # the registration functions raise on a duplicate name: register_quantizers checked it
+        # the registration functions raise on a duplicate name: register_generated checked it
         auto.register_quantization_config(name)(config_cls)
         auto.register_quantizer(name)(quantizer_cls)
 
-    return register_quantizers("transformers", specs, auto.AUTO_QUANTIZER_MAPPING,
-                               auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _build_classes, install)
+    return register_generated(
+        "transformers", specs, _build_classes, install, module=__name__, classes=_classes,
+        **two_map_checks(auto.AUTO_QUANTIZER_MAPPING, auto.AUTO_QUANTIZATION_CONFIG_MAPPING))
 
 
-def _build_classes(spec: Any) -> tuple[type, type]:
+def _build_classes(spec: Any) -> dict[str, type]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -126,7 +127,7 @@ def _build_classes(spec: Any) -> tuple[type, type]:
         def is_trainable(self) -> bool:
             return False
 
-    return name_classes(name, "Hf", __name__, _classes, Config, Quantizer)
+    return {"HfConfig": Config, "HfQuantizer": Quantizer}
 
 
 def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
@@ -135,4 +136,4 @@ def _is_output_head(model: torch.nn.Module, module: torch.nn.Module) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    return lazy_class(__name__, "Hf", _classes, register, name)
+    return resolve_generated(__name__, name, _classes, register)

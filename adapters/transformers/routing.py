@@ -1,7 +1,7 @@
 """transformers side of token-routing methods (kind ``token_routing``): the reference loop.
 
     import overdrive.transformers
-    out = overdrive.transformers.routed_generate(small, large, "r2r", router="./router", input_ids=ids,
+    out = overdrive.transformers.routed_generate(small, large, NAME, router="./router", input_ids=ids,
                                                  max_new_tokens=128)
     out.tokens, out.routed, out.num_routed
 

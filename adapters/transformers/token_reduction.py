@@ -1,7 +1,7 @@
 """transformers adapter for token-reduction methods: per-layer reduction through module hooks.
 
     import overdrive.transformers as odt
-    att = odt.enable(model, "framefusion", cost=0.3)   # a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision model
+    att = odt.enable(model, NAME, **options)   # NAME: a token-reduction method; a Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision model
     model.generate(**inputs)                           # prefill reduces video tokens layer by layer
     odt.disable(model)                                 # hooks removed: the model is exactly as before
 
@@ -67,7 +67,7 @@ def qwen2_vl_spans(model: torch.nn.Module, input_ids: torch.Tensor, kw: Mapping[
         for start, length in _runs(input_ids[b], token):
             if grids is not None:
                 if row >= grids.shape[0]:
-                    raise ValueError("framefusion: the prompt has more video-token runs than video_grid_thw rows")
+                    raise ValueError("token reduction: the prompt has more video-token runs than video_grid_thw rows")
                 t, h, w = (int(x) for x in grids[row])
                 grid = VideoGrid(t, h // merge, w // merge)
             elif pos is not None and pos.dim() == 3 and pos.shape[0] in (3, 4):
@@ -76,9 +76,9 @@ def qwen2_vl_spans(model: torch.nn.Module, input_ids: torch.Tensor, kw: Mapping[
                 cols = int(thw[2].max() - thw[2].min()) + 1
                 grid = VideoGrid(max(1, length // (rows * cols)), rows, cols)
             else:
-                raise ValueError("framefusion: cannot tell the video grid: pass video_grid_thw or 3-D position_ids")
+                raise ValueError("token reduction: cannot tell the video grid: pass video_grid_thw or 3-D position_ids")
             if grid.num_tokens != length:
-                raise ValueError(f"framefusion: video {row} has {length} placeholder tokens but its grid "
+                raise ValueError(f"token reduction: video {row} has {length} placeholder tokens but its grid "
                                  f"{grid.frames}x{grid.rows}x{grid.cols} gives {grid.num_tokens}")
             spans.append(VisionSpan(start, grid))
             row += 1
@@ -98,7 +98,7 @@ def llava_onevision_spans(model: torch.nn.Module, input_ids: torch.Tensor,
         for start, length in _runs(input_ids[b], cfg.video_token_id):
             frames, rest = divmod(length - 1, tpf)
             if rest or frames <= 0:
-                raise ValueError(f"framefusion: a run of {length} video tokens is not frames x {tpf} + 1 newline")
+                raise ValueError(f"token reduction: a run of {length} video tokens is not frames x {tpf} + 1 newline")
             spans.append(VisionSpan(start, VideoGrid(frames, side, side)))
         out.append(spans)
     return out
@@ -108,7 +108,7 @@ def llava_onevision_spans(model: torch.nn.Module, input_ids: torch.Tensor,
 class VLMInfo:
     """What the per-layer adapter needs to know about a vision-language model class.
 
-    family          key for method defaults (e.g. FrameFusion's similarity threshold)
+    family          key of per-family defaults in a method's config (``TokenReductionMethod.resolve``)
     decoder         attribute path from the top model to the module holding ``layers``
     spans           layout function: (model, input_ids, forward kwargs) -> per-sample video spans
     """
@@ -391,7 +391,7 @@ def _check_cache(name: str, cache: Any) -> None:
 _attached: "weakref.WeakKeyDictionary[torch.nn.Module, TokenReductionAttachment]" = weakref.WeakKeyDictionary()
 
 
-def enable(model: torch.nn.Module, method: str = "framefusion", config: MethodConfig | Mapping[str, Any] | None = None,
+def enable(model: torch.nn.Module, method: str, config: MethodConfig | Mapping[str, Any] | None = None,
            **options: Any) -> TokenReductionAttachment:
     """Attach token-reduction ``method`` to a transformers vision-language model; returns the attachment."""
     import overdrive

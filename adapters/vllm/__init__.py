@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overdrive.adapters._register import run_once
+from overdrive.adapters._register import register_generated, resolve_generated, run_once
 
 #: generated engine config classes by class name (see __getattr__)
 _classes: dict[str, type] = {}
@@ -24,7 +24,9 @@ def register() -> None:
 
 
 def _register() -> tuple[list[str], list[str]]:
-    from overdrive.adapters._weight_quant import register_methods
+    import overdrive
+    from overdrive.adapters._weight_quant import build_config_class
+    from overdrive.kinds import Kind
 
     def is_intree(name: str) -> bool:
         from vllm.model_executor.layers import quantization as q
@@ -36,7 +38,10 @@ def _register() -> tuple[list[str], list[str]]:
 
         register_quantization_config(name)(cls)
 
-    registered, skipped = register_methods("vllm", _quant_api, is_intree, install, _classes)
+    specs = overdrive.list_methods(Kind.WEIGHT_QUANT)
+    api = _quant_api() if specs else None
+    registered, skipped = register_generated("vllm", specs, lambda spec: {"Config": build_config_class(spec, api)},
+                                             install, is_intree=is_intree, module=__name__, classes=_classes)
     from overdrive.adapters.vllm.token_reduction import register as register_token_reduction
 
     more, more_skipped = register_token_reduction()  # token reduction: --additional-config '{"NAME": {...}}'
@@ -61,6 +66,4 @@ def _quant_api():
 def __getattr__(name: str) -> Any:
     # Generated config classes are pickled by reference when vLLM sends its config to worker
     # processes; resolving them here registers first if this process has not yet.
-    from overdrive.adapters._weight_quant import resolve_generated
-
     return resolve_generated(__name__, name, _classes, register)

@@ -14,7 +14,7 @@ from sglang.srt.layers.linear import LinearBase  # noqa: E402
 from sglang.srt.layers.quantization.base_config import LinearMethodBase, QuantizationConfig  # noqa: E402
 
 from overdrive.kernels import dequantize_reference  # noqa: E402
-from overdrive.mbq.quantize import rtn_group_asymmetric  # noqa: E402
+from overdrive.mbq.quant import rtn_group_asymmetric  # noqa: E402
 
 cls = q.QUANTIZATION_METHODS["example_w8"]
 cfg = cls.from_config({"quant_method": "example_w8", "version": 1, "skip": ["lm_head"]})

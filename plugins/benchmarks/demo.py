@@ -2,9 +2,14 @@
 
 The plugin surfaces are driven with the example third-party plugin (examples/third_party_plugin,
 installed into a temporary folder exactly as pip would): every registration path, a real vLLM server,
-SGLang's real registries, a diffusers pipeline and the kernels; then each built-in method end to end
-(MBQ: calibrate the tiny VLM at W3, answer a video question in vLLM and transformers). Each step prints what it did and what it measured; the exit code is non-zero if any
-step failed. Methods add their own steps here as they land.
+SGLang's real registries, a diffusers pipeline and the kernels; then every built-in method end to end,
+each against the unmodified path (MBQ: calibrate the tiny VLM at W3, answer a video question in vLLM
+and transformers; FrameFusion, PM-KVQ, MoA, DiTFastAttn, ViDiT-Q, VGDFR, R2R likewise). Each step prints
+what it did and what it measured; the exit code is non-zero if any step failed.
+
+    python -m overdrive.benchmarks.demo                      # every step
+    python -m overdrive.benchmarks.demo --only moa,r2r       # some steps (repeatable or comma list)
+    python -m overdrive.benchmarks.demo --skip vllm mbq      # all but some
 """
 from __future__ import annotations
 
@@ -321,6 +326,157 @@ class Demo:
         return ("calibrated plans on tiny SD3 (1024 tokens, CFG): attention FLOPs " + ", ".join(summary)
                 + "; disable() restored bit-identical output")
 
+    def viditq(self) -> str:
+        import torch
+        from safetensors.torch import save_file
+
+        import overdrive.diffusers as odd  # registers the diffusers quantizer for ViDiT-Q checkpoints
+        from overdrive.metrics import psnr
+        from overdrive.testing import pipeline_inputs, tiny_pipeline
+
+        pipe = tiny_pipeline("flux")
+        size, steps = 32, 4
+        pipe.save_pretrained(self.work / "flux")
+        kw = dict(num_inference_steps=steps, height=size, width=size, output_type="pt")
+        save_file({k: v for k, v in pipeline_inputs("flux", seed=100).items() if torch.is_tensor(v)},
+                  str(self.work / "flux-calib.safetensors"))
+        out = self.work / "flux-viditq"
+        r = subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "viditq",
+                            "--pipeline", str(self.work / "flux"), "--embeds", str(self.work / "flux-calib.safetensors"),
+                            "--steps", str(steps), "--height", str(size), "--width", str(size), "--scheme", "w8a8",
+                            "--output", str(out)], env=self.env, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"calibration failed:\n{r.stderr[-3000:]}")
+        print("  " + r.stdout.strip().splitlines()[-1])
+        base = pipe(**pipeline_inputs("flux", seed=1, **kw)).images
+        # the quantized denoiser loads through the registered quantizer: int8 layers as stored
+        pipe.transformer = type(pipe.transformer).from_pretrained(out / "transformer")
+        got = pipe(**pipeline_inputs("flux", seed=1, **kw)).images
+        mb = {d: sum(f.stat().st_size for f in (d / "transformer").glob("*.safetensors")) / 1e6
+              for d in (self.work / "flux", out)}
+        print(f"  denoiser weights {mb[self.work / 'flux']:.2f} MB -> {mb[out]:.2f} MB; W8A8 image vs the float "
+              f"pipeline on another prompt: PSNR {psnr(got, base):.1f} dB")
+        if not (odd.enabled(pipe) == "viditq" and mb[out] < mb[self.work / "flux"]):
+            raise AssertionError("the ViDiT-Q checkpoint did not load quantized")
+        return (f"ViDiT-Q W8A8 denoiser loaded by from_pretrained: {mb[out] / mb[self.work / 'flux']:.2f}x the float "
+                f"weights, PSNR {psnr(got, base):.1f} dB vs the float pipeline")
+
+    def vgdfr(self) -> str:
+        import torch
+
+        import overdrive.diffusers as odd
+        from overdrive.metrics import psnr
+        from overdrive.testing import pipeline_inputs, tiny_pipeline
+
+        pipe = tiny_pipeline("wan")
+        call = dict(num_inference_steps=6, num_frames=33, height=16, width=16, output_type="pt")  # 9 latent frames
+
+        def frames(out: Any) -> torch.Tensor:
+            return out.frames if hasattr(out, "frames") else out[0]
+
+        base = frames(pipe(**pipeline_inputs("wan", seed=1, **call)))
+        vg = odd.enable(pipe, "vgdfr", keep_ratio=0.75, compress_step=2)
+        try:
+            got = frames(vg(**pipeline_inputs("wan", seed=1, **call)))
+            s, calls = vg.schedule, vg.denoiser_calls
+        finally:
+            odd.disable(pipe)
+        again = frames(pipe(**pipeline_inputs("wan", seed=1, **call)))
+        work = sum(n for _, n in calls) / (len(calls) * s.latent_frames)
+        print(f"  tiny Wan, 33 frames (9 latent), 6 steps: after step {s.step} the latent goes {s.latent_frames} -> "
+              f"{s.compact_frames} frames (groups {list(s.groups)}); denoiser frame-steps {work:.2f} of the unmodified "
+              f"run; {tuple(got.shape)} output like the unmodified {tuple(base.shape)}; PSNR {psnr(got, base):.1f} dB")
+        if got.shape != base.shape or s.compact_frames >= s.latent_frames:
+            raise AssertionError("VGDFR did not shorten the latent or changed the output shape")
+        if not torch.equal(again, base):
+            raise AssertionError("disable() did not restore the original output")
+        return (f"VGDFR keep ratio {s.keep_ratio:.2f}: {work:.2f} of the denoiser frame-steps, same frame count, "
+                "disable() restored bit-identical output")
+
+    def moa(self) -> str:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import overdrive.framefusion.runtime as ff_doc
+        import overdrive.moa.calibrate as moa_doc
+        import overdrive.transformers as odt
+        from overdrive.moa import MoAPlan
+        from overdrive.testing import tiny_llama
+
+        base, plan_path = tiny_llama(), self.work / "moa-plan.json"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "overdrive.cli", "calibrate", "--method", "moa", "--model", str(base),
+                        "--output", str(plan_path), "--density", "0.5", "--lengths", "64,128", "--validate-length",
+                        "96", "--max-len", "128", "--sink", "4", "--min-span", "16", "--samples", "1"],
+                       env=self.env, check=True, stdout=subprocess.DEVNULL)
+        plan = MoAPlan.load(plan_path)
+        print(f"  calibrated (built-in text) in {time.perf_counter() - t0:.1f} s: attention density "
+              f"{plan.density_at(128):.2f} at 128 tokens (budget 0.5), sink {plan.sink}")
+        tok = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        # held-out text: not the calibration text
+        ids = tok(moa_doc.__doc__ + ff_doc.__doc__, return_tensors="pt").input_ids[:, :128]
+        with torch.no_grad():
+            dense = model(ids).logits[0]
+            cache = odt.kv_cache(model, "moa", plan=str(plan_path))
+            sparse = model(ids, past_key_values=cache).logits[0]
+        agree = (dense.argmax(-1) == sparse.argmax(-1)).float().mean().item()
+        kept = sum(int(layer.positions_kept().sum()) for layer in cache.layers)
+        dense_kept = ids.shape[1] * len(cache.layers) * model.config.num_key_value_heads
+        prompt = tok(moa_doc.__doc__, return_tensors="pt").input_ids[:, :100]
+        kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        dense_tokens = model.generate(prompt, **kw)[0, 100:].tolist()
+        moa_tokens = model.generate(prompt, past_key_values=odt.kv_cache(model, "moa", plan=str(plan_path)),
+                                    **kw)[0, 100:].tolist()
+        same = sum(a == b for a, b in zip(dense_tokens, moa_tokens))
+        print(f"  transformers, {ids.shape[1]} held-out tokens in one prefill: KV positions held {kept} of {dense_kept} "
+              f"dense ({kept / dense_kept:.2f}); next-token argmax equal to dense attention's at {agree:.2f} of them\n"
+              f"  a 100-token prompt, 24 greedy tokens: {same} of 24 equal the dense model's")
+        if not kept < dense_kept:
+            raise AssertionError("the MoA cache held as many positions as a dense one")
+        return (f"MoA plan at density {plan.density_at(128):.2f} (128 tokens): {kept / dense_kept:.2f} of the dense KV positions, "
+                f"next-token argmax as dense at {agree:.2f} of the positions, {same}/24 greedy tokens as dense")
+
+    def r2r(self) -> str:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import overdrive.r2r as r2r
+        from overdrive.testing.r2r import PROMPTS as R2R_PROMPTS
+        from overdrive.testing.r2r import tiny_r2r_pair, tiny_r2r_router
+
+        small_path, large_path = tiny_r2r_pair()
+        t0 = time.perf_counter()
+        # trained by `overdrive calibrate --method r2r`'s pipeline on the pair's mismatches, cached like the
+        # checkpoints (labelling and training take minutes on a 2-core machine: set up once)
+        router_dir = tiny_r2r_router()
+        print(f"  router (overdrive calibrate --method r2r on the tiny pair, cached) ready in "
+              f"{time.perf_counter() - t0:.1f} s: {router_dir}")
+        tok = AutoTokenizer.from_pretrained(small_path)
+        small = AutoModelForCausalLM.from_pretrained(small_path, dtype=torch.float32)
+        large = AutoModelForCausalLM.from_pretrained(large_path, dtype=torch.float32)
+        router = r2r.load_router(router_dir, small_path)
+        n, totals = 16, {"small": 0, "routed": 0, "positions": 0, "on_large": 0}
+        for p in R2R_PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            want = large.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+            alone = small.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+            out = r2r.generate(small, large, router, ids, max_new_tokens=n, ignore_eos=True)
+            every = r2r.generate(small, large, router, ids, max_new_tokens=n, threshold=0.0, ignore_eos=True)
+            if every.tokens != want:
+                raise AssertionError("threshold 0 (every position routed) differs from the large model's greedy tokens")
+            totals["small"] += sum(a == b for a, b in zip(alone, want))
+            totals["routed"] += sum(a == b for a, b in zip(out.tokens, want))
+            totals["positions"] += len(want)
+            totals["on_large"] += out.num_routed
+        t = totals
+        print(f"  {len(R2R_PROMPTS)} prompts x {n} greedy tokens, large model alone as the reference: small alone "
+              f"matches {t['small']}/{t['positions']}, routed (router threshold {router.threshold:.3g}) matches "
+              f"{t['routed']}/{t['positions']} with {t['on_large']} positions ({t['on_large'] / t['positions']:.2f}) "
+              "on the large model; threshold 0 reproduces the large model exactly")
+        return (f"R2R: {t['on_large'] / t['positions']:.2f} of positions on the large model, "
+                f"{t['routed']}/{t['positions']} tokens equal its own (small alone {t['small']})")
+
     def kernels(self) -> str:
         from overdrive.testing.probe import run_probe
 
@@ -331,31 +487,61 @@ class Demo:
         return f"backend {out['backend']}: Triton kernel matches float64"
 
 
-def main(argv: list[str] | None = None) -> int:
+#: (name, title) of every step, in the order they run; the name is the Demo method that runs it
+STEPS: list[tuple[str, str]] = [
+    ("registry", "Registry: methods x frameworks (overdrive list)"),
+    ("doctor", "Environment (overdrive doctor)"),
+    ("kernels", "Kernels: Triton in the interpreter vs float64"),
+    ("vllm", "vLLM + transformers: quantize, serve, load, compare"),
+    ("mbq", "MBQ: calibrate a VLM, answer a video question in vLLM and transformers"),
+    ("framefusion", "FrameFusion: video token merging + pruning in transformers and vLLM"),
+    ("pmkvq", "PM-KVQ: calibrate a KV plan, serve it in vLLM with more KV capacity, compare with transformers"),
+    ("moa", "MoA: calibrate per-head attention spans, compare with dense attention in transformers"),
+    ("sglang", "SGLang: real plugin loader and registries"),
+    ("diffusers", "Diffusers: a DiT cache through overdrive.diffusers"),
+    ("ditfastattn", "DiTFastAttn: calibrate v1/v2 plans (CLI), generate with them, disable"),
+    ("viditq", "ViDiT-Q: calibrate W8A8 (CLI), load the quantized pipeline, compare with float"),
+    ("vgdfr", "VGDFR: a shorter latent after a few steps on a video pipeline, compare, disable"),
+    ("r2r", "R2R: route a small/large pair with a trained router, compare with the large model"),
+]
+
+
+def _names(values: list[str]) -> list[str]:
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's options; ``only`` / ``skip`` become lists of known step names (unknown ones: an error
+    that lists the known names)."""
+    known = [k for k, _ in STEPS]
     ap = argparse.ArgumentParser(prog="python -m overdrive.benchmarks.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--skip", nargs="*", default=[], help="steps to skip: registry doctor kernels vllm mbq framefusion pmkvq sglang diffusers ditfastattn")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="run only these steps (repeatable, or a comma list): " + " ".join(known))
+    ap.add_argument("--skip", nargs="*", default=[], metavar="NAME", help="steps to skip: " + " ".join(known))
     args = ap.parse_args(argv)
+    args.only, args.skip = _names(args.only), _names(args.skip)
+    unknown = [n for n in args.only + args.skip if n not in known]
+    if unknown:
+        ap.error(f"unknown step{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; known steps: {', '.join(known)}")
+    return args
+
+
+def selected(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The steps to run, in the demo's order."""
+    return [s for s in STEPS if (not args.only or s[0] in args.only) and s[0] not in args.skip]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="overdrive-demo-") as tmp:
         d = Demo(Path(tmp))
-        steps: list[tuple[str, str, Callable[[], Any]]] = [
-            ("registry", "Registry: methods x frameworks (overdrive list)", d.registry),
-            ("doctor", "Environment (overdrive doctor)", d.doctor),
-            ("kernels", "Kernels: Triton in the interpreter vs float64", d.kernels),
-            ("vllm", "vLLM + transformers: quantize, serve, load, compare", d.vllm),
-            ("mbq", "MBQ: calibrate a VLM, answer a video question in vLLM and transformers", d.mbq),
-            ("framefusion", "FrameFusion: video token merging + pruning in transformers and vLLM", d.framefusion),
-            ("pmkvq", "PM-KVQ: calibrate a KV plan, serve it in vLLM with more KV capacity, compare with transformers",
-             d.pmkvq),
-            ("sglang", "SGLang: real plugin loader and registries", d.sglang),
-            ("diffusers", "Diffusers: a DiT cache through overdrive.diffusers", d.diffusers),
-            ("ditfastattn", "DiTFastAttn: calibrate v1/v2 plans (CLI), generate with them, disable", d.ditfastattn),
-        ]
-        for key, title, fn in steps:
-            if key not in args.skip:
-                d.step(title, fn)
+        for name, title in selected(args):
+            d.step(title, getattr(d, name))
     _h("Summary")
     for title, ok, summary in d.results:
         print(f"  [{'ok' if ok else 'FAIL'}] {title}: {summary}")
+    print(f"  {len(d.results)} steps in {time.perf_counter() - t0:.0f} s")
     return 0 if all(ok for _, ok, _ in d.results) else 1
 
 

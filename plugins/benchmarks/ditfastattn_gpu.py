@@ -57,7 +57,7 @@ def _mask_ref(q, k, v, w, t0, t1, rows):
 
 
 def kernel_cases(quick: bool = False) -> list[dict[str, Any]]:
-    from overdrive.ditfastattn.plan import band_for
+    from overdrive.ditfastattn.config import band_for
 
     if quick:  # a smoke run of the harness (CPU: the torch reference)
         return [dict(name="tiny arrow k=8", h=2, s=256 + 32, t0=0, t1=32, w=band_for(8, 256)),

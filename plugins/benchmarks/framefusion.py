@@ -44,7 +44,7 @@ def proxy_study(videos: int = 8, keep: tuple[float, ...] = (0.3, 0.5)) -> dict[s
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from overdrive.framefusion.method import importance_proxy
+    from overdrive.framefusion.merging import importance_proxy
     from overdrive.testing import tiny_qwen2_vl
     from overdrive.testing.framefusion import partly_static_video
     from overdrive.testing.llava import tiny_llava_onevision

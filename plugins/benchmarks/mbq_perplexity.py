@@ -86,7 +86,9 @@ def quantize_cli(model: Path, out: Path, options: list[str], log: Path) -> dict[
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {log.read_text()[-3000:]}")
-    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "command": " ".join(cmd[1:])}
+    # CPU seconds and the load average say how much of the wall time was waiting on a shared machine
+    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "load_average_1min": os.getloadavg()[0],
+            "peak_rss_mib": usage.ru_maxrss / 1024, "command": " ".join(cmd[1:])}
 
 
 def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_samples: int, calib_seq_len: int,

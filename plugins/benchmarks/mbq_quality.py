@@ -22,9 +22,29 @@ import torch
 
 from overdrive.benchmarks import header
 
-from overdrive.mbq.calibrate import calibrate, decoder_layers, fake_quant_act, fake_quant_weight, layer_groups
+from overdrive.adapters.transformers.calibration import decoder_layers as _decoder_layers
+from overdrive.contracts.llm_calibration import load_for_calibration
+from overdrive.mbq import calibrate as _cal
+from overdrive.mbq.awq import layer_groups, loss
 from overdrive.mbq.config import MBQConfig
 from overdrive.mbq.data import build_samples, builtin_records
+from overdrive.mbq.quant import fake_quant_act, fake_quant_weight
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return _decoder_layers(model)[1]
+
+
+def _on_run(fn: Any, model: torch.nn.Module, *args: Any, **kw: Any) -> Any:
+    run = load_for_calibration(model, device="cpu", compute_dtype=torch.float32)
+    try:
+        return fn(run, *args, **kw)
+    finally:
+        run.close()
+
+
+def calibrate(model: torch.nn.Module, samples: Any, cfg: MBQConfig) -> Any:
+    return _on_run(_cal.calibrate, model, samples, cfg)
 
 
 @torch.no_grad()
@@ -45,8 +65,6 @@ def vision_weighted_objective(model: torch.nn.Module, samples, cfg: MBQConfig, r
     inputs; each group's quantized output error is weighted per token as MBQ weighs it (caption 1,
     vision r, others 0).
     """
-    from overdrive.mbq.calibrate import _loss, _token_weights
-
     total = 0.0
     for i, layer in enumerate(decoder_layers(model)):
         groups = layer_groups(layer)
@@ -66,7 +84,8 @@ def vision_weighted_objective(model: torch.nn.Module, samples, cfg: MBQConfig, r
                 xq = x
             ref = torch.cat([torch.nn.functional.linear(x, l.weight.float()) for l in g.linears], -1)
             out = torch.cat([torch.nn.functional.linear(xq, fake_quant_weight(l.weight.float(), cfg)) for l in g.linears], -1)
-            total += _loss(out, ref, _token_weights(samples, g.branch, ratios[i]), "mae")
+            tok_w = torch.cat([_cal._token_weights(smp, g.branch, ratios[i]) for smp in samples])
+            total += loss(out, ref, tok_w, "mae")
     return total
 
 
@@ -92,9 +111,7 @@ def evaluate(model_dir: Path, group_size: int = 64, n_calib: int = 6) -> dict[st
     held = [dict(r, image=sample_image(seed=100 + i)) for i, r in enumerate(records[n_calib:] + records[:2])]
     evals = build_samples(proc, held, vision_ids)
     ref = _outputs(fp, evals)
-    from overdrive.mbq.calibrate import gradient_ratios
-
-    ratios = gradient_ratios(copy.deepcopy(fp), calib)
+    ratios = _on_run(_cal.gradient_ratios, copy.deepcopy(fp), calib)
     rows = []
     for bits, act_bits in ((3, 16), (4, 16), (4, 8), (8, 8)):
         for baseline in ("rtn", "awq", "mbq"):

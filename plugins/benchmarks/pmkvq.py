@@ -165,22 +165,19 @@ def synthetic(t: int, hq: int, hk: int, d: int, seed: int) -> tuple[torch.Tensor
 
 def fixture_kv(t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer-0 q/k/v of the tiny Llama fixture over t tokens of built-in text, positions stretched 4x."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from overdrive.contracts.llm_calibration import load_for_calibration
+    from overdrive.pmkvq.calibrate import position_ids_for, token_batches
     from overdrive.testing import tiny_llama
 
-    from overdrive.pmkvq.calibrate import CalibOptions, _Recorder, probing, token_batches
-
-    d = tiny_llama()
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    ids = token_batches(AutoTokenizer.from_pretrained(d), t, 1, 1, None)[0]
+    run = load_for_calibration(tiny_llama(), device="cpu", dtype="float32")
+    ids = token_batches(run.tokenizer, t, 1, 1, None)[0]
     ids = torch.roll(ids, seed * 7, dims=1)
-    opts = CalibOptions(max_len=4 * t, budget="1GiB")
-    from overdrive.pmkvq.calibrate import position_ids_for
-
-    with torch.no_grad(), probing(model, _Recorder()) as rec:
-        model(input_ids=ids, position_ids=position_ids_for(t, opts.max_len, 1), use_cache=False)
-    return rec.q[0][0].float(), rec.k[0][0].float(), rec.v[0][0].float()
+    seen = []
+    block = next(run.blocks([{"input_ids": ids, "position_ids": position_ids_for(t, 4 * t, 1)}]))
+    block.run(attention=lambda call: seen.append((call.query, call.key, call.value)))
+    run.close()
+    q, k, v = seen[0]
+    return q[0].float(), k[0].float(), v[0].float()
 
 
 # ------------------------------------------------------------------------------------- timing

@@ -1,6 +1,6 @@
 """DiTFastAttn calibration: search a plan on a diffusers pipeline and write it as JSON.
 
-    overdrive calibrate --method ditfastattn --pipeline DIR --output PLAN.json [--variant v1|v2] ...
+    overdrive calibrate --method ditfastattn --pipeline DIR --output PLAN.json [--variant v1|v2] ...   (:mod:`.cli`)
 
 or from Python::
 
@@ -40,7 +40,6 @@ its band with the text rows and columns) under ``sum(rse) <= alpha``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 from typing import Any, Sequence
@@ -48,12 +47,11 @@ from typing import Any, Sequence
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.dit_cache import CalibrationRun, RecordedCall, add_pipeline_arguments
+from overdrive.contracts.dit_cache import CalibrationRun, RecordedCall
 
-from .plan import ARROW_KS, FULL, Entry, Identity, Plan, Schedule, band_for, flops_fraction
-
-V1_DEFAULT_THRESHOLD = 0.05
-V2_DEFAULT_ALPHA = 0.2
+from .config import (ARROW_KS, FULL, V1_DEFAULT_THRESHOLD, V2_DEFAULT_ALPHA, DiTFastAttnConfig, Entry, Identity, Plan,
+                     Schedule, band_for, flops_fraction, parse_entry)
+from .runtime import DiTFastAttnHooks
 
 
 # --------------------------------------------------------------------------------- replay state
@@ -219,7 +217,6 @@ def choose_heads(rse: dict[str, Sequence[float]], saving: dict[str, float], head
 def _v2(search: _Search, alpha: float, vision: int) -> tuple[list[list[Entry]], list[float]]:
     from overdrive.kernels import attention_flops
 
-    from .plan import parse_entry
 
     att, n, heads = search.att, search.blocks, search.att.heads
     predicted = [0.0]
@@ -258,8 +255,6 @@ def calibrate(run: CalibrationRun, variant: str = "v1", threshold: float = V1_DE
     The plan fits the call's resolution (vision tokens), text length and ``num_inference_steps``;
     a batch of several prompts in the call calibrates on all of them at once.
     """
-    from .config import DiTFastAttnConfig
-    from .runtime import DiTFastAttnHooks
 
     if variant not in ("v1", "v2"):
         raise ConfigError(f"variant must be 'v1' or 'v2', got {variant!r}")
@@ -310,15 +305,3 @@ def calibrate(run: CalibrationRun, variant: str = "v1", threshold: float = V1_DE
                                                                    att.head_dim, cfg), 6),
     }
     return Plan(identity, variant, window if variant == "v1" else 0, entries, meta)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``overdrive calibrate --method ditfastattn``: the shared pipeline options plus the search's own."""
-    add_pipeline_arguments(p)
-    p.add_argument("--variant", choices=("v1", "v2"), default="v1",
-                   help="v1: per-block greedy (AST / WA-RS / ASC); v2: per-head integer program (share / arrow)")
-    p.add_argument("--threshold", type=float, default=V1_DEFAULT_THRESHOLD, help="v1 loss threshold")
-    p.add_argument("--alpha", type=float, default=V2_DEFAULT_ALPHA, help="v2 per-block error budget sum(rse)")
-    p.add_argument("--window-fraction", type=float, default=0.125,
-                   help="v1 WA-RS window half-width as a fraction of the vision tokens")

@@ -11,10 +11,10 @@ def overdrive_methods() -> list[MethodSpec]:
     return [MethodSpec(
         name="ditfastattn", kind=Kind.DIT_CACHE, config_cls=DiTFastAttnConfig,
         paper="DiTFastAttn (NeurIPS 2024, thu-nics/DiTFastAttn) and DiTFastAttnV2 (arXiv 2503.22796)",
-        impl="overdrive.ditfastattn.runtime:METHOD",
+        impl="overdrive.ditfastattn.method:METHOD",
         summary="window/arrow attention, timestep and CFG attention sharing for DiTs, per block (v1) or head (v2)",
         commands={"calibrate": MethodCommand(
             help="calibrate a DiTFastAttn plan (v1 greedy or v2 integer program) on a diffusers pipeline",
-            add_arguments="overdrive.ditfastattn.calibrate:add_arguments",
+            add_arguments="overdrive.ditfastattn.cli:add_arguments",
             run="overdrive.diffusers:calibrate_command")},
     )]

@@ -23,12 +23,9 @@ from typing import Any
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.dit_cache import (AttentionOp, CalibrationRun, DenoiserSession, DiTCacheMethod, DiTHooks,
-                                           ModuleCall, StepContext)
+from overdrive.contracts.dit_cache import AttentionOp, DenoiserSession, DiTHooks, ModuleCall, StepContext
 
-from .calibrate import V1_DEFAULT_THRESHOLD, V2_DEFAULT_ALPHA
-from .config import DiTFastAttnConfig
-from .plan import FULL, Entry, Identity, Plan, Schedule, Uniform
+from .config import FULL, DiTFastAttnConfig, Entry, Identity, Plan, Schedule, Uniform
 
 
 @dataclasses.dataclass
@@ -243,22 +240,3 @@ class DiTFastAttnHooks(DiTHooks):
         if shape is not None:
             b, h, s, d = shape
             self.flops["full"] += b * h * s * s * 4 * d
-
-
-class DiTFastAttnMethod(DiTCacheMethod):
-    def hooks(self, session: DenoiserSession, cfg: DiTFastAttnConfig) -> DiTFastAttnHooks:
-        return DiTFastAttnHooks(session, cfg)
-
-    def calibrate(self, run: CalibrationRun, variant: str = "v1", threshold: float = V1_DEFAULT_THRESHOLD,
-                  alpha: float = V2_DEFAULT_ALPHA, window_fraction: float = 0.125) -> Plan:
-        """v1 (per block, ``threshold``) or v2 (per head, ``alpha``) plan search; see :mod:`.calibrate`."""
-        from .calibrate import calibrate
-
-        return calibrate(run, variant=variant, threshold=threshold, alpha=alpha, window_fraction=window_fraction)
-
-    def calibration_options(self, args: Any) -> dict[str, Any]:
-        return dict(variant=args.variant, threshold=args.threshold, alpha=args.alpha,
-                    window_fraction=args.window_fraction)
-
-
-METHOD = DiTFastAttnMethod()

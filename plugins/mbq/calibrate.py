@@ -1,23 +1,30 @@
 """MBQ calibration: modality-weighted, gradient-reweighted AWQ-style scale search (and AWQ, RTN).
 
-Pipeline (``calibrate(model, samples, cfg)``), on a transformers (vision-)language model:
+Pipeline (``calibrate(run, samples, cfg)``), on a (vision-)language model loaded for calibration (the LLM
+calibration layer, :func:`overdrive.contracts.llm_calibration.load_for_calibration`: one decoder block on
+the device at a time, in float32):
 
 1. **Modality masks** per sample: vision tokens (image/video placeholders) and caption tokens (the
    assistant's answer); other prompt tokens get weight 0 in MBQ's loss.
-2. **Gradient reweighting** (MBQ only): one backward pass of the loss on caption tokens; for each
-   decoder layer, r = mean|dL/d out| over vision tokens / the same over caption tokens, at the
-   attention output projection and at the MLP down projection; r is clamped from below by its median
-   over layers.
+2. **Gradient reweighting** (MBQ only): one backward pass of the loss on caption tokens (the layer's
+   block-wise backward); for each decoder layer, r = mean|dL/d out| over vision tokens / the same over
+   caption tokens, at the attention output projection and at the MLP down projection; r is clamped
+   from below by its median over layers.
 3. **Scale search** (W4A8/W8A8: weights per-channel symmetric and activations per-token int8, both
-   quantized inside the loop), block by block, for the groups (input norm -> q,k,v), (v -> o, when shapes allow),
-   (post-attention norm -> gate, up), (up -> down): s = mean|x|^rho over the group's input channels,
-   rho in {0, 0.05, ..., 0.95}, normalised by sqrt(max * min); the loss is the token-weighted mean
-   absolute (or squared) error of the group's outputs with weights quantized as Q(W * s) / s. Token
-   weights: MBQ caption 1, vision r, others 0; AWQ every token 1. rho = 0 is plain RTN, so the chosen
-   scales never do worse than RTN on the calibration data. The best s is folded into the preceding
-   norm or linear (the float model's function is unchanged by folding).
+   quantized inside the loop), block by block, for the groups (input norm -> q,k,v), (v -> o, when shapes
+   allow), (post-attention norm -> gate, up), (up -> down): s = mean|x|^rho over the group's input
+   channels (over every calibration token), rho in {0, 0.05, ..., 0.95}, normalised by sqrt(max * min);
+   the loss is the token-weighted mean absolute (or squared) error of the group's outputs with weights
+   quantized as Q(W * s) / s. Token weights: MBQ caption 1, vision r, others 0; AWQ every token 1. rho = 0
+   is plain RTN, so the chosen scales never do worse than RTN on the data the loss is measured on. The
+   best s is folded into the preceding norm or linear (the float model's function is unchanged).
+   The loss is measured on at most ``search_tokens`` calibration tokens (whole sequences spread evenly
+   over the data; 0: every token): the grid costs 20 forwards of each judged module, the dominant cost.
+   Then the statistics pass over every token also gives the block's float outputs, which propagate to
+   the next block (folding preserves the float function) instead of a third pass over the block.
 4. ``distort``: each block is calibrated on the outputs of the already-quantized earlier blocks
-   (their weights quantized; for W4A8/W8A8 their activations are not).
+   (their weights quantized; for W4A8/W8A8 their activations are not); otherwise the folded float
+   block's outputs propagate.
 
 The loss of q,k,v is measured on the attention block's output and that of gate,up on the MLP's
 output (the enclosing module, as AWQ does); v->o and up->down on their own linear outputs
@@ -25,155 +32,55 @@ output (the enclosing module, as AWQ does); v->o and up->down on their own linea
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.progress import progress
+from overdrive.contracts.llm_calibration import BlockCall, CalibrationBlock, LLMCalibration, Recording
 
+from .awq import (ENCLOSING, GRID, Group, GroupResult, block_groups, fold_scales, layer_groups, search,
+                  search_group)
 from .config import MBQConfig
+from .data import CalibSample
+from .quant import fake_quant_act, fake_quant_weight
 
-GRID = [i / 20 for i in range(20)]  # rho in {0, 0.05, ..., 0.95}
+__all__ = ["ENCLOSING", "GRID", "CalibSample", "Group", "GroupResult", "calibrate", "fold_scales", "gradient_ratios",
+           "layer_groups", "search_and_fold", "search_group", "search_group_on_module"]
 
-
-@dataclasses.dataclass
-class CalibSample:
-    """One calibration sample: model inputs and its modality masks (1-D bool over tokens)."""
-
-    inputs: dict[str, torch.Tensor]
-    vision_mask: torch.Tensor
-    caption_mask: torch.Tensor
-
-
-@dataclasses.dataclass
-class GroupResult:
-    layer: int
-    group: str
-    rho: float
-    loss: float
-    rtn_loss: float
-
-
-# ------------------------------------------------------------------------------ quantization
-def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Round-to-nearest group-asymmetric quantize-dequantize of a (N, K) weight (float32 math)."""
-    from .quantize import rtn_codes
-
-    codes, scales, zeros = rtn_codes(w, bits, group_size)
-    n, k = w.shape
-    return ((codes - zeros[..., None]) * scales[..., None]).reshape(n, k).to(w.dtype)
-
-
-def fake_quant_weight(w: torch.Tensor, cfg: MBQConfig) -> torch.Tensor:
-    """Quantize-dequantize a weight with the scheme's weight format."""
-    if cfg.act_bits == 8:
-        from .quantize import rtn_per_channel_symmetric
-
-        codes, scales = rtn_per_channel_symmetric(w, cfg.bits)
-        return (codes * scales[:, None]).to(w.dtype)
-    return rtn_fake_quant(w, cfg.bits, cfg.group_size)
-
-
-def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    """Per-token symmetric int8 quantize-dequantize (W4A8/W8A8 activations)."""
-    from overdrive.kernels.act8_linear import quantize_per_token
-
-    xq, sx = quantize_per_token(x.reshape(-1, x.shape[-1]))
-    return (xq * sx[:, None]).to(x.dtype).reshape(x.shape)
-
-
-# ---------------------------------------------------------------------------- model structure
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The language decoder's layer list (skips vision towers)."""
-    for name, mod in model.named_modules():
-        if name.endswith("layers") and isinstance(mod, torch.nn.ModuleList) and len(mod) \
-                and hasattr(mod[0], "self_attn") and hasattr(mod[0], "mlp") and "visual" not in name:
-            return mod
-    raise ConfigError(f"{type(model).__name__}: no decoder layer list with self_attn and mlp found; MBQ "
-                      "calibration supports Llama/Qwen2-style decoders")
-
-
-@dataclasses.dataclass
-class Group:
-    name: str
-    prev: torch.nn.Module  # norm (has .weight) or linear whose output channels feed the group
-    linears: list[torch.nn.Linear]
-    branch: str  # "attn" or "mlp": which reweighting ratio applies
-
-
-def layer_groups(layer: torch.nn.Module) -> list[Group]:
-    a, m = layer.self_attn, layer.mlp
-    groups = [Group("qkv", layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj], "attn")]
-    if a.v_proj.out_features == a.o_proj.in_features:  # with grouped KV heads the shapes do not allow it
-        groups.append(Group("o", a.v_proj, [a.o_proj], "attn"))
-    groups.append(Group("gate_up", layer.post_attention_layernorm, [m.gate_proj, m.up_proj], "mlp"))
-    groups.append(Group("down", m.up_proj, [m.down_proj], "mlp"))
-    return groups
-
-
-@torch.no_grad()
-def fold_scales(group: Group, s: torch.Tensor) -> None:
-    """W_linear[:, c] *= s[c]; prev output channel c /= s[c]. Function-preserving in float."""
-    s = s.to(torch.float32)
-    prev = group.prev
-    if isinstance(prev, torch.nn.Linear):
-        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-    else:
-        prev.weight.div_(s.to(prev.weight.dtype))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-    for lin in group.linears:
-        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+#: default cap on the tokens the scale-search loss is measured on (statistics use every token)
+SEARCH_TOKENS = 4096
 
 
 # -------------------------------------------------------------------------- reweighting (MBQ)
-def gradient_ratios(model: torch.nn.Module, samples: Sequence[CalibSample]) -> list[dict[str, float]]:
+def gradient_ratios(run: LLMCalibration, samples: Sequence[CalibSample]) -> list[dict[str, float]]:
     """Per decoder layer {"attn": r, "mlp": r}: mean |dL/dout| over vision / over caption tokens."""
-    layers = decoder_layers(model)
-    sums = [{(b, k): 0.0 for b in ("attn", "mlp") for k in ("vis", "cap")} for _ in layers]
-    counts = {"vis": 0, "cap": 0}
-    masks: dict[str, torch.Tensor] = {}
+    layers = run.geometry.num_layers
+    sums = [{(b, k): 0.0 for b in ("attn", "mlp") for k in ("vis", "cap")} for _ in range(layers)]
+    counts = {"vis": sum(int(s.vision_mask.sum()) for s in samples),
+              "cap": sum(int(s.caption_mask.sum()) for s in samples)}
 
-    def hook_for(i: int, branch: str):
-        def fwd(_mod, _inp, out):
-            def grad_hook(g: torch.Tensor) -> None:
-                a = g.detach().abs().float().mean(dim=-1).reshape(-1)  # per token
-                sums[i][(branch, "vis")] += float(a[masks["vis"]].sum())
-                sums[i][(branch, "cap")] += float(a[masks["cap"]].sum())
-            out.register_hook(grad_hook)
-        return fwd
+    def visit(block: CalibrationBlock, j: int, retained: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        vis, cap = samples[j].vision_mask.reshape(-1), samples[j].caption_mask.reshape(-1)
+        for branch, role in (("attn", "o"), ("mlp", "down")):
+            g = retained[role][1]
+            a = g.detach().abs().float().mean(dim=-1).reshape(-1).cpu()  # per token
+            sums[block.index][(branch, "vis")] += float(a[vis].sum())
+            sums[block.index][(branch, "cap")] += float(a[cap].sum())
 
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_hook(hook_for(i, "attn")))
-        handles.append(layer.mlp.down_proj.register_forward_hook(hook_for(i, "mlp")))
-    was_training = model.training
-    model.eval()
-    try:
-        for smp in samples:
-            masks["vis"], masks["cap"] = smp.vision_mask.reshape(-1), smp.caption_mask.reshape(-1)
-            counts["vis"] += int(masks["vis"].sum())
-            counts["cap"] += int(masks["cap"].sum())
-            model.zero_grad(set_to_none=True)
-            ids = smp.inputs["input_ids"]
-            labels = torch.where(smp.caption_mask.reshape(ids.shape), ids, torch.full_like(ids, -100))
-            out = model(**smp.inputs, labels=labels, use_cache=False)
-            if not torch.isfinite(out.loss):
-                raise ConfigError(f"calibration loss is {out.loss.item()} on a sample; check the model and data")
-            out.loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    def loss(logits: torch.Tensor, j: int) -> torch.Tensor:
+        smp = samples[j]
+        ids = smp.inputs["input_ids"]
+        labels = torch.where(smp.caption_mask.reshape(ids.shape), ids, torch.full_like(ids, -100))
+        lg = logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]),
+                                                 labels[:, 1:].reshape(-1).to(lg.device), ignore_index=-100)
+
+    run.backward([s.inputs for s in samples], loss, retain=("o", "down"), visit=visit, desc="mbq: gradient ratios")
     if counts["vis"] == 0 or counts["cap"] == 0:
-        return [{"attn": 1.0, "mlp": 1.0} for _ in layers]
+        return [{"attn": 1.0, "mlp": 1.0} for _ in range(layers)]
     ratios = [{b: (s[(b, "vis")] / counts["vis"]) / max(s[(b, "cap")] / counts["cap"], 1e-30)
                for b in ("attn", "mlp")} for s in sums]
     for b in ("attn", "mlp"):
@@ -184,104 +91,35 @@ def gradient_ratios(model: torch.nn.Module, samples: Sequence[CalibSample]) -> l
 
 
 # --------------------------------------------------------------------------------- the search
-def _loss(out: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, mode: str) -> float:
-    d = (out - ref).abs() if mode == "mae" else (out - ref) ** 2
-    return float((d.mean(dim=-1) * w).sum() / w.sum().clamp_min(1e-12))
-
-
-def _grid_scales(x_mean: torch.Tensor) -> Iterable[tuple[float, torch.Tensor]]:
-    for rho in GRID:
-        s = x_mean.pow(rho)
-        yield rho, s / (s.max() * s.min()).sqrt()
-
-
-def _search(x_mean: torch.Tensor, evaluate: Callable[[torch.Tensor], torch.Tensor], ref: torch.Tensor,
-            tok_w: torch.Tensor, mode: str) -> tuple[torch.Tensor, float, float, float]:
-    """Grid search over rho: (best s, rho, its loss, the loss at rho = 0, i.e. RTN)."""
-    best: tuple[torch.Tensor | None, float, float] = (None, 0.0, math.inf)
-    rtn_loss = math.inf
-    for rho, s in _grid_scales(x_mean):
-        loss = _loss(evaluate(s), ref, tok_w, mode)
-        if rho == 0.0:
-            rtn_loss = loss
-        if loss < best[2]:
-            best = (s, rho, loss)
-    assert best[0] is not None, "every grid point gave a NaN loss"
-    return best[0], best[1], best[2], rtn_loss
-
-
-@torch.no_grad()
-def search_group(x: torch.Tensor, group: Group, tok_w: torch.Tensor, cfg: MBQConfig, mode: str,
-                 ) -> tuple[torch.Tensor, float, float, float]:
-    """Best scales for one group judged on the group's own linear outputs: (s, rho, loss, RTN loss)."""
-    x = x.to(torch.float32)
-    ref = torch.cat([torch.nn.functional.linear(x, l.weight.float(), None) for l in group.linears], dim=-1)
-
-    def evaluate(s: torch.Tensor) -> torch.Tensor:
-        xs = x / s[None, :]
-        if cfg.act_bits == 8:
-            xs = fake_quant_act(xs)
-        return torch.cat([torch.nn.functional.linear(xs, fake_quant_weight(l.weight.float() * s[None, :], cfg), None)
-                          for l in group.linears], dim=-1)
-
-    return _search(x.abs().mean(dim=0).clamp_min(1e-6), evaluate, ref, tok_w, mode)
-
-
-@dataclasses.dataclass
-class _Calls:
-    """Recorded calls of one module over the calibration batches: (args, kwargs) and outputs."""
-
-    calls: list[tuple[tuple, dict]] = dataclasses.field(default_factory=list)
-    outs: list[torch.Tensor] = dataclasses.field(default_factory=list)
-
-    def input_rows(self) -> torch.Tensor:
-        """The first input (hidden states) of every call, as (tokens, features) rows."""
-        rows = []
-        for args, kwargs in self.calls:
-            h = args[0] if args else kwargs["hidden_states"]
-            rows.append(h.reshape(-1, h.shape[-1]))
-        return torch.cat(rows)
-
-    def ref(self) -> torch.Tensor:
-        return torch.cat([o.reshape(-1, o.shape[-1]) for o in self.outs])
-
-
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _record(module: torch.nn.Module, rec: _Calls) -> list[Any]:
-    def pre(_m, args, kwargs):
-        rec.calls.append((args, dict(kwargs)))
-
-    def post(_m, _args, _kwargs, out):
-        rec.outs.append(_first(out).detach())
-
-    return [module.register_forward_pre_hook(pre, with_kwargs=True),
-            module.register_forward_hook(post, with_kwargs=True)]
-
-
-@torch.no_grad()
-def search_group_on_module(group: Group, module: torch.nn.Module, rec: _Calls, tok_w: torch.Tensor,
-                           cfg: MBQConfig, mode: str) -> tuple[torch.Tensor, float, float, float]:
+@torch.inference_mode()
+def search_group_on_module(group: Group, module: torch.nn.Module, rec: Recording, tok_w: torch.Tensor,
+                           cfg: MBQConfig, mode: str, x_mean: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, float, float, float]:
     """Best scales for one group judged on the output of its enclosing ``module`` (as AWQ does: q,k,v
     on the attention block's output, gate,up on the MLP's output), from the recorded calls.
 
     For a candidate s the group's weights become Q(W s) / s (and, with int8 activations, each
     linear's input x becomes Qa(x / s) s), so the module computes Qa(x / s) Q(W s)^T exactly as the
-    folded, quantized model will; every other weight of the module stays float.
+    folded, quantized model will; every other weight of the module stays float. The module's float
+    outputs (the reference) are the recorded ones.
     """
-    x_mean = rec.input_rows().float().abs().mean(dim=0).clamp_min(1e-6)
-    ref = rec.ref().float()
-    saved = [l.weight.detach().clone() for l in group.linears]
+    if x_mean is None:
+        x_mean = rec.input_rows().float().abs().mean(dim=0)
+    x_mean = x_mean.clamp_min(1e-6)
+    ref = rec.output_rows().float()
+    saved = [lin.weight.detach().clone() for lin in group.linears]
 
     def evaluate(s: torch.Tensor) -> torch.Tensor:
         hooks = []
-        for l, w0 in zip(group.linears, saved):
+        for lin, w0 in zip(group.linears, saved):
             sw = s.to(w0.dtype)
-            l.weight.copy_(fake_quant_weight(w0 * sw[None, :], cfg) / sw[None, :])
+            lin.weight.copy_(fake_quant_weight(w0 * sw[None, :], cfg) / sw[None, :])
             if cfg.act_bits == 8:
-                hooks.append(l.register_forward_pre_hook(
+                hooks.append(lin.register_forward_pre_hook(
                     lambda _m, args, s=s: (fake_quant_act(args[0] / s.to(args[0].dtype)) * s.to(args[0].dtype),
                                            *args[1:])))
         try:
@@ -289,146 +127,141 @@ def search_group_on_module(group: Group, module: torch.nn.Module, rec: _Calls, t
         finally:
             for h in hooks:
                 h.remove()
-            for l, w0 in zip(group.linears, saved):
-                l.weight.copy_(w0)
+            for lin, w0 in zip(group.linears, saved):
+                lin.weight.copy_(w0)
 
-    return _search(x_mean, evaluate, ref, tok_w, mode)
-
-
-def _capture_layer0_inputs(model: torch.nn.Module, samples: Sequence[CalibSample]) -> list[tuple[tuple, dict]]:
-    layers = decoder_layers(model)
-    captured: list[tuple[tuple, dict]] = []
-
-    class _Stop(Exception):
-        pass
-
-    def pre(_mod, args, kwargs):
-        kw = dict(kwargs)
-        # the block is re-run many times during the search: it must not append to a KV cache
-        for k in ("past_key_values", "past_key_value"):
-            if k in kw:
-                kw[k] = None
-        kw["use_cache"] = False
-        captured.append((args, kw))
-        raise _Stop
-
-    h = layers[0].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for smp in samples:
-                try:
-                    model(**smp.inputs, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-    return captured
+    return search(x_mean, evaluate, ref, tok_w, mode)
 
 
-def _layer_out(layer: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    return _first(layer(*args, **kwargs))
+def _token_weights(sample: CalibSample, branch: str, ratio: dict[str, float] | None) -> torch.Tensor:
+    if ratio is None:  # AWQ: uniform token weighting
+        return torch.ones(sample.vision_mask.numel())
+    w = sample.caption_mask.float().reshape(-1).clone()
+    w[sample.vision_mask.reshape(-1)] = ratio[branch]
+    return w
 
 
-def _to_float32(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.float() if v.is_floating_point() else v
+def search_subset(calls: Sequence[BlockCall], cap: int) -> list[tuple[int, list[int]]] | None:
+    """Which (call, rows) the search loss is measured on: whole sequences spread evenly over the calls
+    until ``cap`` tokens; None when every token fits (``cap`` <= 0 or not smaller than the total)."""
+    seqs = [(j, r, int(c.hidden.shape[1])) for j, c in enumerate(calls) for r in range(int(c.hidden.shape[0]))]
+    total = sum(n for _, _, n in seqs)
+    if cap <= 0 or total <= cap:
+        return None
+    mean = total / len(seqs)
+    want = max(1, min(len(seqs), int(round(cap / mean))))
+    picked = sorted({int(i * len(seqs) / want) for i in range(want)})
+    out: dict[int, list[int]] = {}
+    for i in picked:
+        j, r, _ = seqs[i]
+        out.setdefault(j, []).append(r)
+    return sorted(out.items())
+
+
+def _rows(v: Any, batch: int, rows: list[int]) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == batch and batch > 1:
+        return v[rows]
     if isinstance(v, tuple):
-        return tuple(_to_float32(t) for t in v)
+        return tuple(_rows(t, batch, rows) for t in v)
     return v
 
 
-#: which enclosing module judges a group's scales ("attn": the attention block; "mlp": the MLP);
-#: groups not listed are judged on their own linear outputs (as AWQ does for v->o and up->down)
-ENCLOSING = {"qkv": "attn", "gate_up": "mlp"}
-
-
-@torch.no_grad()
-def search_and_fold(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
-                    ratios: list[dict[str, float]] | None, loss_mode: str = "mae", distort: bool = False,
-                    scope: str = "module") -> list[GroupResult]:
-    """Run the block-wise scale search and fold the chosen scales into ``model`` in place.
-
-    Block by block: only the current decoder block's inputs, its recorded sub-module calls and its
-    outputs are held in memory (one block's activations over the calibration set). A model held in
-    16 bits is searched with the current block in float32 and cast back after folding.
-    ``scope``: "module" judges q,k,v and gate,up on the attention / MLP output (AWQ); "linear" on the
-    group's own linear outputs.
-    """
-    if scope not in ("module", "linear"):
-        raise ConfigError(f"search scope must be 'module' or 'linear', got {scope!r}")
-    layers = decoder_layers(model)
-    inputs = [(_to_float32(a), {k: _to_float32(v) for k, v in kw.items()})
-              for a, kw in _capture_layer0_inputs(model, samples)]
-    results: list[GroupResult] = []
-    for i, layer in enumerate(progress(layers, desc=f"mbq search ({cfg.baseline})", total=len(layers), unit="block")):
-        dtype = next(layer.parameters()).dtype
-        layer.float()
-        groups = layer_groups(layer)
-        recs = {"attn": _Calls(), "mlp": _Calls()}
-        feats: dict[str, list[torch.Tensor]] = {}
-
-        def grab(name: str):
-            def hook(_m, inp, _out):
-                feats.setdefault(name, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
-            return hook
-
-        hs = [g.linears[0].register_forward_hook(grab(g.name)) for g in groups
-              if scope == "linear" or g.name not in ENCLOSING]
-        if scope == "module":
-            hs += _record(layer.self_attn, recs["attn"]) + _record(layer.mlp, recs["mlp"])
-        try:
-            for j, (args, kwargs) in enumerate(inputs):
-                out = _layer_out(layer, args, kwargs)
-                if not torch.isfinite(out).all():
-                    raise ConfigError(f"NaN/inf activations at decoder layer {i} (block output) on calibration sample {j}; "
-                                      "nothing was written")
-        finally:
-            for h in hs:
-                h.remove()
-        for g in groups:
-            tok_w = _token_weights(samples, g.branch, ratios[i] if ratios else None)
-            if scope == "module" and g.name in ENCLOSING:
-                module = layer.self_attn if ENCLOSING[g.name] == "attn" else layer.mlp
-                s, rho, loss, rtn_loss = search_group_on_module(g, module, recs[ENCLOSING[g.name]], tok_w, cfg,
-                                                                loss_mode)
-            else:
-                s, rho, loss, rtn_loss = search_group(torch.cat(feats.pop(g.name)), g, tok_w, cfg, loss_mode)
-            fold_scales(g, s)
-            results.append(GroupResult(i, g.name, rho, loss, rtn_loss))
-        del recs, feats
-        if distort:
-            saved = {n: p.detach().clone() for n, p in layer.named_parameters()}
-            _fake_quantize_layer(layer, cfg)
-            inputs = [((_layer_out(layer, a, k), *a[1:]), k) for a, k in inputs]
-            for n, p in layer.named_parameters():
-                p.copy_(saved[n])
+def _subset_calls(calls: Sequence[BlockCall], subset: list[tuple[int, list[int]]]) -> list[BlockCall]:
+    out = []
+    for j, rows in subset:
+        c = calls[j]
+        b = int(c.hidden.shape[0])
+        if rows == list(range(b)):
+            out.append(c)
         else:
-            inputs = [((_layer_out(layer, a, k), *a[1:]), k) for a, k in inputs]
-        layer.to(dtype)
+            out.append(BlockCall(c.hidden[rows], {k: _rows(v, b, rows) for k, v in c.kwargs.items()}))
+    return out
+
+
+def _search_block(block: CalibrationBlock, samples: Sequence[CalibSample], cfg: MBQConfig,
+                  ratio: dict[str, float] | None, loss_mode: str, scope: str, search_tokens: int
+                  ) -> list[GroupResult]:
+    groups = block_groups(block.roles)
+    module_scope = [g for g in groups if scope == "module" and g.name in ENCLOSING]
+    linear_scope = [g for g in groups if g not in module_scope]
+    roles = [ENCLOSING[g.name] for g in module_scope] + [g.input_role for g in linear_scope]
+    calls = block.calls()
+    subset = search_subset(calls, search_tokens)
+    x_means: dict[str, torch.Tensor] = {}
+    if subset is None:
+        search_calls = calls
+        weights = [{b: _token_weights(s, b, ratio) for b in ("attn", "mlp")} for s in samples]
+    else:
+        # statistics over every token, the loss on the subset
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def acc(role: str, x: torch.Tensor, _call: int) -> None:
+            a = x.detach().reshape(-1, x.shape[-1]).float().abs().sum(dim=0)
+            sums[role] = sums[role] + a if role in sums else a
+            counts[role] = counts.get(role, 0) + x.numel() // x.shape[-1]
+
+        float_outputs: list[torch.Tensor] = []
+        block.record(roles, calls, on_input=acc, keep=lambda _j: False, outputs=float_outputs)
+        x_means = {r: sums[r] / counts[r] for r in sums}
+        # folding is function-preserving: the float block's outputs are the next block's inputs (up to
+        # rounding), so the block is not run a third time (a method's set_outputs still overrides this)
+        block.set_outputs(float_outputs)
+        search_calls = _subset_calls(calls, subset)
+        weights = []
+        for j, rows in subset:
+            shape = tuple(calls[j].hidden.shape[:2])
+            weights.append({b: _token_weights(samples[j], b, ratio).reshape(shape)[rows].reshape(-1)
+                            for b in ("attn", "mlp")})
+    recs = block.record(roles, search_calls, keep_calls=True)
+    results = []
+    for g in groups:
+        tok_w = torch.cat([w[g.branch] for w in weights]).to(block.device)
+        if g in module_scope:
+            role = ENCLOSING[g.name]
+            s, rho, value, rtn = search_group_on_module(g, block.roles[role], recs[role], tok_w, cfg, loss_mode,
+                                                        x_means.get(role))
+        else:
+            s, rho, value, rtn = search_group(recs[g.input_role].input_rows(), g, tok_w, cfg, loss_mode,
+                                              x_means.get(g.input_role))
+        fold_scales(g, s)
+        results.append(GroupResult(block.index, g.name, rho, value, rtn))
     return results
 
 
-def _fake_quantize_layer(layer: torch.nn.Module, cfg: MBQConfig) -> None:
-    for g in layer_groups(layer):
-        for l in g.linears:
-            l.weight.copy_(fake_quant_weight(l.weight, cfg))
+@torch.no_grad()
+def search_and_fold(run: LLMCalibration, samples: Sequence[CalibSample], cfg: MBQConfig, *,
+                    ratios: list[dict[str, float]] | None, loss_mode: str = "mae", distort: bool = False,
+                    scope: str = "module", search_tokens: int = SEARCH_TOKENS) -> list[GroupResult]:
+    """Run the block-wise scale search and fold the chosen scales into the model in place.
+
+    Block by block (the layer onloads one decoder block at a time): only the current block's inputs,
+    its recorded sub-module calls and its outputs are held (one block's activations over the
+    calibration set). ``scope``: "module" judges q,k,v and gate,up on the attention / MLP output
+    (AWQ); "linear" on the group's own linear outputs.
+    """
+    if scope not in ("module", "linear"):
+        raise ConfigError(f"search scope must be 'module' or 'linear', got {scope!r}")
+    results: list[GroupResult] = []
+    for block in run.blocks([s.inputs for s in samples], propagate="calibrated",
+                            desc=f"mbq search ({cfg.baseline})"):
+        results += _search_block(block, samples, cfg, ratios[block.index] if ratios else None, loss_mode, scope,
+                                 search_tokens)
+        if distort:
+            linears = [lin for g in block_groups(block.roles) for lin in g.linears]
+            saved = [lin.weight.detach().clone() for lin in linears]
+            for lin in linears:
+                lin.weight.copy_(fake_quant_weight(lin.weight, cfg))
+            block.set_outputs(block.run())
+            for lin, w in zip(linears, saved):
+                lin.weight.copy_(w)
+    return results
 
 
-def _token_weights(samples: Sequence[CalibSample], branch: str, ratio: dict[str, float] | None) -> torch.Tensor:
-    ws = []
-    for smp in samples:
-        if ratio is None:  # AWQ: uniform token weighting
-            ws.append(torch.ones(smp.vision_mask.numel()))
-        else:
-            w = smp.caption_mask.float().reshape(-1).clone()
-            w[smp.vision_mask.reshape(-1)] = ratio[branch]
-            ws.append(w)
-    return torch.cat(ws)
-
-
-def calibrate(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
-              loss_mode: str = "mae", distort: bool = False, scope: str = "module") -> list[GroupResult]:
-    """Search and fold scales into ``model`` per ``cfg.baseline`` ("mbq" or "awq"); returns per-group results."""
+def calibrate(run: LLMCalibration, samples: Sequence[CalibSample], cfg: MBQConfig, *,
+              loss_mode: str = "mae", distort: bool = False, scope: str = "module",
+              search_tokens: int = SEARCH_TOKENS) -> list[GroupResult]:
+    """Search and fold scales into the model per ``cfg.baseline`` ("mbq" or "awq"); returns per-group results."""
     if cfg.baseline == "rtn":
         return []
     if loss_mode not in ("mae", "mse"):
@@ -441,8 +274,9 @@ def calibrate(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQCo
             warnings.warn("MBQ calibration data has no vision tokens: running as AWQ (uniform token weights)",
                           stacklevel=2)
         else:
-            ratios = gradient_ratios(model, samples)
-    return search_and_fold(model, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort, scope=scope)
+            ratios = gradient_ratios(run, samples)
+    return search_and_fold(run, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort, scope=scope,
+                           search_tokens=search_tokens)
 
 
 def iter_finite(results: Iterable[GroupResult]) -> bool:

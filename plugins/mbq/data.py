@@ -10,11 +10,12 @@ Two kinds of record:
   is a caption token (MBQ on text alone is AWQ: there is no modality to balance).
 
 A jsonl file holds one record per line (``image`` a path relative to the file, or null); a ``.txt``
-file, or a folder of them, is text. With no data, a small built-in sample (synthetic images with
-short captions) is used so the command works out of the box.
+file, or a folder of them, is text. With no data, a small built-in sample (deterministic synthetic noise
+images with short captions, :func:`synthetic_image`) is used so the command works out of the box.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +24,14 @@ import torch
 
 from overdrive.config import ConfigError
 
-from .calibrate import CalibSample
+
+@dataclasses.dataclass
+class CalibSample:
+    """One calibration sample: model inputs and its modality masks (bool, one entry per token)."""
+
+    inputs: dict[str, torch.Tensor]
+    vision_mask: torch.Tensor
+    caption_mask: torch.Tensor
 
 BUILTIN = [
     ("describe the image.", "a red square on a dark blue background"),
@@ -37,10 +45,17 @@ BUILTIN = [
 ]
 
 
-def builtin_records(with_images: bool) -> list[dict[str, Any]]:
-    from overdrive.testing.vlm import sample_image
+def synthetic_image(seed: int = 0, size: int = 84) -> Any:
+    """A deterministic RGB PIL image (uniform noise from a seeded generator): the built-in records' images.
+    They only give the vision tower tokens to produce; real MBQ calibration passes --calib-data."""
+    from PIL import Image
 
-    return [{"image": sample_image(seed=i) if with_images else None, "prompt": p, "answer": a}
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def builtin_records(with_images: bool) -> list[dict[str, Any]]:
+    return [{"image": synthetic_image(seed=i) if with_images else None, "prompt": p, "answer": a}
             for i, (p, a) in enumerate(BUILTIN)]
 
 

@@ -15,7 +15,7 @@ def overdrive_methods() -> list[MethodSpec]:
         summary="modality-balanced W3/W4/W4A8/W8A8 quantization of the language decoder",
         commands={"quantize": MethodCommand(
             help="quantize a (vision-)language model into an MBQ checkpoint",
-            add_arguments="overdrive.mbq.quantize:add_arguments", run="overdrive.mbq.quantize:run"),
+            add_arguments="overdrive.mbq.cli:add_arguments", run="overdrive.mbq.cli:run"),
             "export": MethodCommand(
                 help="convert an MBQ checkpoint to the compressed-tensors layout (engines' own kernels)",
                 add_arguments="overdrive.mbq.export:add_arguments", run="overdrive.mbq.export:run")},

@@ -1,12 +1,12 @@
 """``overdrive quantize --method mbq``: write an MBQ-format checkpoint.
 
 ``--baseline rtn`` rounds the float weights to nearest; ``awq`` / ``mbq`` (default) first search and
-fold AWQ-style scales on calibration data (:mod:`.calibrate`), then round. Options are checked
-against the checkpoint's tensor shapes before any calibration, and the output is written atomically.
+fold AWQ-style scales on calibration data (:mod:`.calibrate`, through the LLM calibration layer: one
+decoder block on ``device`` at a time), then round. Options are checked against the checkpoint's tensor
+shapes before any calibration, and the output is written atomically. The CLI is :mod:`.cli`.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 from pathlib import Path
@@ -15,52 +15,13 @@ import torch
 
 from overdrive.checkpoint import check_finite, checkpoint_shards, rewrite_checkpoint
 from overdrive.config import ConfigError
-from overdrive.kernels import pack
+from overdrive.contracts.llm_calibration import check_device, load_for_calibration
 
+from .calibrate import SEARCH_TOKENS, calibrate
 from .config import MBQConfig
+from .data import build_calibration, builtin_records, load_records
 from .method import METHOD, NAME
-
-
-def rtn_codes(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest asymmetric group quantization of a (N, K) weight.
-
-    Returns float32 (codes (N, K/g, g), scales (N, K/g), zeros (N, K/g)) with
-    ``W ~ (codes - zeros) * scales`` per group.
-    """
-    n, k = w.shape
-    if k % group_size:
-        raise ConfigError(f"{k} input features are not a multiple of group size {group_size}")
-    qmax = (1 << bits) - 1
-    g = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
-    wmin = g.amin(dim=2).clamp(max=0.0)
-    wmax = g.amax(dim=2).clamp(min=0.0)
-    scales = ((wmax - wmin) / qmax).clamp(min=1e-8)
-    zeros = torch.round(-wmin / scales).clamp(0, qmax)
-    codes = torch.clamp(torch.round(g / scales[..., None]) + zeros[..., None], 0, qmax)
-    return codes, scales, zeros
-
-
-def rtn_per_channel_symmetric(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel RTN: (signed codes float32 (N, K), scales float32 (N,))."""
-    qmax = (1 << (bits - 1)) - 1  # 127 for 8 bits, 7 for 4 bits
-    w32 = w.detach().to(torch.float32)
-    scales = (w32.abs().amax(dim=1) / qmax).clamp(min=1e-8)
-    codes = torch.clamp(torch.round(w32 / scales[:, None]), -qmax, qmax)
-    return codes, scales
-
-
-def rtn_act8_tensors(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
-    """W8A8/W4A8 checkpoint tensors of a (N, K) weight."""
-    codes, scales = rtn_per_channel_symmetric(w, bits)
-    q = codes.to(torch.int8) if bits == 8 else pack((codes + 8).to(torch.int64), 4)
-    return {"qweight": q, "scales": scales.to(torch.float16)}
-
-
-def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """RTN of a (N, K) weight into the checkpoint tensors qweight/scales/zeros."""
-    codes, scales, zeros = rtn_codes(w, bits, group_size)
-    return {"qweight": pack(codes.reshape(w.shape).to(torch.int64), bits), "scales": scales.to(torch.float16),
-            "zeros": zeros.to(torch.uint8)}
+from .quant import rtn_act8_tensors, rtn_group_asymmetric
 
 
 def quantized_shapes(model: Path, cfg: MBQConfig) -> dict[str, tuple[int, ...]]:
@@ -100,45 +61,49 @@ def check_group_size(model: Path, cfg: MBQConfig) -> None:
 
 def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None = None,
              loss_mode: str = "mae", distort: bool = False, n_samples: int = 128, seq_len: int = 512,
-             scope: str = "module") -> Path:
+             scope: str = "module", device: str | None = None, dtype: str = "auto",
+             offload_activations: bool = False, search_tokens: int = SEARCH_TOKENS) -> Path:
     """Quantize a transformers checkpoint's language-decoder linear layers into ``output``.
 
     ``cfg.baseline``: "rtn" writes round-to-nearest codes directly; "awq" / "mbq" first calibrate
     (search and fold scales on the float model, see :mod:`.calibrate`), then round to nearest.
+    ``device`` (None: CUDA when available, else CPU) runs the calibration one decoder block at a time.
     """
     model, output = Path(model), Path(output)
     if output.exists():
         raise ConfigError(f"{output}: already exists; choose a new --output directory")
     check_group_size(model, cfg)
     if cfg.baseline != "rtn":
+        device = check_device(device)
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=output.parent) as tmp:
-            _calibrated_copy(model, Path(tmp), cfg, calib_data, loss_mode, distort, n_samples, seq_len, scope)
+            _calibrated_copy(model, Path(tmp), cfg, calib_data, loss_mode, distort, n_samples, seq_len, scope,
+                             device=device, dtype=dtype, offload_activations=offload_activations,
+                             search_tokens=search_tokens)
             return _write(Path(tmp), output, cfg)
     return _write(model, output, cfg)
 
 
 def _calibrated_copy(model_dir: Path, out: Path, cfg: MBQConfig, calib_data: Path | None, loss_mode: str,
-                     distort: bool, n_samples: int = 128, seq_len: int = 512, scope: str = "module") -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-    from .calibrate import calibrate
-    from .data import build_calibration, builtin_records, load_records
+                     distort: bool, n_samples: int = 128, seq_len: int = 512, scope: str = "module", *,
+                     device: str | None = None, dtype: str = "auto", offload_activations: bool = False,
+                     search_tokens: int = SEARCH_TOKENS) -> None:
+    import torch
 
     checkpoint_shards(model_dir)  # clear error for a folder that is not a safetensors checkpoint
-    conf = AutoConfig.from_pretrained(model_dir)
-    is_vlm = hasattr(conf, "vision_config")
-    processor = AutoProcessor.from_pretrained(model_dir)
-    records = load_records(calib_data) if calib_data is not None else builtin_records(with_images=is_vlm)
-    vision_ids = [getattr(conf, k) for k in ("image_token_id", "video_token_id") if getattr(conf, k, None) is not None]
-    samples = build_calibration(processor, records, vision_ids, n_samples=n_samples, seq_len=seq_len)
-    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    # weights stay in the checkpoint's dtype (16-bit checkpoints: half the memory of float32); the
-    # block under search runs in float32 (calibrate.search_and_fold)
-    model = auto.from_pretrained(model_dir, dtype="auto")
-    calibrate(model, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    # weights stay in the checkpoint's dtype (``dtype``) on the CPU; the block under search runs in float32
+    run = load_for_calibration(model_dir, device=device, dtype=dtype, offload_activations=offload_activations,
+                               compute_dtype=torch.float32)
+    try:
+        geo = run.geometry
+        records = load_records(calib_data) if calib_data is not None else builtin_records(with_images=geo.is_vlm)
+        samples = build_calibration(run.processor, records, list(geo.vision_token_ids), n_samples=n_samples,
+                                    seq_len=seq_len)
+        calibrate(run, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope, search_tokens=search_tokens)
+        run.save(out)
+    finally:
+        run.close()
+
 
 def _write(model: Path, output: Path, cfg: MBQConfig) -> Path:
     def transform(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,46 +120,3 @@ def _write(model: Path, output: Path, cfg: MBQConfig) -> Path:
 
     return rewrite_checkpoint(model, output, transform, {"quant_method": NAME, **cfg.to_dict()},
                               desc=f"mbq {cfg.scheme} ({cfg.baseline})")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="transformers checkpoint directory (safetensors)")
-    p.add_argument("--output", required=True, type=Path, help="directory to write (must not exist)")
-    p.add_argument("--bits", type=int, choices=(3, 4, 8), default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--act-bits", type=int, choices=(8, 16), default=16)
-    p.add_argument("--baseline", choices=("rtn", "awq"), default=None,
-                   help="rtn: round to nearest (no calibration); awq: uniform token weighting. Default: MBQ")
-    p.add_argument("--calib-data", type=Path, default=None,
-                   help='jsonl of {"image": path|null, "prompt": ..., "answer": ...} and/or {"text": ...} records, '
-                        "or a .txt file or folder of .txt files (plain LLMs, as AWQ); default: a small built-in sample")
-    p.add_argument("--samples", type=int, default=128,
-                   help="calibration samples: text chunks, and at most this many image/prompt/answer records")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per text calibration chunk")
-    p.add_argument("--format", choices=("mbq", "compressed-tensors"), default="mbq",
-                   help="mbq: overdrive's format (vLLM/SGLang/transformers through overdrive); compressed-tensors: "
-                        "the engines' own format and kernels (see `overdrive export --method mbq`)")
-    p.add_argument("--search-scope", choices=("module", "linear"), default="module",
-                   help="judge q,k,v / gate,up scales on the attention / MLP output (module, as AWQ) or on "
-                        "their own linear outputs (linear)")
-    p.add_argument("--loss", choices=("mae", "mse"), default="mae", help="reconstruction loss of the scale search")
-    p.add_argument("--distort", action="store_true", help="calibrate each block on the quantized earlier blocks")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits,
-                    baseline=args.baseline or "mbq")
-    kw = dict(calib_data=args.calib_data, loss_mode=args.loss, distort=args.distort, n_samples=args.samples,
-              seq_len=args.seq_len, scope=args.search_scope)
-    if args.format == "mbq":
-        out = quantize(args.model, args.output, cfg, **kw)
-    else:
-        from .export import export
-
-        if Path(args.output).exists():
-            raise ConfigError(f"{args.output}: already exists; choose a new --output directory")
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".mbq-export-", dir=Path(args.output).parent) as tmp:
-            out = export(quantize(args.model, Path(tmp) / "mbq", cfg, **kw), args.output, args.format)
-    print(f"wrote {out} (mbq {cfg.scheme}, group {cfg.group_size}, {cfg.baseline}, format {args.format})")
-    return 0

@@ -1,15 +1,16 @@
 """``overdrive calibrate --method moa``: per-KV-head elastic spans (alpha, beta) under a density budget.
 
-Pipeline (``calibrate(model, tokenizer, opts)``) on a transformers causal LM:
+Pipeline (``calibrate(run, opts)``) on a language model loaded for calibration (the LLM calibration layer,
+:func:`overdrive.contracts.llm_calibration.load_for_calibration`: one decoder block on the device at a time):
 
 1. **Data.** For every profile length ``N`` (``--lengths``, default ``M/4, M/2`` of ``M = --max-len``) and the
    validation length, ``--samples`` sequences: a context of ``N - R`` tokens from the text (``--data``) and a
    response of ``R = --response-tokens`` tokens that the dense model generates greedily (``--target dense``,
    MoA's recipe: the loss measures how far sparse attention moves the dense model's own answer), or simply
    ``N`` tokens of the text whose last ``R`` are the target (``--target text``: plain language modelling).
-2. **Influence profile.** One forward + backward of the response-only LM loss per sample, attention through
-   SDPA with q, k, v and the attention output O recorded per layer (keyed by ``layer_idx``) and O's
-   gradient kept. Then, per layer and in query chunks (never all layers' attention matrices at once), the
+2. **Influence profile.** One forward + backward of the response-only LM loss per sample, block by block
+   (the layer's block-wise backward: each block is recomputed with grad in reverse order), attention through
+   SDPA with q, k, v and the attention output O recorded per layer and O's gradient kept. Then, per layer and in query chunks (never all layers' attention matrices at once), the
    attention ``A`` is recomputed and its gradient is ``g_ij = dO_i . v_j``; the first-order loss change of
    masking entry (i, j) (the row renormalised) is ``I_ij = -A_ij (g_ij - sum_k A_ik g_ik) / (1 - A_ij)``
    with ``sum_k A_ik g_ik = dO_i . O_i``. MoA sums ``I`` over 64x64 blocks and scores block-aligned
@@ -29,27 +30,24 @@ Pipeline (``calibrate(model, tokenizer, opts)``) on a transformers causal LM:
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import contextvars
-import dataclasses
-import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from overdrive.attention_probe import attention_function
 from overdrive.config import ConfigError, read_jsonl
 from overdrive.contracts.kv_cache import HeadSpans, ModelIdentity
+from overdrive.contracts.llm_calibration import AttentionCall, LLMCalibration
 from overdrive.kernels.span_attention import span_prefill_attention
 from overdrive.progress import progress
 
-from .config import MoAPlan, make_plan, uniform_plan
+from .config import TARGETS, CalibOptions, MoAPlan, make_plan, uniform_plan
+from .search import (ALPHA_MULTIPLES, candidate_density, candidate_losses, candidates, influence_chunks, select,
+                     uniform_references)
 
-ALPHA_MULTIPLES = (-2, -1, 0, 1, 2, 4, 8)
-TARGETS = ("dense", "text")
-PROBE = "overdrive_moa_probe"
+__all__ = ["ALPHA_MULTIPLES", "BUILTIN_TEXT", "TARGETS", "CalibOptions", "calibrate", "candidate_density",
+           "candidate_losses", "candidates", "influence_chunks", "make_samples", "profile", "select",
+           "uniform_references", "validation_loss"]
 
 #: a short English text so the command works out of the box (repeated to length); pass --data for real use
 BUILTIN_TEXT = (
@@ -62,183 +60,6 @@ BUILTIN_TEXT = (
     "moved its bed. "
 )
 
-
-# ------------------------------------------------------------------------------------- options
-@dataclasses.dataclass
-class CalibOptions:
-    density: float = 0.5
-    max_len: int = 0  # 0: min(max_position_embeddings, 16384)
-    lengths: tuple[int, ...] = ()  # (): (M/4, M/2)
-    validate_length: int = 0  # 0: 3M/4
-    samples: int = 2
-    batch_size: int = 1
-    response_tokens: int = 0  # 0: min(64, shortest length / 8)
-    target: str = "dense"  # "dense": the dense model's greedy answer (MoA); "text": the text's own continuation
-    sink: int = 64
-    min_span: int = 128
-    alpha_step: int = 0  # 0: M / 16
-    betas: int = 9
-    data: str = "builtin"
-
-    def resolve(self, max_positions: int) -> "CalibOptions":
-        """Fill the length defaults from the model's context and check everything (ConfigError names the option)."""
-        o = dataclasses.replace(self)
-        if not 0.0 < o.density <= 1.0:
-            raise ConfigError(f"--density must be in (0, 1], got {o.density}")
-        if o.max_len <= 0:
-            o.max_len = min(int(max_positions), 16384)
-        if o.max_len > max_positions:
-            raise ConfigError(f"--max-len {o.max_len} exceeds the model's context ({max_positions} positions)")
-        if not o.lengths:
-            o.lengths = (o.max_len // 4, o.max_len // 2)
-        if o.validate_length <= 0:
-            o.validate_length = 3 * o.max_len // 4
-        if o.alpha_step <= 0:
-            o.alpha_step = max(1, o.max_len // 16)
-        if o.target not in TARGETS:
-            raise ConfigError(f"--target must be one of {TARGETS}, got {o.target!r}")
-        if o.response_tokens <= 0:
-            o.response_tokens = max(1, min(64, min(o.lengths) // 8))
-        for name, n in [("--lengths", x) for x in o.lengths] + [("--validate-length", o.validate_length)]:
-            if not o.response_tokens < n <= o.max_len:
-                raise ConfigError(f"{name} {n} must be above --response-tokens ({o.response_tokens}) and at most "
-                                  f"--max-len ({o.max_len})")
-        if o.validate_length in o.lengths:
-            raise ConfigError(f"--validate-length {o.validate_length} must differ from the profile lengths "
-                              f"{list(o.lengths)} (validation is at an unseen length)")
-        if o.sink < 0 or o.min_span < max(1, o.sink):
-            raise ConfigError(f"--min-span ({o.min_span}) must be >= max(1, --sink = {o.sink})")
-        if o.samples < 1 or o.batch_size < 1 or o.betas < 2:
-            raise ConfigError(f"--samples ({o.samples}) and --batch-size ({o.batch_size}) must be >= 1, --betas "
-                              f"({o.betas}) >= 2")
-        return o
-
-
-def candidates(opts: CalibOptions) -> list[tuple[float, float]]:
-    """(alpha, beta) pairs: the alpha grid times the beta grid."""
-    betas = [i / (opts.betas - 1) for i in range(opts.betas)]
-    return [(float(m * opts.alpha_step), b) for m in ALPHA_MULTIPLES for b in betas]
-
-
-def candidate_density(cands: Sequence[tuple[float, float]], length: int, opts: CalibOptions) -> torch.Tensor:
-    """(C,) density of each candidate at ``length`` (per-query rule, float64)."""
-    spans = HeadSpans(tuple(a for a, _ in cands), tuple(b for _, b in cands), opts.min_span)
-    return torch.tensor(spans.density(length, opts.sink), dtype=torch.float64)
-
-
-# ------------------------------------------------------------------------------------- probing
-_RECORDER: contextvars.ContextVar["_Recorder | None"] = contextvars.ContextVar("moa_recorder", default=None)
-
-
-@dataclasses.dataclass
-class _Recorder:
-    """Profiling: record q/k/v/O per layer. Validation: ``spans`` per layer are applied instead."""
-
-    record: bool = True
-    spans: list[HeadSpans] | None = None
-    sink: int = 0
-    layers: dict = dataclasses.field(default_factory=dict)
-
-
-def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: SDPA while profiling (recording), span attention while validating."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    rec = _RECORDER.get()
-    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    if rec is not None and rec.spans is not None:
-        b, hq, n, d = query.shape
-        fmt = rec.spans[module.layer_idx]
-        starts = fmt.starts(torch.arange(1, n + 1, device=query.device), rec.sink).repeat(b, 1)
-        q, k, v = (t.transpose(1, 2).reshape(b * n, t.shape[1], d) for t in (query, key, value))
-        out = span_prefill_attention(q, k, v, [i * n for i in range(b + 1)], starts, rec.sink, scale)
-        return out.view(b, n, hq, d), None
-    out, w = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scale,
-                                    **kwargs)
-    if rec is not None and rec.record:
-        out.retain_grad()
-        rec.layers[module.layer_idx] = (query.detach(), key.detach(), value.detach(), out, scale)
-    return out, w
-
-
-def probing(model: torch.nn.Module, rec: _Recorder) -> contextlib.AbstractContextManager[_Recorder]:
-    """Run ``model`` with the probe attention function; restores the previous implementation."""
-    return attention_function(model, PROBE, _probe_attention, _RECORDER, rec)
-
-
-# ------------------------------------------------------------------------------------ influence
-def influence_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     scale: float, budget: int = 1 << 24) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (first query, end, I) with I (Hk, chunk, N): the masking influence summed over the batch and over
-    the query heads of each KV group. q (B, Hq, N, D), k/v (B, Hk, N, D), out/dout (B, N, Hq, D)."""
-    b, hq, n, d = q.shape
-    hk = k.shape[1]
-    ct = torch.promote_types(q.dtype, torch.float32)
-    q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    o, do = out.detach().to(ct).transpose(1, 2), dout.to(ct).transpose(1, 2)  # (B, Hq, N, D)
-    kk, vv = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
-    step = max(1, budget // max(1, b * hq * n))
-    keys = torch.arange(n, device=q.device)
-    for c0 in range(0, n, step):
-        c1 = min(n, c0 + step)
-        causal = keys[None, :] <= torch.arange(c0, c1, device=q.device)[:, None]  # (c, N)
-        s = (q[:, :, c0:c1] @ kk.transpose(-1, -2)) * scale
-        a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
-        g = do[:, :, c0:c1] @ vv.transpose(-1, -2)  # dL/dA
-        dot = (do[:, :, c0:c1] * o[:, :, c0:c1]).sum(-1, keepdim=True)  # sum_k A_ik g_ik
-        infl = -a * (g - dot) / (1.0 - a).clamp_min(1e-6)
-        infl = infl.masked_fill(~causal, 0.0)
-        yield c0, c1, infl.view(b, hk, hq // hk, c1 - c0, n).sum(dim=(0, 2))
-
-
-def candidate_losses(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     scale: float, spans: HeadSpans, sink: int) -> torch.Tensor:
-    """(Hk, C): for each KV head and candidate (the C "heads" of ``spans``), the summed influence of the entries
-    the candidate drops: query i drops keys [sink, start_c(i + 1))."""
-    n = q.shape[2]
-    total = torch.zeros(k.shape[1], spans.num_heads, dtype=torch.float64, device=q.device)
-    for c0, c1, infl in influence_chunks(q, k, v, out, dout, scale):
-        pref = torch.nn.functional.pad(infl.double().cumsum(-1), (1, 0))  # (Hk, c, N + 1): sum of keys < x
-        qlen = torch.arange(c0 + 1, c1 + 1, device=q.device)
-        st = spans.starts(qlen, sink).clamp(max=n)  # (c, C)
-        lo = torch.clamp(qlen, max=sink)[:, None].expand_as(st)
-        hi = torch.maximum(st, lo)
-        idx_hi = hi.t()[None].expand(pref.shape[0], -1, -1).transpose(1, 2)  # (Hk, c, C)
-        idx_lo = lo.t()[None].expand(pref.shape[0], -1, -1).transpose(1, 2)
-        total += (pref.gather(2, idx_hi) - pref.gather(2, idx_lo)).sum(1)
-    return total
-
-
-# ------------------------------------------------------------------------------------ selection
-def select(losses: Sequence[torch.Tensor], densities: Sequence[torch.Tensor], budget: float,
-           weights: Sequence[float]) -> list[list[int]]:
-    """One candidate per (layer, KV head) minimising ``sum_n weights[n] * losses[n]`` (each ``(L, Hk, C)``) with the
-    mean density at every ``densities[n]`` (``(C,)``, lengths with a constraint) at most ``budget``
-    (``scipy.optimize.milp``). Returns the chosen candidate index per layer and KV head."""
-    import numpy as np
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    layers, heads, cands = losses[0].shape if losses else (0, 0, densities[0].numel())
-    units = layers * heads
-    lowest = [float(d.min()) for d in densities]
-    if any(x > budget + 1e-12 for x in lowest):
-        i = max(range(len(lowest)), key=lambda j: lowest[j])
-        raise ConfigError(f"--density {budget} cannot be met: the sparsest candidate reads {lowest[i]:.3f} of the "
-                          "attention entries at one of the constrained lengths; use longer --lengths / --max-len or a "
-                          "smaller --min-span / --sink")
-    c = np.zeros(units * cands)
-    for w, loss in zip(weights, losses):
-        c += w * loss.reshape(-1).double().numpy()
-    eq = np.zeros((units, units * cands))
-    for u in range(units):
-        eq[u, u * cands:(u + 1) * cands] = 1.0
-    dens = np.stack([np.tile(d.double().numpy(), units) / units for d in densities])
-    res = milp(c, integrality=np.ones(units * cands), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(dens, -np.inf, budget)])
-    if not res.success:
-        raise ConfigError(f"MoA selection failed: {res.message}")
-    x = res.x.reshape(layers, heads, cands)
-    return [[int(x[i, h].argmax()) for h in range(heads)] for i in range(layers)]
 
 
 # ------------------------------------------------------------------------------------ pipeline
@@ -265,7 +86,7 @@ def _context_ids(tokenizer, data: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def make_samples(model: torch.nn.Module, stream: torch.Tensor, length: int, opts: CalibOptions, offset: int
+def make_samples(run: LLMCalibration, stream: torch.Tensor, length: int, opts: CalibOptions, offset: int
                  ) -> list[torch.Tensor]:
     """Batches (B, length) from ``stream`` (from ``offset``, wrapping): with ``target="dense"`` a context of
     ``length - R`` tokens followed by R tokens the dense model generates greedily (MoA's recipe); with
@@ -277,103 +98,85 @@ def make_samples(model: torch.nn.Module, stream: torch.Tensor, length: int, opts
     flat = stream.repeat(reps)[offset:offset + need].reshape(opts.samples, ctx_len)
     if opts.target == "text":
         return list(flat.split(opts.batch_size))
-    out = []
-    for ctx in flat.split(opts.batch_size):
-        gen = model.generate(ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=r, min_new_tokens=r,
-                             do_sample=False, pad_token_id=0)
-        out.append(gen[:, :length])
-    return out
+    return [run.generate(ctx, r)[:, :length] for ctx in flat.split(opts.batch_size)]
 
 
-def _response_loss(model: torch.nn.Module, ids: torch.Tensor, r: int, embeds: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    kw = {"inputs_embeds": embeds} if embeds is not None else {"input_ids": ids}
-    logits = model(**kw, use_cache=False).logits[:, -r - 1:-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, -r:].reshape(-1))
+def _response_loss(logits: torch.Tensor, ids: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean cross entropy of the last ``r`` tokens of ``ids`` given ``logits`` at positions ``-r-1 .. -2``."""
+    logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             ids[:, -r:].reshape(-1).to(logits.device))
 
 
-def profile(model: torch.nn.Module, batches: Sequence[torch.Tensor], opts: CalibOptions, spans: HeadSpans,
+def profile(run: LLMCalibration, batches: Sequence[torch.Tensor], opts: CalibOptions, spans: HeadSpans,
             ident: ModelIdentity) -> torch.Tensor:
-    """(L, Hk, C) candidate losses at one length, averaged over samples."""
+    """(L, Hk, C) candidate losses at one length, averaged over samples (block-wise backward)."""
     total = torch.zeros(ident.num_layers, ident.num_kv_heads, spans.num_heads, dtype=torch.float64)
     count = sum(int(b.shape[0]) for b in batches)
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        with probing(model, _Recorder()) as rec:
-            for ids in batches:
-                rec.layers = {}
-                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                _response_loss(model, ids, opts.response_tokens, emb).mul(ids.shape[0]).backward()
-                for i in range(ident.num_layers):
-                    q, k, v, out, scale = rec.layers[i]
-                    if out.grad is None:
-                        raise RuntimeError("no gradient reached an attention output; is the model's attention on "
-                                           "the probe path?")
-                    total[i] += candidate_losses(q, k, v, out, out.grad, scale, spans, opts.sink).cpu()
-                rec.layers = {}
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
+    held: dict[int, tuple] = {}
+    r = opts.response_tokens
+
+    def record(call: AttentionCall) -> torch.Tensor:
+        out = call.default()
+        out.retain_grad()
+        held[call.layer] = (call.query.detach(), call.key.detach(), call.value.detach(), out, call.scale)
+        return out
+
+    def visit(block, _j: int, _retained: dict) -> None:
+        q, k, v, out, scale = held.pop(block.index)
+        if out.grad is None:
+            raise RuntimeError("no gradient reached an attention output; is the model's attention on the "
+                               "calibration path?")
+        total[block.index] += candidate_losses(q, k, v, out, out.grad, scale, spans, opts.sink).cpu()
+
+    run.backward([{"input_ids": b} for b in batches],
+                 lambda logits, j: _response_loss(logits, batches[j], r).mul(batches[j].shape[0]),
+                 attention=record, logits=slice(-r - 1, -1), visit=visit,
+                 desc=f"moa: influence at {int(batches[0].shape[1])} tokens")
     return total / count
+
+
+def _span_attention(plan: MoAPlan):
+    spans = [plan.head_spans(i) for i in range(len(plan.layers))]
+
+    def fn(call: AttentionCall) -> torch.Tensor:
+        query, key, value = call.query, call.key, call.value
+        b, hq, n, d = query.shape
+        fmt = spans[call.layer]
+        starts = fmt.starts(torch.arange(1, n + 1, device=query.device), plan.sink).repeat(b, 1)
+        q, k, v = (t.transpose(1, 2).reshape(b * n, t.shape[1], d) for t in (query, key, value))
+        out = span_prefill_attention(q, k, v, [i * n for i in range(b + 1)], starts, plan.sink, call.scale)
+        return out.view(b, n, hq, d)
+
+    return fn
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, batches: Sequence[torch.Tensor], opts: CalibOptions,
+def validation_loss(run: LLMCalibration, batches: Sequence[torch.Tensor], opts: CalibOptions,
                     plan: MoAPlan | None) -> float:
     """Mean response loss at the validation length with the plan's spans (None: dense SDPA)."""
-    rec = _Recorder(record=False, spans=None if plan is None else [plan.head_spans(i) for i in range(len(plan.layers))],
-                    sink=0 if plan is None else plan.sink)
-    total, count = 0.0, 0
-    with probing(model, rec):
-        for ids in batches:
-            total += float(_response_loss(model, ids, opts.response_tokens)) * ids.shape[0]
-            count += ids.shape[0]
-    return total / count
+    r = opts.response_tokens
+    logits = run.forward([{"input_ids": b} for b in batches], attention=None if plan is None else _span_attention(plan),
+                         logits=slice(-r - 1, -1))
+    total = sum(float(_response_loss(lg, ids, r)) * ids.shape[0] for lg, ids in zip(logits, batches))
+    return total / sum(int(b.shape[0]) for b in batches)
 
 
-def uniform_references(ident: ModelIdentity, opts: CalibOptions, lengths: Sequence[int]) -> dict[str, MoAPlan]:
-    """The widest plans giving every head the same span whose mean density is within ``opts.density`` at
-    every length in ``lengths`` (the budget the milp meets): a fixed window (StreamingLLM: ``alpha = W``,
-    ``beta = 0``) and an elastic span (``alpha = 0``, ``beta``); a reference no span fits is left out."""
-    def fits(p: MoAPlan) -> bool:
-        return all(p.density_at(n) <= opts.density + 1e-9 for n in lengths)
-
-    def make(name: str, x: float) -> MoAPlan:
-        a, b = (x, 0.0) if name == "streamingllm" else (0.0, x)
-        return uniform_plan(ident, a, b, sink=opts.sink, min_span=opts.min_span)
-
-    out = {}
-    for name, lo, hi in (("streamingllm", 0.0, float(max(lengths))), ("uniform-elastic", 0.0, 1.0)):
-        if not fits(make(name, lo)):
-            continue
-        for _ in range(40):  # density grows with the window / beta: bisect for the widest that fits
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits(make(name, mid)) else (lo, mid)
-        if name == "streamingllm":  # spans are ceil(alpha + beta N): the bisection ends just below an integer
-            lo = float(int(lo + 1e-6)) if fits(make(name, float(int(lo + 1e-6)))) else float(int(lo))
-        out[name] = make(name, lo)
-    return out
-
-
-def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
+def calibrate(run: LLMCalibration, opts: CalibOptions) -> MoAPlan:
     """The whole pipeline (module docstring); ``opts`` are resolved against the model's context length."""
-    ident = ModelIdentity.from_hf_config(model.config)
-    text_cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    opts = opts.resolve(int(getattr(text_cfg, "max_position_embeddings", 0) or 1 << 30))
+    ident = run.geometry.identity
+    opts = opts.resolve(int(run.geometry.max_position_embeddings or 1 << 30))
     cands = candidates(opts)
     spans = HeadSpans(tuple(a for a, _ in cands), tuple(b for _, b in cands), opts.min_span)
     constrained = sorted(set(opts.lengths) | {opts.max_len})
     densities = [candidate_density(cands, n, opts) for n in constrained]
     select([torch.zeros(1, 1, len(cands))], densities, opts.density, [0.0])  # fail fast when the budget is impossible
 
-    model.eval()
-    stream = _context_ids(tokenizer, opts.data)
+    stream = _context_ids(run.tokenizer, opts.data)
     losses = {}
     for j, n in enumerate(progress(opts.lengths, desc="moa: influence profile")):
-        batches = make_samples(model, stream, n, opts, offset=(j * 7919) % stream.numel())
-        losses[n] = profile(model, batches, opts, spans, ident)
+        batches = make_samples(run, stream, n, opts, offset=(j * 7919) % stream.numel())
+        losses[n] = profile(run, batches, opts, spans, ident)
     norm = [losses[n] / max(float(losses[n].abs().amax(-1).sum()), 1e-30) for n in opts.lengths]
     weightings = [[1.0 if i == j else 0.0 for i in range(len(norm))] for j in range(len(norm))]
     weightings.append([1.0 / len(norm)] * len(norm))
@@ -387,10 +190,10 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
         betas = [[cands[c][1] for c in row] for row in chosen]
         plans.append((w, make_plan(ident, alphas, betas, sink=opts.sink, min_span=opts.min_span, density=opts.density)))
 
-    val_batches = make_samples(model, stream, opts.validate_length, opts, offset=(len(opts.lengths) * 7919 + 104729)
+    val_batches = make_samples(run, stream, opts.validate_length, opts, offset=(len(opts.lengths) * 7919 + 104729)
                                % stream.numel())
-    dense = validation_loss(model, val_batches, opts, None)
-    scores = [validation_loss(model, val_batches, opts, p) for _, p in progress(plans, desc="moa: validation")]
+    dense = validation_loss(run, val_batches, opts, None)
+    scores = [validation_loss(run, val_batches, opts, p) for _, p in progress(plans, desc="moa: validation")]
     best = min(range(len(plans)), key=lambda i: scores[i])
     w, plan = plans[best]
     chosen = picks[best]
@@ -398,7 +201,7 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
     # fixed window, and an elastic span), validated too; one wins when it beats every head-specific plan
     # (the milp adds first-order per-head estimates, which can make deep cuts to a few heads look cheap)
     refs = uniform_references(ident, opts, constrained)
-    ref_scores = {name: validation_loss(model, val_batches, opts, p) for name, p in refs.items()}
+    ref_scores = {name: validation_loss(run, val_batches, opts, p) for name, p in refs.items()}
     winner = min(ref_scores, key=ref_scores.get, default=None)
     uniform = winner is not None and ref_scores[winner] < scores[best]
     info = {
@@ -419,65 +222,3 @@ def calibrate(model: torch.nn.Module, tokenizer, opts: CalibOptions) -> MoAPlan:
                      density=opts.density, calibration=info,
                      losses=[[float(losses[opts.lengths[-1]][i, h, c]) for h, c in enumerate(row)]
                              for i, row in enumerate(chosen)])
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="transformers causal-LM checkpoint directory")
-    p.add_argument("--output", required=True, type=Path, help="plan JSON to write (atomically)")
-    p.add_argument("--density", type=float, default=0.5,
-                   help="largest mean fraction of causal attention entries read, at every profile length and --max-len")
-    p.add_argument("--max-len", type=int, default=0,
-                   help="longest context the plan is for (density constraint there too); default min(model context, 16384)")
-    p.add_argument("--lengths", default="", help="profile lengths, comma-separated (default: max-len/4, max-len/2)")
-    p.add_argument("--validate-length", type=int, default=0, help="unseen validation length (default 3/4 max-len)")
-    p.add_argument("--samples", type=int, default=2, help="calibration sequences per length")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--response-tokens", type=int, default=0,
-                   help="tokens the dense model answers after each context; the loss is on them (default min(64, L/8))")
-    p.add_argument("--target", choices=TARGETS, default="dense",
-                   help="what the response tokens are: the dense model's greedy answer (MoA) or the text's own next tokens")
-    p.add_argument("--sink", type=int, default=64, help="leading tokens every head reads")
-    p.add_argument("--min-span", type=int, default=128, help="smallest span of any head")
-    p.add_argument("--alpha-step", type=int, default=0, help="alpha grid step (default max-len/16)")
-    p.add_argument("--betas", type=int, default=9, help="beta grid size over [0, 1]")
-    p.add_argument("--data", type=Path, default=None, help="calibration text (.txt, or .jsonl with 'text')")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype to load the model in for calibration")
-
-
-def run(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        try:
-            lengths = tuple(int(x) for x in str(args.lengths).split(",") if x.strip())
-        except ValueError:
-            raise ConfigError(f"--lengths {args.lengths!r}: expected comma-separated integers") from None
-        opts = CalibOptions(density=args.density, max_len=args.max_len, lengths=lengths,
-                            validate_length=args.validate_length, samples=args.samples, batch_size=args.batch_size,
-                            response_tokens=args.response_tokens, target=args.target, sink=args.sink, min_span=args.min_span,
-                            alpha_step=args.alpha_step, betas=args.betas, data=str(args.data) if args.data else "builtin")
-        if not (args.model / "config.json").is_file():
-            raise ConfigError(f"--model {args.model}: no config.json (expected a transformers checkpoint directory)")
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-        tok = AutoTokenizer.from_pretrained(args.model)
-        plan = calibrate(model, tok, opts)
-    except ConfigError as e:
-        print(f"overdrive calibrate --method moa: {e}", file=sys.stderr)
-        return 2
-    plan.save(args.output)
-    ident = plan.identity
-    cal = plan.calibration
-    dens = ", ".join(f"{n}: {d:.3f}" for n, d in cal["density_at"].items())
-    val = cal["validation"]
-    moa_loss = val["plans"][val["chosen"]]["loss"]
-    refs = ", ".join(f"{k} {v:.4f}" for k, v in val["uniform"].items())
-    print(f"wrote {args.output}: {ident.architecture}, {ident.num_layers} layers x {ident.num_kv_heads} KV heads; density "
-          f"{dens}; validation loss at {cal['validate_length']} tokens: best head-specific plan {moa_loss:.4f} "
-          f"(dense {val['dense_loss']:.4f}, {len(val['plans'])} Pareto plan(s); uniform spans {refs or 'none fit'})")
-    if val["result"] != "moa":
-        print(f"overdrive calibrate --method moa: no head-specific plan beat a uniform span of the same reads at "
-              f"{cal['validate_length']} tokens; wrote the {val['result']} plan (every head the same span)",
-              file=sys.stderr)
-    return 0

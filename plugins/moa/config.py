@@ -134,3 +134,57 @@ def matched_baselines(plan: MoAPlan, ident: ModelIdentity, length: int) -> dict[
     return {"streamingllm": uniform_plan(ident, window, 0.0, sink=plan.sink, min_span=plan.min_span),
             "uniform-elastic": uniform_plan(ident, 0.0, min(1.0, target / length), sink=plan.sink,
                                             min_span=plan.min_span)}
+
+
+# ------------------------------------------------------------------------------ calibration options
+TARGETS = ("dense", "text")
+
+
+@dataclasses.dataclass
+class CalibOptions:
+    density: float = 0.5
+    max_len: int = 0  # 0: min(max_position_embeddings, 16384)
+    lengths: tuple[int, ...] = ()  # (): (M/4, M/2)
+    validate_length: int = 0  # 0: 3M/4
+    samples: int = 2
+    batch_size: int = 1
+    response_tokens: int = 0  # 0: min(64, shortest length / 8)
+    target: str = "dense"  # "dense": the dense model's greedy answer (MoA); "text": the text's own continuation
+    sink: int = 64
+    min_span: int = 128
+    alpha_step: int = 0  # 0: M / 16
+    betas: int = 9
+    data: str = "builtin"
+
+    def resolve(self, max_positions: int) -> "CalibOptions":
+        """Fill the length defaults from the model's context and check everything (ConfigError names the option)."""
+        o = dataclasses.replace(self)
+        if not 0.0 < o.density <= 1.0:
+            raise ConfigError(f"--density must be in (0, 1], got {o.density}")
+        if o.max_len <= 0:
+            o.max_len = min(int(max_positions), 16384)
+        if o.max_len > max_positions:
+            raise ConfigError(f"--max-len {o.max_len} exceeds the model's context ({max_positions} positions)")
+        if not o.lengths:
+            o.lengths = (o.max_len // 4, o.max_len // 2)
+        if o.validate_length <= 0:
+            o.validate_length = 3 * o.max_len // 4
+        if o.alpha_step <= 0:
+            o.alpha_step = max(1, o.max_len // 16)
+        if o.target not in TARGETS:
+            raise ConfigError(f"--target must be one of {TARGETS}, got {o.target!r}")
+        if o.response_tokens <= 0:
+            o.response_tokens = max(1, min(64, min(o.lengths) // 8))
+        for name, n in [("--lengths", x) for x in o.lengths] + [("--validate-length", o.validate_length)]:
+            if not o.response_tokens < n <= o.max_len:
+                raise ConfigError(f"{name} {n} must be above --response-tokens ({o.response_tokens}) and at most "
+                                  f"--max-len ({o.max_len})")
+        if o.validate_length in o.lengths:
+            raise ConfigError(f"--validate-length {o.validate_length} must differ from the profile lengths "
+                              f"{list(o.lengths)} (validation is at an unseen length)")
+        if o.sink < 0 or o.min_span < max(1, o.sink):
+            raise ConfigError(f"--min-span ({o.min_span}) must be >= max(1, --sink = {o.sink})")
+        if o.samples < 1 or o.batch_size < 1 or o.betas < 2:
+            raise ConfigError(f"--samples ({o.samples}) and --batch-size ({o.batch_size}) must be >= 1, --betas "
+                              f"({o.betas}) >= 2")
+        return o

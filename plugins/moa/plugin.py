@@ -15,5 +15,5 @@ def overdrive_methods() -> list[MethodSpec]:
         summary="per-KV-head elastic sparse attention spans (sink + recent window, span = alpha + beta * N)",
         commands={"calibrate": MethodCommand(
             help="calibrate a MoA plan (per-head spans from attention influence, scipy milp under a density budget)",
-            add_arguments="overdrive.moa.calibrate:add_arguments", run="overdrive.moa.calibrate:run")},
+            add_arguments="overdrive.moa.cli:add_arguments", run="overdrive.moa.cli:run")},
     )]

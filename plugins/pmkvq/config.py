@@ -170,3 +170,27 @@ def make_plan(model: ModelIdentity, layer_bits: list[int], max_len: int, *, grou
     return PMKVQPlan(model=model.to_dict(), layers=layers, max_len=int(max_len), budget=budget,
                      budget_bytes=int(sum(layer_budgets)), candidate_bits=list(candidate_bits or sorted(set(layer_bits), reverse=True)),
                      group_size=group_size, sink=sink, window=window, fp_bytes=fp_bytes, calibration=calibration or {})
+
+
+# ------------------------------------------------------------------------------ calibration options
+@dataclasses.dataclass
+class CalibOptions:
+    max_len: int
+    budget: str
+    candidate_bits: tuple[int, ...] = (4, 2)
+    group_size: int = 128
+    sink: int = 1
+    window: int = 128
+    seq_len: int = 256
+    reparam: bool = True
+    search_bits: int = 4
+    data: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if self.max_len <= 0 or self.seq_len <= 0:
+            raise ConfigError(f"--max-len ({self.max_len}) and --seq-len ({self.seq_len}) must be positive")
+        bad = [b for b in self.candidate_bits if b not in BITS]
+        if bad or not self.candidate_bits:
+            raise ConfigError(f"--bits {list(self.candidate_bits)}: each must be one of {BITS}")
+        if self.search_bits not in BITS:
+            raise ConfigError(f"search bits {self.search_bits} must be one of {BITS}")

@@ -15,5 +15,5 @@ def overdrive_methods() -> list[MethodSpec]:
         summary="per-layer mixed-precision KV cache (16/8/4/2-bit codes) with a full-precision sink and window",
         commands={"calibrate": MethodCommand(
             help="calibrate a PM-KVQ plan (per-layer KV bit widths under a memory budget, key scales)",
-            add_arguments="overdrive.pmkvq.calibrate:add_arguments", run="overdrive.pmkvq.calibrate:run")},
+            add_arguments="overdrive.pmkvq.cli:add_arguments", run="overdrive.pmkvq.cli:run")},
     )]

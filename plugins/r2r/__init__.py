@@ -10,8 +10,9 @@
 
 The router (:mod:`.router`), its checkpoint format (:mod:`.config`), the label pipeline
 (:mod:`.labels`) and training (:mod:`.train`) are plain torch; the generation loops are the routing
-drivers of the adapters (transformers: ``overdrive.transformers.routed_generate``; vLLM: the
-``serve-r2r`` server). This module imports nothing heavy.
+drivers of the adapters (transformers: ``overdrive.transformers.routed_generate``, reached here through
+the adapter catalogue with :func:`overdrive.driver`; vLLM: the ``serve-r2r`` server). This module
+imports nothing heavy.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def generate(small: Any, large: Any, router: Any, input_ids: Any, max_new_tokens
     """The transformers reference loop (``overdrive.transformers.routed_generate`` with method ``r2r``):
     ``threshold`` (default: the router's), ``temperature``, ``top_p``, ``top_k``, ``generator``,
     ``ignore_eos``, ``stop_token_ids``. Returns tokens, per-position routed flags and router scores."""
-    import overdrive.transformers
+    import overdrive
 
-    return overdrive.transformers.routed_generate(small, large, "r2r", router, input_ids=input_ids,
-                                                  max_new_tokens=max_new_tokens, **kw)
+    routed_generate = overdrive.driver(overdrive.Kind.ROUTING, "transformers")
+    return routed_generate(small, large, "r2r", router, input_ids=input_ids, max_new_tokens=max_new_tokens, **kw)

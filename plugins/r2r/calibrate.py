@@ -13,13 +13,13 @@ serving). Steps and defaults: :mod:`overdrive.r2r.labels` and :mod:`overdrive.r2
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 from overdrive.config import ConfigError, read_jsonl
+from overdrive.contracts.llm_calibration import check_device, load_for_calibration, load_tokenizer
 
 from .config import R2RRouterConfig
 from .labels import AgreementJudge, LabelOptions, LabelSet, label_pairs
@@ -72,15 +72,14 @@ def make_judge(spec: str, margin: float, small, large, tokenizer):
     return factory(small=small, large=large, tokenizer=tokenizer)
 
 
-def _load_lm(path: Path, device: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+def _load_lm(path: Path, device: str | None, dtype: str = "float32") -> torch.nn.Module:
+    """The whole model on ``device`` (labelling generates with a KV cache), through the LLM calibration layer."""
+    run = load_for_calibration(path, device=device, dtype=dtype)
+    run.close()  # the model keeps its own attention; only the loading and placement are the layer's
+    return run.resident_model().eval()
 
 
 def calibrate(args: argparse.Namespace) -> Path:
-    from transformers import AutoTokenizer
-
     from overdrive.contracts.token_routing import check_shared_tokenizer
 
     if args.labels_only and (args.labels_out is None or args.labels is not None):
@@ -95,15 +94,17 @@ def calibrate(args: argparse.Namespace) -> Path:
         topk = args.topk or 100
         if args.large is None:
             raise ConfigError("--large is required unless --labels gives ready labels")
-        tok = AutoTokenizer.from_pretrained(args.small)
+        tok = load_tokenizer(args.small)
         try:
-            check_shared_tokenizer(tok, AutoTokenizer.from_pretrained(args.large), str(args.small), str(args.large))
+            check_shared_tokenizer(tok, load_tokenizer(args.large), str(args.small), str(args.large))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         prompts, answers = read_queries(args.data, tok)
         if args.limit:
             prompts, answers = prompts[:args.limit], answers[:args.limit]
-        small, large = _load_lm(args.small, args.device), _load_lm(args.large, args.device)
+        device = check_device(getattr(args, "device", None))
+        dtype = getattr(args, "dtype", "float32")
+        small, large = _load_lm(args.small, device, dtype), _load_lm(args.large, device, dtype)
         opts = LabelOptions(topk=topk, max_new_tokens=args.max_new_tokens,
                             continuation_tokens=args.continuation_tokens, sentence_end=args.sentence_end)
         judge = make_judge(args.judge, args.judge_margin, small, large, tok)
@@ -127,49 +128,3 @@ def calibrate(args: argparse.Namespace) -> Path:
           f"{t['routed_fraction']:.3f} of positions on the {t['threshold_from']} split); labels {t['labels']}",
           file=sys.stderr)
     return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--small", required=True, type=Path, help="small model checkpoint (transformers folder)")
-    p.add_argument("--large", type=Path, help="large model checkpoint (same tokenizer); not needed with --labels")
-    p.add_argument("--output", required=True, type=Path, help="router folder to write (must not exist; unused with "
-                                                              "--labels-only)")
-    p.add_argument("--data", type=Path, help="queries, JSON lines: {'prompt'|'messages', optional 'answer'}")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N queries")
-    p.add_argument("--labels", type=Path, help="train from this labels file instead of labelling")
-    p.add_argument("--labels-out", type=Path, help="also save the labels (safetensors)")
-    p.add_argument("--labels-only", action="store_true", help="stop after writing --labels-out (train later with --labels)")
-    p.add_argument("--device", default="cpu", help="device for the models while labelling")
-    g = p.add_argument_group("labelling")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="length of the large model's answers")
-    g.add_argument("--continuation-tokens", type=int, default=32, help="longest continuation from a mismatch")
-    g.add_argument("--sentence-end", default=".!?\n", help="characters whose token ends a sentence")
-    g.add_argument("--judge", default="agreement",
-                   help="'agreement' (the large model's own continuation agreement) or package.module:factory, "
-                        "called as factory(small=, large=, tokenizer=) and returning a Judge")
-    g.add_argument("--judge-margin", type=float, default=math.inf,
-                   help="agreement judge: also require log p_large(own) - log p_large(small token) <= this (nats)")
-    g = p.add_argument_group("router")
-    g.add_argument("--topk", type=int, default=None,
-                   help="top logits the router reads (default 100; with --labels, as many as the labels carry)")
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--blocks", type=int, default=6)
-    g.add_argument("--expansion", type=int, default=4)
-    g.add_argument("--dropout", type=float, default=0.1)
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=50)
-    g.add_argument("--batch-size", type=int, default=1024)
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--recall", type=float, default=0.95, help="divergent-token recall the threshold must keep")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="fraction of queries held out to pick the threshold")
-    g.add_argument("--seed", type=int, default=0)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        calibrate(args)
-    except ConfigError as e:
-        print(f"overdrive calibrate --method r2r: {e}", file=sys.stderr)
-        return 2
-    return 0

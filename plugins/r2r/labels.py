@@ -167,7 +167,7 @@ def _eos_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_answer(model, prompt: list[int], max_new_tokens: int, stop_ids: Sequence[int]) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=list(stop_ids) or None, pad_token_id=(list(stop_ids) or [0])[0])
     return out[0, len(prompt):].tolist()
@@ -177,11 +177,11 @@ def greedy_answer(model, prompt: list[int], max_new_tokens: int, stop_ids: Seque
 def teacher_forced(small, prompt: list[int], answer: list[int], topk: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden (T, d), top-k logits (T, k), greedy tokens (T,)) of the small model at the T answer positions."""
-    ids = torch.tensor([prompt + answer])
+    ids = torch.tensor([prompt + answer], device=small.device)
     out = small(input_ids=ids, output_hidden_states=True, use_cache=False)
     sl = slice(len(prompt) - 1, len(prompt) + len(answer) - 1)
     logits = out.logits[0, sl].float()
-    return out.hidden_states[-1][0, sl].float(), logits.topk(topk, dim=-1).values, logits.argmax(-1)
+    return out.hidden_states[-1][0, sl].float().cpu(), logits.topk(topk, dim=-1).values.cpu(), logits.argmax(-1).cpu()
 
 
 @torch.no_grad()
@@ -189,11 +189,9 @@ def continue_both(large, context: list[int], small_token: int, large_token: int,
                   ends: torch.Tensor) -> tuple[list[int], list[int], float, float]:
     """Greedy continuations of the large model after each token, to the sentence end; and the large
     model's log-probabilities of the two tokens at the mismatch."""
-    from transformers import DynamicCache
-
-    ids = torch.tensor([context + [small_token], context + [large_token]])
-    cache = DynamicCache()
-    out = large(input_ids=ids, past_key_values=cache, use_cache=True)
+    ids = torch.tensor([context + [small_token], context + [large_token]], device=large.device)
+    out = large(input_ids=ids, use_cache=True)  # the model makes its own (dynamic) KV cache
+    cache = out.past_key_values
     lp = torch.log_softmax(out.logits[0, len(context) - 1].double(), -1)
     conts: list[list[int]] = [[], []]
     done = [bool(ends[small_token]), bool(ends[large_token])]
@@ -205,7 +203,7 @@ def continue_both(large, context: list[int], small_token: int, large_token: int,
         for r in range(2):
             if not done[r]:
                 conts[r].append(int(nxt[r]))
-                done[r] = bool(ends[nxt[r]])
+                done[r] = bool(ends[int(nxt[r])])
         out = large(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
     return conts[0], conts[1], float(lp[small_token]), float(lp[large_token])

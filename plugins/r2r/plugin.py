@@ -18,5 +18,5 @@ def overdrive_methods() -> list[MethodSpec]:
         commands={"calibrate": MethodCommand(
             help="label small/large mismatches (teacher-forced small prefill over large answers, continuations, "
                  "a judge) and train the R2R router; writes a router folder",
-            add_arguments="overdrive.r2r.calibrate:add_arguments", run="overdrive.r2r.calibrate:run")},
+            add_arguments="overdrive.r2r.cli:add_arguments", run="overdrive.r2r.cli:run")},
     )]

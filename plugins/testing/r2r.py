@@ -79,10 +79,10 @@ def tiny_r2r_router() -> Path:
 def _build_router(out: Path, small: Path, large: Path) -> None:
     import argparse
 
-    from overdrive.r2r import calibrate
+    from overdrive.r2r import calibrate, cli
 
     p = argparse.ArgumentParser()
-    calibrate.add_arguments(p)
+    cli.add_arguments(p)
     o = ROUTER_OPTIONS
     args = p.parse_args(["--small", str(small), "--large", str(large), "--output", str(out), "--topk", str(o["topk"]),
                          "--width", str(o["width"]), "--blocks", str(o["blocks"]), "--epochs", str(o["epochs"]),

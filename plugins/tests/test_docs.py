@@ -64,3 +64,29 @@ def test_every_engine_symbol_an_adapter_imports_is_in_the_ledger():
                 missing += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
                             if not re.search(rf"\b{re.escape(a.name)}\b", ledger)]
     assert not missing, "add rows to docs/ledger.md for: " + ", ".join(missing)
+
+
+def test_every_ledger_entry_says_how_why_and_when_it_can_go():
+    rows = [line for line in (ROOT / "docs" / "ledger.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| symbol ")]
+    assert len(rows) > 50
+    bad = [r[:80] for r in rows if len(cells := [c.strip() for c in r.strip("|").split(" | ")]) != 5
+           or not all(cells)]
+    assert not bad, "ledger rows need symbol | how | why | kind | can go when (– where nothing is planned):\n" + \
+        "\n".join(bad)
+
+
+#: what a reader of the repository cannot follow: notes kept outside it, issue numbers of its tracker
+OUTSIDE = re.compile("|".join((r"DESIGN" + r"\.md", r"shared/" + "research", r"/work" + "/", r"\bissues? #?\d",
+                               r"\(#\d+\)")))
+
+
+def test_docs_and_code_stand_alone():
+    assert all(OUTSIDE.search(x) for x in ("see DESIGN" + ".md", "iss" + "ue 21", "its iss" + "ues #3/#18", "fixed (" + "#12)"))
+    assert not any(OUTSIDE.search(x) for x in ("tissue 3", "an issue with 2 engines", "step #"))
+    files = [ROOT / "README.md", ROOT / "run", *(ROOT / "docs").rglob("*.md")]
+    for room in ("plugins", "adapters", "kernels", "integration_tests", "examples"):
+        files += (ROOT / room).rglob("*.py")
+    bad = [f"{p.relative_to(ROOT)}:{n}: {line.strip()[:90]}" for p in files
+           for n, line in enumerate(p.read_text().splitlines(), 1) if OUTSIDE.search(line)]
+    assert not bad, "references a reader of the repository cannot follow:\n" + "\n".join(bad)

@@ -6,13 +6,21 @@ Checked on the source (AST), so a method cannot pass by importing lazily inside 
   examples/ imports ``overdrive.adapters`` in any spelling (absolute, ``from overdrive import
   adapters``, relative, ``importlib.import_module``);
 * nor the user-facing facades ``overdrive.diffusers`` / ``overdrive.transformers`` (they re-export
-  adapters);
-* driver scripts (``bench*``, ``gpu_bench*``, ``perplexity*``) are exempt from both: they are not
-  method code but measure the method through the engines, as a user or the engine integration runs it;
-* :data:`ALLOWED` lists the remaining exceptions one by one, each with its reason;
+  adapters); every file of a method folder is checked, with no exception (benchmarks live in
+  ``overdrive.benchmarks``; a method that offers a framework's loop reaches it through
+  :func:`overdrive.driver`);
 * DiT-caching and frame-rate-schedule methods (built-in and the example plugin's) import no
-  ``diffusers`` at all outside benchmark scripts: the diffusers hook layer and the frame-rate
-  integration hand them framework-neutral calls.
+  ``diffusers`` at all: the diffusers hook layer and the frame-rate integration hand them
+  framework-neutral calls;
+* generic adapters (adapters/) name no built-in method in their code: no method-name default, error
+  prefix or route (names, messages and defaults come from the method spec and the registry; usage
+  examples in docstrings may name one);
+* nothing of the runtime (the ``overdrive`` package except ``overdrive.testing``,
+  ``overdrive.benchmarks`` and tests; ``overdrive.adapters``; ``overdrive.kernels``) imports
+  ``overdrive.testing``, the test fixtures.
+* no module of a built-in method folder imports ``transformers`` in any spelling (lazily inside a
+  function, ``importlib.import_module("transformers...")``, ``__import__``): LLM calibrations go through
+  the LLM calibration layer (:mod:`overdrive.contracts.llm_calibration`, implemented in adapters/).
 
 Tests inside method folders are not method code and may import anything.
 """
@@ -20,59 +28,28 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 
 import overdrive
 from overdrive.kinds import Kind
+from overdrive.testing.imports import hits, imported_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "plugins"
 EXAMPLES = ROOT / "examples"
 ADAPTERS = ("overdrive.adapters",)
 FACADES = ("overdrive.diffusers", "overdrive.transformers")
-#: (file relative to the repository, imported module) -> why it is allowed
-ALLOWED = {
-    ("plugins/r2r/__init__.py", "overdrive.transformers"):
-        "overdrive.r2r.generate is the public routing entry point of the method; it only delegates (lazily) to the "
-        "transformers facade's routed_generate, which serves every token-routing method",
-}
-
-
-def imported_modules(source: str, package: str) -> set[str]:
-    """Every module a source imports or names in ``import_module``/``__import__`` (relative resolved)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                anchor = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{anchor}.{base}" if base else anchor
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
-            fn = node.func
-            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
-            if name in ("import_module", "__import__"):
-                found.add(node.args[0].value)
-    return found
-
-
-def _hits(mods: set[str], prefixes: tuple[str, ...]) -> list[str]:
-    return sorted(m for m in mods if any(m == p or m.startswith(p + ".") for p in prefixes))
+TESTING = ("overdrive.testing",)
+#: folders of the runtime (besides plugins/ minus NOT_RUNTIME) and their import names
+RUNTIME_ROOTS = {ROOT / "adapters": "overdrive.adapters", ROOT / "kernels": "overdrive.kernels"}
+NOT_RUNTIME = (PLUGINS / "testing", PLUGINS / "benchmarks")
 
 
 def _show(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def _is_bench(path: Path) -> bool:
-    return path.name.startswith(("bench", "gpu_bench", "perplexity"))
 
 
 def _sources(folder: Path) -> list[Path]:
@@ -83,6 +60,9 @@ def _package(path: Path) -> str:
     """Import name of the package a file belongs to."""
     if path.is_relative_to(PLUGINS):
         return ".".join(("overdrive", *path.parent.relative_to(PLUGINS).parts))
+    for root, name in RUNTIME_ROOTS.items():
+        if path.is_relative_to(root):
+            return ".".join((name, *path.parent.relative_to(root).parts))
     parts: list[str] = []
     d = path.parent
     while (d / "__init__.py").is_file():
@@ -106,11 +86,18 @@ def test_the_checker_sees_every_spelling():
     for src in ("import overdrive.adapters.diffusers", "from overdrive.adapters import diffusers",
                 "from overdrive import adapters", "from ..adapters.diffusers import enable", "from .. import adapters",
                 "def f():\n    import importlib\n    importlib.import_module('overdrive.adapters.vllm')"):
-        assert _hits(imported_modules(src, pkg), ADAPTERS), src
-    assert _hits(imported_modules("from overdrive import diffusers as odd", pkg), FACADES)
-    assert not _hits(imported_modules("from overdrive.contracts import DiTHooks\nfrom .plan import Plan", pkg),
+        assert hits(imported_modules(src, pkg), ADAPTERS), src
+    assert hits(imported_modules("from overdrive import diffusers as odd", pkg), FACADES)
+    assert not hits(imported_modules("from overdrive.contracts import DiTHooks\nfrom .plan import Plan", pkg),
                      ADAPTERS + FACADES)
-    assert _hits(imported_modules("def f():\n    from diffusers.hooks import ModelHook", pkg), ("diffusers",))
+    assert hits(imported_modules("def f():\n    from diffusers.hooks import ModelHook", pkg), ("diffusers",))
+    for src in ("import transformers", "from transformers import AutoModelForCausalLM",
+                "def f():\n    from transformers.integrations.sdpa_attention import sdpa_attention_forward",
+                "import transformers.models.llama as L", "def f():\n    import importlib\n    importlib.import_module('transformers')",
+                "x = __import__('transformers.cache_utils')"):
+        assert hits(imported_modules(src, pkg), ("transformers",)), src
+    assert not hits(imported_modules("from overdrive import transformers_utils\nimport transformers_x", pkg),
+                     ("transformers",))
 
 
 def test_method_folders_are_found():
@@ -126,10 +113,7 @@ def test_no_method_imports_an_adapter(where):
     for folder in folders:
         for path in _sources(folder):
             mods = imported_modules(path.read_text(), _package(path))
-            if _is_bench(path):
-                continue
-            bad += [f"{_show(path)}: {m}" for m in _hits(mods, ADAPTERS + FACADES)
-                    if (_show(path), m) not in ALLOWED]
+            bad += [f"{_show(path)}: {m}" for m in hits(mods, ADAPTERS + FACADES)]
     assert not bad, "methods reach frameworks through their kind contract, not adapters:\n" + "\n".join(bad)
 
 
@@ -143,6 +127,54 @@ def test_dit_methods_import_no_diffusers(example_plugin):
         files += _sources(origin.parent)
     assert any(p.name == "stepcache.py" for p in files) and any(p.parent.name == "ditfastattn" for p in files)
     assert any(p.parent.name == "vgdfr" for p in files)
-    bad = [f"{_show(p)}: {m}" for p in files if not _is_bench(p)
-           for m in _hits(imported_modules(p.read_text(), _package(p)), ("diffusers",))]
+    bad = [f"{_show(p)}: {m}" for p in files
+           for m in hits(imported_modules(p.read_text(), _package(p)), ("diffusers",))]
     assert not bad, "DiT methods get framework-neutral calls from the diffusers hook layer:\n" + "\n".join(bad)
+
+
+def test_methods_import_no_transformers():
+    """Method folders drive LLMs through the LLM calibration layer and their kind contracts, never transformers."""
+    files = [p for folder in method_folders().values() for p in _sources(folder)]
+    assert any(p.parent.name == "mbq" for p in files) and any(p.parent.name == "r2r" for p in files)
+    bad = [f"{_show(p)}: {m}" for p in files
+           for m in hits(imported_modules(p.read_text(), _package(p)), ("transformers",))]
+    assert not bad, ("method folders import no transformers (use overdrive.contracts.llm_calibration):\n"
+                     + "\n".join(bad))
+
+
+def runtime_sources() -> list[Path]:
+    """Every non-test source of the runtime: plugins/ (but its fixtures and benchmarks), adapters/, kernels/."""
+    files = [p for p in _sources(PLUGINS) if not any(p.is_relative_to(d) for d in NOT_RUNTIME)]
+    for root in RUNTIME_ROOTS:
+        files += _sources(root)
+    return files
+
+
+def test_the_runtime_imports_no_test_fixture():
+    files = runtime_sources()
+    shown = {_show(p) for p in files}
+    assert {"plugins/registry.py", "plugins/mbq/data.py", "adapters/vllm/__init__.py", "kernels/dispatch.py"} <= shown
+    assert not any(s.startswith(("plugins/testing/", "plugins/benchmarks/")) or "/tests/" in s for s in shown)
+    assert hits(imported_modules("from ..testing.vlm import sample_image", "overdrive.mbq"), TESTING)
+    bad = [f"{_show(p)}: {m}" for p in files for m in hits(imported_modules(p.read_text(), _package(p)), TESTING)]
+    assert not bad, "the runtime must not depend on the test fixtures (overdrive.testing):\n" + "\n".join(bad)
+
+
+def _code_strings(source: str) -> list[tuple[int, str]]:
+    """String constants of a source that are not docstrings (line, text)."""
+    tree = ast.parse(source)
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_generic_adapters_name_no_method():
+    names = sorted(method_folders())
+    word = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b", re.IGNORECASE)
+    assert [t for _, t in _code_strings('def f(m="r2r"):\n    """Run framefusion."""\n    raise ValueError("moa: x")\n')
+            if word.search(t)] == ["r2r", "moa: x"]
+    bad = [f"{_show(p)}:{line}: {text[:80]!r}" for p in _sources(ROOT / "adapters")
+           for line, text in _code_strings(p.read_text()) if word.search(text)]
+    assert not bad, "method names in generic adapters (take them from the spec / registry):\n" + "\n".join(bad)

@@ -24,7 +24,7 @@ import torch
 from overdrive.contracts.frame_rate import FrameRateSchedule, VideoCodec, merge_groups, restore_frames
 
 from .config import VGDFRConfig
-from .method import METHOD
+from .runtime import load_interpolator, schedule
 
 
 def _config(options: Mapping[str, Any] | VGDFRConfig | None, kw: dict[str, Any]) -> VGDFRConfig:
@@ -49,7 +49,7 @@ def schedule_video(video: torch.Tensor, codec: VideoCodec, cfg: VGDFRConfig) -> 
     if cfg.target == 1.0:
         return FrameRateSchedule.identity(int(t), temporal_factor=r, causal_first=codec.causal_first)
     frames = ((video.float() + 1) / 2).clamp(0, 1).movedim(2, 1)
-    return METHOD.schedule(frames, int(t), cfg, pixels=True, temporal_factor=r, causal_first=codec.causal_first)
+    return schedule(frames, int(t), cfg, pixels=True, temporal_factor=r, causal_first=codec.causal_first)
 
 
 def encode(codec: VideoCodec, video: torch.Tensor, options: Mapping[str, Any] | VGDFRConfig | None = None,
@@ -77,4 +77,4 @@ def decode(codec: VideoCodec, latents: torch.Tensor, schedule: FrameRateSchedule
         raise ValueError(f"DLFR-VAE decode: latents have {latents.shape[codec.frame_dim]} frames along dim "
                          f"{codec.frame_dim}, the schedule has {schedule.compact_frames} groups")
     video = codec.decode(latents)
-    return restore_frames(video, schedule, METHOD.interpolator(cfg), dim=2)
+    return restore_frames(video, schedule, load_interpolator(cfg.interpolator), dim=2)

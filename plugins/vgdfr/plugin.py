@@ -17,6 +17,6 @@ def overdrive_methods() -> list[MethodSpec]:
                 "interpolate the merged frames back (training-free)",
         commands={"generate": MethodCommand(
             help="generate a video with VGDFR on a diffusers pipeline; writes the frames and the schedule",
-            add_arguments="overdrive.vgdfr.method:add_arguments",
+            add_arguments="overdrive.vgdfr.cli:add_arguments",
             run="overdrive.diffusers:generate_command")},
     )]

@@ -1,6 +1,6 @@
 """ViDiT-Q calibration: statistics per timestep range on a real denoising run, then a quantized checkpoint.
 
-    overdrive calibrate --method viditq --pipeline DIR --steps 20 --prompt "..." --scheme w4a8 --output OUT
+    overdrive calibrate --method viditq --pipeline DIR --steps 20 --prompt "..." --scheme w4a8 --output OUT  (:mod:`.cli`)
 
 or ``overdrive.diffusers.calibrate(pipe, "viditq", {"scheme": "w4a8"}, prompt=..., num_inference_steps=20)``
 (returns a :class:`ViDiTQCheckpoint`; ``.save(DIR)`` writes the denoiser directory).
@@ -23,7 +23,6 @@ or ``overdrive.diffusers.calibrate(pipe, "viditq", {"scheme": "w4a8"}, prompt=..
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import re
@@ -32,15 +31,12 @@ from typing import Any, Sequence
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.dit_cache import CalibrationRun, DiTHooks, RecordedCall, add_pipeline_arguments
+from overdrive.contracts.dit_cache import CalibrationRun, DiTHooks, RecordedCall
 from overdrive.progress import progress
 
-from .plan import NAME, SCHEMES, Identity, LayerPlan, Plan, Variant, split_steps
-from .quant import quantize_weight, relative_error, smoothing_factors, weight_channel_max
+from .config import DEFAULT_ALPHA_GRID, DEFAULT_EMA, NAME, SCHEMES, Identity, LayerPlan, Plan, Variant, split_steps
+from .numerics import quantize_weight, relative_error, smoothing_factors, weight_channel_max
 from .runtime import QuantState, ViDiTQLinear, float_linears, swap_module
-
-DEFAULT_ALPHA_GRID = (None, 0.1, 0.25, 0.5, 0.75)
-DEFAULT_EMA = 0.95
 
 
 @dataclasses.dataclass
@@ -258,37 +254,3 @@ def calibrate(run: CalibrationRun, scheme: str = "w8a8", ranges: int = 2, alpha:
     plan = Plan(Identity(run.architecture, info.family, len(session.blocks)), n_steps, spans, scheme,
                 chosen_alpha, plan_layers, meta)
     return ViDiTQCheckpoint(plan, tensors, run.denoiser_writer())
-
-
-# --------------------------------------------------------------------------------------- CLI
-def _alpha_arg(text: str) -> Any:
-    if text in ("search", "default"):
-        return text
-    vals = [None if v.strip().lower() == "none" else float(v) for v in text.split(",")]
-    return vals[0] if len(vals) == 1 else vals
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``overdrive calibrate --method viditq``: the shared pipeline options plus ViDiT-Q's."""
-    add_pipeline_arguments(p)
-    p.add_argument("--scheme", choices=sorted(SCHEMES), default="w8a8",
-                   help="w8a8: int8 weights and activations; w4a8: int4 weights, int8 activations")
-    p.add_argument("--ranges", type=int, default=2,
-                   help="timestep ranges (contiguous groups of steps) with their own balancing / bits; 1 = not "
-                        "timestep-aware (one weight set)")
-    p.add_argument("--alpha", type=_alpha_arg, default="default",
-                   help="channel-balancing alpha: 'search' (per range, over --alpha-grid), a number, 'none', or a "
-                        "comma list per range; default: none for w8a8, search for w4a8")
-    p.add_argument("--alpha-grid", default="none,0.1,0.25,0.5,0.75", help="candidates of --alpha search")
-    p.add_argument("--mixed-precision", type=float, default=0.0,
-                   help="w4a8: the largest fraction of quantized weights kept at 8 bits, chosen per range by a "
-                        "measured sensitivity of each layer group (0 = off)")
-    p.add_argument("--keep-float", action="append", default=[],
-                   help="name substring of layers inside the blocks to keep in 16 bits (repeatable)")
-    p.add_argument("--ema", type=float, default=DEFAULT_EMA, help="EMA factor of the activation channel maxima")
-
-
-def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    grid = [None if v.strip().lower() == "none" else float(v) for v in args.alpha_grid.split(",")]
-    return dict(scheme=args.scheme, ranges=args.ranges, alpha=args.alpha, alpha_grid=grid,
-                mixed_precision=args.mixed_precision, keep_float=list(args.keep_float), ema=args.ema)

@@ -26,12 +26,11 @@ from typing import Any, Mapping
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.dit_cache import (CalibrationRun, DenoiserInfo, DenoiserSession, DiTCacheMethod, DiTHooks,
-                                           ModuleCall, StepContext)
+from overdrive.contracts.dit_cache import DenoiserInfo, DenoiserSession, DiTHooks, ModuleCall, StepContext
 from overdrive.kernels import act8_linear, packed_length
 
-from .config import ViDiTQConfig
-from .plan import NAME, LayerPlan, Plan, Variant
+from .config import NAME, SCHEMES, Identity, LayerPlan, Plan, Variant, ViDiTQConfig
+from .numerics import quantize_weight
 
 
 class QuantState:
@@ -84,7 +83,6 @@ class ViDiTQLinear(torch.nn.Module):
     def from_float(cls, name: str, lin: torch.nn.Linear, state: QuantState,
                    variants: list[tuple[int, torch.Tensor | None]], ranges: list[int]) -> "ViDiTQLinear":
         """Quantize float layer ``lin``: one variant per (bits, balancing divisor or None)."""
-        from .quant import quantize_weight
 
         plan = LayerPlan(lin.in_features, lin.out_features, lin.bias is not None,
                          [Variant(b, s is not None) for b, s in variants], list(ranges))
@@ -289,54 +287,12 @@ class ViDiTQHooks(DiTHooks):
         self._runs.clear()
 
 
-class ViDiTQMethod(DiTCacheMethod):
-    checkpoint_format = True
-
-    def hooks(self, session: DenoiserSession, cfg: ViDiTQConfig) -> ViDiTQHooks:
-        return ViDiTQHooks(session, cfg)
-
-    def prepare_checkpoint(self, model: torch.nn.Module, info: DenoiserInfo,
-                           quantization_config: dict[str, Any]) -> tuple[ViDiTQConfig, list[str]]:
-        plan = Plan.from_quantization_config(quantization_config, "config.json quantization_config")
-        _, layers = build_layers(plan, model, info, "config.json quantization_config", device="meta")
-        for name, lay in layers.items():
-            swap_module(model, name, lay)
-        return ViDiTQConfig(), list(layers)
-
-    def finish_checkpoint(self, model: torch.nn.Module, cfg: ViDiTQConfig) -> None:
-        for name, lay in quantized_layers(model).items():
-            for p, t in lay.named_parameters():
-                if t.is_meta:
-                    raise ConfigError(f"the ViDiT-Q checkpoint has no tensor {name}.{p} for its plan's quantized "
-                                      "layer; was it written by `overdrive calibrate --method viditq`?")
-
-    def calibrate(self, run: CalibrationRun, scheme: str = "w8a8", ranges: int = 2, alpha: Any = "default",
-                  alpha_grid: Any = None, mixed_precision: float = 0.0, keep_float: Any = (),
-                  ema: float | None = None) -> Any:
-        """Per-range statistics, channel balancing, optional mixed precision; see :mod:`.calibrate`."""
-        from .calibrate import DEFAULT_ALPHA_GRID, DEFAULT_EMA, calibrate
-
-        return calibrate(run, scheme=scheme, ranges=ranges, alpha=alpha,
-                         alpha_grid=DEFAULT_ALPHA_GRID if alpha_grid is None else alpha_grid,
-                         mixed_precision=mixed_precision, keep_float=keep_float,
-                         ema=DEFAULT_EMA if ema is None else ema)
-
-    def calibration_options(self, args: Any) -> dict[str, Any]:
-        from .calibrate import options_from_args
-
-        return options_from_args(args)
-
-
-METHOD = ViDiTQMethod()
-
-
 def quantize_in_place(model: torch.nn.Module, info: DenoiserInfo, scheme: str = "w8a8", steps: int = 1,
                       keep_float: tuple[str, ...] = ()) -> Plan:
     """Round-to-nearest ViDiT-Q without calibration: one timestep range, no channel balancing (ViDiT-Q's
     W8A8 plan needs no activation statistics). Replaces the float layers in place (not restorable);
     ``overdrive.diffusers.enable(model, "viditq")`` then attaches the hook layer. For benchmarks and
     quick trials; ``overdrive calibrate --method viditq`` is the normal way."""
-    from .plan import SCHEMES, Identity
 
     bits = SCHEMES[scheme]
     linears = float_linears(model, info, keep_float)

@@ -6,7 +6,7 @@ import torch
 
 from overdrive.kernels import act8_linear_reference
 from overdrive.benchmarks.viditq_gpu import int_mm_linear, run
-from overdrive.viditq.quant import quantize_weight
+from overdrive.viditq.numerics import quantize_weight
 
 
 @pytest.mark.parametrize("smooth", [False, True])

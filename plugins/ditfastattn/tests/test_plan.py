@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.ditfastattn.config import DiTFastAttnConfig
-from overdrive.ditfastattn.plan import (FULL, Entry, Identity, Plan, Uniform, band_for, entry_code,
+from overdrive.ditfastattn.config import (FULL, DiTFastAttnConfig, Entry, Identity, Plan, Uniform, band_for, entry_code,
                                         flops_fraction, parse_entry)
 
 IDENT = Identity("FluxTransformer2DModel", "flux", blocks=3, heads=4, head_dim=16, vision_tokens=64,

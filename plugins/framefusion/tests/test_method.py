@@ -11,8 +11,9 @@ import torch
 from overdrive.config import ConfigError
 from overdrive.contracts.token_reduction import VideoGrid, VisionSpan
 from overdrive.framefusion.config import FrameFusionConfig
-from overdrive.framefusion.method import (METHOD, apply_merge, importance_proxy, predecessors, prune_keep,
-                                          pruning_ratio, similarity_to_predecessor)
+from overdrive.framefusion.merging import (apply_merge, importance_proxy, predecessors, prune_keep, pruning_ratio,
+                                           similarity_to_predecessor)
+from overdrive.framefusion.method import METHOD
 
 
 # -- independent float64 references ---------------------------------------------------------------

@@ -7,11 +7,34 @@ import pytest
 import torch
 
 from overdrive import ConfigError
-from overdrive.mbq.calibrate import (GRID, calibrate, decoder_layers, fold_scales, gradient_ratios, layer_groups,
-                                     search_group)
+from overdrive.adapters.transformers.calibration import decoder_layers as _decoder_layers
+from overdrive.contracts.llm_calibration import load_for_calibration
+from overdrive.mbq.calibrate import GRID, fold_scales, layer_groups, search_group
+from overdrive.mbq.calibrate import calibrate as _calibrate
+from overdrive.mbq.calibrate import gradient_ratios as _gradient_ratios
 from overdrive.mbq.config import MBQConfig
 from overdrive.mbq.data import build_samples, builtin_records
 from overdrive.testing import tiny_llama, tiny_qwen2_vl
+
+
+def decoder_layers(model):
+    return _decoder_layers(model)[1]
+
+
+def _with_run(fn, model, *args, **kw):
+    run = load_for_calibration(model, device="cpu", compute_dtype=torch.float32)
+    try:
+        return fn(run, *args, **kw)
+    finally:
+        run.close()
+
+
+def calibrate(model, samples, cfg, **kw):
+    return _with_run(_calibrate, model, samples, cfg, **kw)
+
+
+def gradient_ratios(model, samples):
+    return _with_run(_gradient_ratios, model, samples)
 
 
 @pytest.fixture(scope="module")

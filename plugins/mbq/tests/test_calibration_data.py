@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from overdrive import ConfigError, cli
-from overdrive.mbq.calibrate import (_Calls, _record, calibrate, decoder_layers, fake_quant_weight, layer_groups,
-                                     search_group_on_module)
+from overdrive.adapters.transformers.calibration import decoder_layers as _decoder_layers
+from overdrive.contracts.llm_calibration import Recording, load_for_calibration
+from overdrive.mbq.calibrate import calibrate as _calibrate
+from overdrive.mbq.calibrate import layer_groups, search_group_on_module
+from overdrive.mbq.quant import fake_quant_weight
 from overdrive.mbq.config import MBQConfig
 from overdrive.mbq.data import build_samples, load_records, text_samples
 from overdrive.testing import tiny_llama
@@ -91,6 +94,31 @@ def test_records_from_txt_folder_and_jsonl(tmp_path):
         load_records(empty)
 
 
+def decoder_layers(model):
+    return _decoder_layers(model)[1]
+
+
+def calibrate(model, samples, cfg, **kw):
+    """The pipeline on a model object (the layer wraps it; blocks are searched in float32 on the CPU)."""
+    run = load_for_calibration(model, device="cpu", compute_dtype=torch.float32)
+    try:
+        return _calibrate(run, samples, cfg, **kw)
+    finally:
+        run.close()
+
+
+def _record(module, rec):
+    def pre(_m, args, kwargs):
+        rec.calls.append((args, dict(kwargs)))
+        rec.inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    def post(_m, _args, _kwargs, out):
+        rec.outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+
+    return [module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post, with_kwargs=True)]
+
+
 def _llama(dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -125,12 +153,12 @@ def test_module_loss_equals_a_float64_mlp_with_quantized_gate_and_up(tok, act_bi
     """gate,up scales judged on the MLP output: each grid point's loss equals an independent float64
     evaluation of down(silu(gate' x') * up' x') with W' = Q(W s) / s (and x' = Qa(x / s) s for A8)."""
     from overdrive.mbq import calibrate as cal
-    from overdrive.mbq.calibrate import fake_quant_act
+    from overdrive.mbq.quant import fake_quant_act
 
     m = _llama()
     layer = decoder_layers(m)[1]
     grp = [g for g in layer_groups(layer) if g.name == "gate_up"][0]
-    rec = _Calls()
+    rec = Recording()
     hs = _record(layer.mlp, rec)
     samples = text_samples(tok, [TEXT * 6], 3, 20)
     with torch.no_grad():
@@ -204,3 +232,29 @@ def test_cli_calibrates_on_text_with_a_string_only_template(tmp_path, capsys):
                    "--seq-len", "32"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["baseline"] == "awq"
+
+
+def test_search_subset_spreads_whole_sequences_over_the_calls():
+    from overdrive.contracts.llm_calibration import BlockCall
+    from overdrive.mbq.calibrate import search_subset
+
+    calls = [BlockCall(torch.zeros(4, 32, 8), {}), BlockCall(torch.zeros(4, 32, 8), {})]
+    assert search_subset(calls, 0) is None and search_subset(calls, 256) is None  # every token fits
+    assert search_subset(calls, 64) == [(0, [0]), (1, [0])]  # 2 of 8 sequences: the 1st and the 5th
+    assert search_subset(calls, 128) == [(0, [0, 2]), (1, [0, 2])]
+    assert search_subset(calls, 1) == [(0, [0])]
+
+
+def test_search_token_cap_above_the_data_changes_nothing_and_below_it_still_beats_rtn(tok):
+    samples = text_samples(tok, [TEXT * 6], 8, 24, batch=4)
+    cfg = MBQConfig(bits=3, group_size=64, baseline="awq")
+    exact, capped_above, capped = _llama(), _llama(), _llama()
+    r_exact = calibrate(exact, samples, cfg, search_tokens=0)
+    r_above = calibrate(capped_above, samples, cfg, search_tokens=8 * 24)
+    assert [(r.group, r.rho, r.loss) for r in r_exact] == [(r.group, r.rho, r.loss) for r in r_above]
+    for (n, a), (_, b) in zip(exact.state_dict().items(), capped_above.state_dict().items()):
+        assert torch.equal(a, b), n
+    r_capped = calibrate(capped, samples, cfg, search_tokens=48)  # 2 of the 8 sequences judge the grid
+    assert len(r_capped) == len(r_exact) and all(r.loss <= r.rtn_loss + 1e-12 for r in r_capped)
+    with torch.no_grad():
+        assert torch.isfinite(capped(**samples[0].inputs).logits).all()

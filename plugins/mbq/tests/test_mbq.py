@@ -11,7 +11,8 @@ from overdrive import ConfigError, cli
 from overdrive.kernels import dequantize_reference, unpack
 from overdrive.mbq.config import MBQConfig
 from overdrive.mbq.method import METHOD
-from overdrive.mbq.quantize import quantize, rtn_group_asymmetric
+from overdrive.mbq.quant import rtn_group_asymmetric
+from overdrive.mbq.quantize import quantize
 from overdrive.testing import tiny_llama
 
 
@@ -110,7 +111,7 @@ def test_bad_inputs_write_nothing(tmp_path):
 
 
 def test_per_channel_symmetric_closed_form():
-    from overdrive.mbq.quantize import rtn_act8_tensors, rtn_per_channel_symmetric
+    from overdrive.mbq.quant import rtn_act8_tensors, rtn_per_channel_symmetric
 
     w = torch.tensor([[0.7, -0.33, 0.1], [-2.0, 0.9, 0.5]])
     codes, scales = rtn_per_channel_symmetric(w, 4)
@@ -124,7 +125,7 @@ def test_per_channel_symmetric_closed_form():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_act8_method_matches_float64(bits):
     from overdrive.kernels import unpack
-    from overdrive.mbq.quantize import rtn_act8_tensors
+    from overdrive.mbq.quant import rtn_act8_tensors
 
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(24, 64, generator=g)

@@ -147,14 +147,14 @@ def test_option_errors_name_the_option(kw, message):
 
 
 def test_calibrate_in_process_meets_the_budget_at_every_length():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from overdrive.contracts.llm_calibration import load_for_calibration
 
-    d = tiny_llama()
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(d)
+    run = load_for_calibration(tiny_llama(), device="cpu", dtype="float32")
+    model = run.model
     opts = CalibOptions(density=0.5, max_len=160, lengths=(64, 128), validate_length=96, samples=1, sink=4,
                         min_span=8, response_tokens=8)
-    plan = calibrate(model, tok, opts)
+    plan = calibrate(run, opts)
+    run.close()
     assert plan.identity == ModelIdentity.from_hf_config(model.config)
     for n in (64, 128, 160):
         assert plan.density_at(n) <= 0.5 + 1e-9
@@ -216,15 +216,17 @@ def test_samples_text_target_and_dense_target():
     """``text``: the stream itself (wrapping); ``dense``: the context followed by the dense model's greedy tokens."""
     from transformers import AutoModelForCausalLM
 
+    from overdrive.contracts.llm_calibration import load_for_calibration
     from overdrive.moa.calibrate import make_samples
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32)
+    run = load_for_calibration(model, device="cpu")
     stream = torch.arange(3, 103)
     opts = CalibOptions(max_len=160, lengths=(64, 128), validate_length=96, samples=3, batch_size=2, response_tokens=8,
                         target="text", sink=4, min_span=8).resolve(2048)
-    got = torch.cat(make_samples(model, stream, 40, opts, offset=90))
+    got = torch.cat(make_samples(run, stream, 40, opts, offset=90))
     assert torch.equal(got.flatten(), stream.repeat(3)[90:90 + 120])
-    dense = torch.cat(make_samples(model, stream, 40, dataclasses.replace(opts, target="dense"), offset=0))
+    dense = torch.cat(make_samples(run, stream, 40, dataclasses.replace(opts, target="dense"), offset=0))
     assert torch.equal(dense[:, :32].flatten(), stream.repeat(2)[:96])
     want = model.generate(dense[:1, :32], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(dense[:1], want)

@@ -12,6 +12,7 @@ import torch
 from overdrive.config import ConfigError
 from overdrive.contracts.kv_cache import ModelIdentity
 from overdrive.kernels import kv_dequantize, kv_quantize
+from overdrive.contracts.llm_calibration import load_for_calibration
 from overdrive.pmkvq import calibrate as cal
 from overdrive.pmkvq.config import PMKVQPlan, make_plan
 from overdrive.pmkvq.reparam import fold_scales
@@ -85,7 +86,9 @@ def _qdq(x, bits, group):
 def test_sensitivity_pairs_each_layers_activation_with_its_own_gradient(model):
     ids = _ids()
     opts = cal.CalibOptions(max_len=512, budget="1GiB", candidate_bits=(4, 2), reparam=False)
-    got = cal.sensitivity(model, [ids], opts, 32, (4, 2))
+    run = load_for_calibration(model, device="cpu")
+    got = cal.sensitivity(run, [ids], opts, 32, (4, 2))
+    run.close()
     ref = _reference_kv_and_grads(copy.deepcopy(model), ids, 512)
 
     def s(k, gk, v, gv, b):
@@ -104,7 +107,8 @@ def test_sensitivity_pairs_each_layers_activation_with_its_own_gradient(model):
 def test_key_maxima_per_kv_head_and_channel_use_stretched_positions(model):
     ids = _ids(seed=1)
     opts = cal.CalibOptions(max_len=1024, budget="1GiB", reparam=False)
-    stats = cal.collect_stats(model, [ids], opts, 32)
+    run = load_for_calibration(model, device="cpu")
+    stats = cal.collect_stats(run, [ids], opts, 32)
     ref = _reference_kv_and_grads(copy.deepcopy(model), ids, 1024)
     for i, st in enumerate(stats):
         m = ref[i][0].abs().amax(dim=(0, 2))  # (Hk, D)
@@ -112,7 +116,8 @@ def test_key_maxima_per_kv_head_and_channel_use_stretched_positions(model):
         pair = torch.maximum(m[:, :half], m[:, half:])
         assert torch.allclose(st.maxk, torch.cat([pair, pair], -1))
     # without interpolation (positions 0..47) the keys, hence the maxima, differ
-    plain = cal.collect_stats(model, [ids], cal.CalibOptions(max_len=48, budget="1GiB", reparam=False), 32)
+    plain = cal.collect_stats(run, [ids], cal.CalibOptions(max_len=48, budget="1GiB", reparam=False), 32)
+    run.close()
     assert not torch.allclose(plain[0].maxk, stats[0].maxk)
     assert cal.position_ids_for(4, 1024, 1).tolist() == [[0, 256, 512, 768]]
 

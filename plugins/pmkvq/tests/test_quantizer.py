@@ -73,7 +73,7 @@ def test_integer_requantization_equals_quantize_dequantize_within_one_code(name,
     deq = (unpack(p, bits, d).double().reshape(x.shape[0], -1, GROUP) * s.double()[..., None]
            + z.double()[..., None]).reshape(x.shape)
     want, step = _independent_qdq_codes(deq, half)
-    assert int((got - want.to(torch.int64)).abs().max()) <= 1  # the criterion
+    assert int((got - want.to(torch.int64)).abs().max()) <= 1  # at most one code step apart
     # in fact equal: q / f with f = 2**(b/2) + 1 odd is never a tie, and is at least 1 / (2 f) away from one,
     # far more than the float64 error of the independent path
     assert torch.equal(got, want.to(torch.int64))

@@ -10,7 +10,8 @@ from overdrive.config import ConfigError
 from overdrive.contracts.frame_rate import (CompactionPlan, FrameRateSchedule, blend, flow_renoise, flow_x0,
                                             group_starts, merge_groups, nearest, resample_frames, restore_frames)
 from overdrive.vgdfr.config import PAPER_ORIGINAL_BLOCKS, VGDFRConfig
-from overdrive.vgdfr.method import METHOD, load_interpolator, original_blocks
+from overdrive.vgdfr.method import METHOD
+from overdrive.vgdfr.runtime import load_interpolator, original_blocks
 from overdrive.vgdfr.schedule import chunk_layout, groups_at, score_chunks
 
 R = 4  # pixel frames per latent frame

@@ -8,8 +8,8 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.kernels import unpack_reference
-from overdrive.viditq.plan import Identity, LayerPlan, Plan, Variant, split_steps
-from overdrive.viditq.quant import quantize_weight, relative_error, smoothing_factors, weight_channel_max
+from overdrive.viditq.config import Identity, LayerPlan, Plan, Variant, split_steps
+from overdrive.viditq.numerics import quantize_weight, relative_error, smoothing_factors, weight_channel_max
 from overdrive.viditq.runtime import QuantState, ViDiTQLinear
 
 
