@@ -31,6 +31,9 @@ class EngineQuantAPI:
     UnquantizedLinearMethod: type
     set_weight_attrs: Callable[[torch.nn.Parameter, dict[str, Any] | None], None]
     extra_methods: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: ``(method name, method, cfg, layer, prefix, loaded params) -> engine kernel or None``: offers a
+    #: loaded layer to the engine's own kernels (the layer then runs ``engine.apply(layer, x, bias)``)
+    kernel_handoff: Callable[..., Any] | None = None
 
 
 def build_linear_method_class(api: EngineQuantAPI) -> type:
@@ -61,6 +64,8 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
                 names.append(ps.name)
             # per-instance bookkeeping on the layer object (never on its class)
             layer.overdrive_param_names = tuple(names)
+            layer.overdrive_shapes = (input_size_per_partition, list(output_partition_sizes), input_size,
+                                      output_size, params_dtype)
             layer.overdrive_loaded = loaded if checked else None  # None: filled by the caller, not tracked
 
         def _checked_loader(self, loader: Callable[..., Any], name: str, loaded: set[str]) -> Callable[..., Any]:
@@ -90,6 +95,14 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
                                   f"{self.spec.name}-quantized layer (expected tensors "
                                   f"{', '.join(self.prefix + '.' + n for n in layer.overdrive_param_names)})")
             loaded = {n: getattr(layer, n).data for n in layer.overdrive_param_names}
+            engine = (api.kernel_handoff(self.spec.name, self.method, self.cfg, layer, self.prefix, loaded)
+                      if api.kernel_handoff is not None else None)
+            if engine is not None:  # the engine's kernel took the layer (its parameters are registered)
+                for n in layer.overdrive_param_names:
+                    delattr(layer, n)
+                layer.overdrive_param_names = ()
+                layer.overdrive_engine = engine
+                return
             processed = self.method.process_after_loading(loaded, self.cfg)
             for n in layer.overdrive_param_names:
                 delattr(layer, n)
@@ -98,6 +111,9 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
             layer.overdrive_param_names = tuple(processed)
 
         def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            engine = getattr(layer, "overdrive_engine", None)
+            if engine is not None:
+                return engine.apply(layer, x, bias)
             params = {n: getattr(layer, n) for n in layer.overdrive_param_names}
             return self.method.apply(x, params, bias, self.cfg)
 

@@ -82,3 +82,26 @@ def act8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor, 
     if smooth is None:  # keep the call signature of kernels that predate `smooth`
         return _OP(x, qweight, w_scales, wbits, bias, device=x.device)
     return _OP(x, qweight, w_scales, wbits, bias, smooth=smooth, device=x.device)
+
+
+def prepare_act8_linear(qweight: torch.Tensor, w_scales: torch.Tensor, wbits: int) -> dict[str, torch.Tensor]:
+    """Checkpoint layout -> the layout of the kernel that runs it (once, at load time): on CPU with
+    bfloat16/float16 scales torch's packed int8 / int4 CPU GEMMs (:mod:`overdrive.kernels.cpu_packed`),
+    otherwise unchanged (``qweight``, ``scales``). :func:`act8_linear_prepared` runs either."""
+    from .cpu_packed import prepare_act8_packed, use_packed
+
+    k = qweight.shape[1] if wbits == 8 else qweight.shape[1] * 8
+    if use_packed(qweight.device, w_scales.dtype, qweight.shape[0], k) is None:
+        codes = qweight if wbits == 8 else unpack_reference(qweight, 4, k).to(torch.int32) - 8
+        return prepare_act8_packed(codes, w_scales, wbits, w_scales.dtype)
+    return {"qweight": qweight, "scales": w_scales}
+
+
+def act8_linear_prepared(x: torch.Tensor, params: dict[str, torch.Tensor], wbits: int,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 / W4A8 ``x @ W.T + bias`` on what :func:`prepare_act8_linear` returned."""
+    if "qweight" in params:
+        return act8_linear(x, params["qweight"], params["scales"], wbits, bias)
+    from .cpu_packed import act8_packed_linear
+
+    return act8_packed_linear(x, params, bias)

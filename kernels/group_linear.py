@@ -140,3 +140,37 @@ def group_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     """``x @ W.T + bias`` for a 3/4-bit group-asymmetric packed ``W`` (format: module docstring)."""
     check_group_linear(x, qweight, scales, zeros, bits, group_size, bias)
     return _OP(x, qweight, scales, zeros, bits, group_size, bias, device=x.device)
+
+
+def prepare_group_linear(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                         group_size: int) -> dict[str, torch.Tensor]:
+    """Checkpoint layout -> the layout of the kernel that runs these tensors (once, at load time).
+
+    CPU tensors with bfloat16/float16 scales: torch's packed int4 CPU GEMM
+    (:mod:`overdrive.kernels.cpu_packed`; W4 as ``(q - 8) * s + (8 - z) * s``, W3 exactly as codes
+    ``q - z + 8``; 4 bits per weight either way). Otherwise the Triton kernel layout
+    (:func:`prepare_group_weight`). :func:`group_linear_prepared` runs either.
+    """
+    from .cpu_packed import prepare_int4pack, use_packed
+    from .packing import unpack
+
+    k = scales.shape[1] * group_size
+    if use_packed(qweight.device, scales.dtype, qweight.shape[0], k) is None:
+        codes = unpack(qweight, bits, k).to(torch.int32)
+        if bits == 3:
+            z = zeros.to(torch.int32).repeat_interleave(group_size, dim=1)
+            return prepare_int4pack(codes - z + 8, scales, None, group_size, scales.dtype)
+        offsets = (8.0 - zeros.to(torch.float32)) * scales.to(torch.float32)
+        return prepare_int4pack(codes, scales, offsets, group_size, scales.dtype)
+    return prepare_group_weight(qweight, scales, zeros, bits, group_size)
+
+
+def group_linear_prepared(x: torch.Tensor, params: dict[str, torch.Tensor], bits: int, group_size: int,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` on what :func:`prepare_group_linear` returned."""
+    if "int4pack" in params:
+        from .cpu_packed import int4pack_linear
+
+        sz = params["int4pack_sz"]
+        return int4pack_linear(x.to(sz.dtype), params["int4pack"], sz, bias).to(x.dtype)
+    return group_linear_kn(x, params["qweight_kn"], params["scales_kn"], params["szeros_kn"], bits, group_size, bias)

@@ -141,7 +141,45 @@ def doctor_report(try_register: bool = True) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         report["kernel_backend"] = None
         report["problems"].append(f"kernels: {type(e).__name__}: {e}")
+    try:
+        report["weight_formats"] = weight_format_paths(
+            vllm=try_register and report["frameworks"].get("vllm", {}).get("state") == "ok")
+    except Exception as e:  # noqa: BLE001
+        report["weight_formats"] = None
+        report["problems"].append(f"weight formats: {type(e).__name__}: {e}")
     return report
+
+
+def weight_format_paths(vllm: bool = True) -> dict[str, Any]:
+    """Which kernel serves each standard weight format on this machine (bf16 activations, a 4096 x 4096
+    layer): vLLM's own kernel when the vLLM adapter would hand layers to it, else overdrive's, and whether
+    that is a fast path (a packed GEMM) or a dequantize-per-call fallback."""
+    import torch
+
+    from overdrive.contracts import WeightFormat
+    from overdrive.kernels.cpu_packed import cpu_features, use_packed
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fmts = [WeightFormat(4, 128, True), WeightFormat(3, 128, True), WeightFormat(8, None, False, 8),
+            WeightFormat(4, None, False, 8)]
+    out: dict[str, Any] = {"device": dev, "cpu": cpu_features().describe(), "formats": {}}
+    for f in fmts:
+        if dev == "cuda":
+            own = "overdrive Triton kernels (fast)"
+        else:
+            why = use_packed("cpu", torch.bfloat16, 4096, 4096)
+            own = ("overdrive: torch packed CPU GEMM (fast)" if why is None
+                   else f"overdrive: dequantize per call (slow: {why})")
+        row: dict[str, Any] = {"overdrive": own}
+        if vllm:
+            from overdrive.adapters.vllm.linear_kernels import choose
+
+            c = choose(f, torch.bfloat16, (4096, 4096), (4096, 4096))
+            row["vllm"] = (f"vLLM {c.name}" + (f" (only layers with |code| <= {c.max_code}: {c.reason})"
+                                                if c.max_code is not None else "")
+                           if c.kernel is not None else f"overdrive's kernel ({c.reason})")
+        out["formats"][f.describe()] = row
+    return out
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -165,6 +203,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     kb = r["kernel_backend"]
     if kb:
         print(f"\nkernels: CPU tensors -> {kb['cpu']}; CUDA tensors -> {kb['cuda']}")
+    wf = r.get("weight_formats")
+    if wf:
+        print(f"\nweight formats (bf16 activations, {wf['device']}; CPU {wf['cpu']}):")
+        for name, row in wf["formats"].items():
+            print(f"  {name:28s} {row['overdrive']}")
+            if "vllm" in row:
+                print(f"  {'':28s} vLLM --quantization: {row['vllm']}")
     print(f"\nmethods: {', '.join(r['methods']) or '(none installed)'}")
     if r["problems"]:
         print("\nproblems:")

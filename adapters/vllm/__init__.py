@@ -61,9 +61,10 @@ def _quant_api():
     from vllm.model_executor.utils import set_weight_attrs
 
     from overdrive.adapters._weight_quant import EngineQuantAPI
+    from overdrive.adapters.vllm.linear_kernels import kernel_handoff
 
     return EngineQuantAPI("vLLM", __name__, QuantizationConfig, LinearMethodBase, LinearBase,
-                          UnquantizedLinearMethod, set_weight_attrs)
+                          UnquantizedLinearMethod, set_weight_attrs, kernel_handoff=kernel_handoff)
 
 
 def __getattr__(name: str) -> Any:

@@ -12,11 +12,11 @@ from .token_reduction import LayerwiseReducer, Selection, TokenReductionMethod, 
 from .token_routing import (RoutedSequence, Router, RouterInputs, TokenRoutingMethod, check_shared_tokenizer, route_mask,
                             threshold_logit)
 from .vocab import BatchVocab, VocabIdentity, VocabSelectionMethod, tokenizer_hash
-from .weight_quant import ParamSpec, WeightQuantMethod
+from .weight_quant import ParamSpec, StandardWeight, WeightFormat, WeightQuantMethod
 
 __all__ = ["Attachment", "AttentionOp", "BatchVocab", "CalibrationArtifact", "CalibrationRun", "CompactionPlan", "DenoiserInfo",
            "DenoiserSession", "DiTCacheMethod", "DiTHooks", "FrameRateMethod", "FrameRateSchedule", "HeadSpans", "Interpolator", "KVBody", "KVBudgetError", "KVCacheMethod", "LayerKVFormat", "LayerwiseReducer",
            "ModelIdentity", "ModuleCall", "PagedBatch", "PagedGeometry", "ParamSpec", "RecordedCall", "RotaryInfo", "RoutedSequence",
            "Router", "RouterInputs", "Selection", "StepContext", "TokenReductionMethod", "TokenRoutingMethod",
-           "VideoCodec", "VideoGrid", "VisionSpan", "VocabIdentity", "VocabSelectionMethod", "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask",
-           "threshold_logit", "tokenizer_hash"]
+           "StandardWeight", "VideoCodec", "VideoGrid", "VisionSpan", "VocabIdentity", "VocabSelectionMethod", "WeightFormat",
+           "WeightQuantMethod", "check_shared_tokenizer", "fold_qk_scale", "route_mask", "threshold_logit", "tokenizer_hash"]

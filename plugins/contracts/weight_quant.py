@@ -54,6 +54,57 @@ class ParamSpec:
         return attrs
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """A layer's quantized weights in engine-neutral terms, so an adapter can ask its engine for a kernel.
+
+    bits        weight code width
+    group_size  input channels per scale (and zero point); None: one scale per output channel
+    zero_point  asymmetric: unsigned codes in [0, 2**bits) and a zero code per group,
+                ``W = (code - zero) * scale``; otherwise symmetric signed codes, ``W = code * scale``
+                with ``|code| <= 2**(bits-1) - 1``
+    act_bits    16: weight-only; 8: activations quantized per token, dynamically, symmetrically to int8
+                (``scale = max|x| / 127``, round half away from zero)
+    """
+
+    bits: int
+    group_size: int | None
+    zero_point: bool
+    act_bits: int = 16
+
+    @property
+    def symmetric(self) -> bool:
+        return not self.zero_point
+
+    def describe(self) -> str:
+        g = f" g{self.group_size}" if self.group_size else " per-channel"
+        return f"W{self.bits}A{self.act_bits}{g} {'asymmetric' if self.zero_point else 'symmetric'}"
+
+
+@dataclasses.dataclass
+class StandardWeight:
+    """One (partition of a) layer's weights in :class:`WeightFormat` terms, unpacked: what an adapter
+    repacks into an engine kernel's layout.
+
+    codes   int32 (N, K): unsigned with zero points, signed when symmetric
+    scales  (N, K / group_size), or (N, 1) per channel; floating
+    zeros   int32 (N, K / group_size) zero codes, or None when symmetric
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The float64 (N, K) weight (a reference for tests)."""
+        k = self.codes.shape[1]
+        rep = k // self.scales.shape[1]
+        w = self.codes.to(torch.float64)
+        if self.zeros is not None:
+            w = w - self.zeros.to(torch.float64).repeat_interleave(rep, dim=1)
+        return w * self.scales.to(torch.float64).repeat_interleave(rep, dim=1)
+
+
 class WeightQuantMethod(abc.ABC):
     """Implement this (and return it as ``MethodSpec.impl``) to reach every weight-quant adapter."""
 
@@ -92,6 +143,17 @@ class WeightQuantMethod(abc.ABC):
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: MethodConfig) -> torch.Tensor:
         """``y = x @ W.T + bias`` for the quantized ``W``; ``x`` is (..., in_features)."""
+
+    def weight_format(self, cfg: MethodConfig) -> WeightFormat | None:
+        """The layers' format in neutral terms when it is a standard integer format an engine kernel may
+        serve (adapters then call :meth:`standard_weight` and repack for that kernel); None: only this
+        method's own :meth:`apply` computes it."""
+        return None
+
+    def standard_weight(self, params: Mapping[str, torch.Tensor], cfg: MethodConfig) -> StandardWeight:
+        """The loaded checkpoint tensors (``param_specs`` names, before :meth:`process_after_loading`)
+        as a :class:`StandardWeight`; required when :meth:`weight_format` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} declares a weight_format but no standard_weight")
 
 
 def check_quant_method(quantization_config: Mapping[str, Any], name: str, source: str = "quantization_config") -> None:

@@ -13,9 +13,11 @@ linear layer ``P`` (docs/methods/mbq.md):
 
 ``W[n, k] = (code[n, k] - zeros[n, k // group]) * scales[n, k // group]``.
 
-At load time :meth:`MBQMethod.process_after_loading` turns W3/W4 tensors into the kernels' layout
-(overdrive.kernels.prepare_group_weight: codes with N contiguous, scales and pre-multiplied zeros
-as (K/group, N)); ``apply`` then runs ``group_linear_kn`` (the split-K GEMV/GEMM).
+At load time :meth:`MBQMethod.process_after_loading` turns the tensors into the layout of the kernel
+that will run them (overdrive.kernels.prepare_group_linear / prepare_act8_linear: on CPU in bf16/fp16
+torch's packed int4/int8 CPU GEMMs, otherwise the Triton layout); ``apply`` runs it. Engine adapters
+may instead hand a layer to the engine's own kernel: :meth:`MBQMethod.weight_format` declares the format
+in neutral terms and :meth:`MBQMethod.standard_weight` unpacks the checkpoint tensors for the repack.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from typing import Any, Mapping
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.weight_quant import ACT_DTYPE, ParamSpec, WeightQuantMethod, check_quant_method
-from overdrive.kernels import act8_linear, group_linear_kn, packed_length, prepare_group_weight
+from overdrive.contracts.weight_quant import (ACT_DTYPE, ParamSpec, StandardWeight, WeightFormat, WeightQuantMethod,
+                                              check_quant_method)
+from overdrive.kernels import (act8_linear_prepared, group_linear_prepared, packed_length, prepare_act8_linear,
+                               prepare_group_linear, unpack)
 
 from .config import MBQConfig
 
@@ -71,16 +75,29 @@ class MBQMethod(WeightQuantMethod):
 
     def process_after_loading(self, params: dict[str, torch.Tensor], cfg: MBQConfig) -> dict[str, torch.Tensor]:
         if cfg.act_bits == 8:
-            return params
-        return prepare_group_weight(params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size)
+            return prepare_act8_linear(params["qweight"], params["scales"], cfg.bits)
+        return prepare_group_linear(params["qweight"], params["scales"], params["zeros"], cfg.bits, cfg.group_size)
 
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: MBQConfig) -> torch.Tensor:
         """``params``: what :meth:`process_after_loading` returned."""
         if cfg.act_bits == 8:
-            return act8_linear(x, params["qweight"], params["scales"], cfg.bits, bias)
-        return group_linear_kn(x, params["qweight_kn"], params["scales_kn"], params["szeros_kn"], cfg.bits,
-                               cfg.group_size, bias)
+            return act8_linear_prepared(x, dict(params), cfg.bits, bias)
+        return group_linear_prepared(x, dict(params), cfg.bits, cfg.group_size, bias)
+
+    def weight_format(self, cfg: MBQConfig) -> WeightFormat:
+        if cfg.act_bits == 8:
+            return WeightFormat(cfg.bits, None, zero_point=False, act_bits=8)
+        return WeightFormat(cfg.bits, cfg.group_size, zero_point=True)
+
+    def standard_weight(self, params: Mapping[str, torch.Tensor], cfg: MBQConfig) -> StandardWeight:
+        q, s = params["qweight"], params["scales"]
+        n = q.shape[0]
+        if cfg.act_bits == 8:
+            codes = q.to(torch.int32) if cfg.bits == 8 else unpack(q, 4, q.shape[1] * 8).to(torch.int32) - 8
+            return StandardWeight(codes, s.reshape(n, 1))
+        k = s.shape[1] * cfg.group_size
+        return StandardWeight(unpack(q, cfg.bits, k).to(torch.int32), s, params["zeros"].to(torch.int32))
 
 
 METHOD = MBQMethod()

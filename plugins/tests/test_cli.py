@@ -64,6 +64,10 @@ def test_doctor_reports_versions_registration_and_problems(example_plugin, capsy
     assert r["frameworks"]["vllm"]["entry_point_visible"] is True
     assert "example_w8" in r["methods"]
     assert r["kernel_backend"]["cpu"]
+    wf = r["weight_formats"]  # which kernel serves each standard weight format here (vLLM's only when registering)
+    assert set(wf["formats"]) == {"W4A16 g128 asymmetric", "W3A16 g128 asymmetric", "W8A8 per-channel symmetric",
+                                  "W4A8 per-channel symmetric"}
+    assert all(row["overdrive"].startswith("overdrive") and "vllm" not in row for row in wf["formats"].values())
 
 
 def test_doctor_names_untested_engine_versions(example_plugin, monkeypatch, capsys):
