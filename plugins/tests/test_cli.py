@@ -144,8 +144,15 @@ def test_doctor_command_registers_into_every_engine(tmp_path):
     kv = {s.name for s in get_registry().methods(Kind.KV_CACHE)} - {"example_int8kv"}
     assert {"pmkvq", "moa"} <= kv and kv <= set(regs["vllm"]) and kv <= set(regs["sglang"])
     assert "framefusion" in regs["vllm"]  # token reduction: a configuration hook (--additional-config)
-    regs["vllm"] = [x for x in regs["vllm"] if x not in kv | {"framefusion"}]
+    # vocabulary selection: a configuration hook + logits layer in vLLM
+    vocab = {s.name for s in get_registry().methods(Kind.VOCAB)}
+    assert vocab <= set(regs["vllm"])
+    regs["vllm"] = [x for x in regs["vllm"] if x not in kv | vocab | {"framefusion"}]
     regs["sglang"] = [x for x in regs["sglang"] if x not in kv]
-    assert regs == {  # the example's KV-cache method registers an attention backend in both engines as well
-        "vllm": ["example_w8", "mbq", "example_int8kv"], "sglang": ["example_w8", "mbq", "example_int8kv"],
-        "transformers": ["example_w8", "mbq"], "diffusers": None}
+    # every built-in weight-quantization method (MBQ, PCDVQ, ...) is a quantization config in all three
+    # engines; the example's KV-cache method registers an attention backend in vLLM and SGLang as well
+    wq = {s.name for s in get_registry().methods(Kind.WEIGHT_QUANT)} | {"example_w8"}
+    assert {"mbq", "pcdvq"} <= wq
+    assert {f: sorted(v) if v is not None else None for f, v in regs.items()} == {
+        "vllm": sorted(wq | {"example_int8kv"}), "sglang": sorted(wq | {"example_int8kv"}),
+        "transformers": sorted(wq), "diffusers": None}
