@@ -45,6 +45,8 @@ BASELINES = {
     "rtn": ["--baseline", "rtn"],
     "awq": ["--baseline", "awq"],
     "awq-linear": ["--baseline", "awq", "--search-scope", "linear"],
+    "gptq": ["--baseline", "gptq"],
+    "awq-gptq": ["--baseline", "awq-gptq"],
 }
 
 

@@ -105,14 +105,27 @@ class Group:
     branch: str  # "attn" or "mlp": which reweighting ratio applies
 
 
-def layer_groups(layer: torch.nn.Module) -> list[Group]:
+def layer_groups(layer: torch.nn.Module, fold_down: bool | None = None) -> list[Group]:
+    """The layer's scale groups. (up -> down) is left out when ``fold_down`` is False, by default when
+    an online Hadamard rotation sits between them (:mod:`.rotation`): a scale on down_proj's rotated
+    inputs cannot be folded into up_proj."""
     a, m = layer.self_attn, layer.mlp
+    if fold_down is None:
+        fold_down = not getattr(m.down_proj, "overdrive_online_hadamard", 0)
     groups = [Group("qkv", layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj], "attn")]
     if a.v_proj.out_features == a.o_proj.in_features:  # with grouped KV heads the shapes do not allow it
         groups.append(Group("o", a.v_proj, [a.o_proj], "attn"))
     groups.append(Group("gate_up", layer.post_attention_layernorm, [m.gate_proj, m.up_proj], "mlp"))
-    groups.append(Group("down", m.up_proj, [m.down_proj], "mlp"))
+    if fold_down:
+        groups.append(Group("down", m.up_proj, [m.down_proj], "mlp"))
     return groups
+
+
+def block_linears(layer: torch.nn.Module) -> list[tuple[str, str, torch.nn.Linear]]:
+    """Every quantized linear of a decoder block: (branch, name, module)."""
+    a, m = layer.self_attn, layer.mlp
+    return [("attn", n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [("mlp", n, getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj")]
 
 
 @torch.no_grad()
@@ -409,9 +422,8 @@ def search_and_fold(model: torch.nn.Module, samples: Sequence[CalibSample], cfg:
 
 
 def _fake_quantize_layer(layer: torch.nn.Module, cfg: MBQConfig) -> None:
-    for g in layer_groups(layer):
-        for l in g.linears:
-            l.weight.copy_(fake_quant_weight(l.weight, cfg))
+    for _, _, l in block_linears(layer):  # every linear (o_proj too, which has no scale group under GQA)
+        l.weight.copy_(fake_quant_weight(l.weight, cfg))
 
 
 def _token_weights(samples: Sequence[CalibSample], branch: str, ratio: dict[str, float] | None) -> torch.Tensor:
@@ -426,9 +438,109 @@ def _token_weights(samples: Sequence[CalibSample], branch: str, ratio: dict[str,
     return torch.cat(ws)
 
 
+# -------------------------------------------------------------------------------------- GPTQ
+#: buffers a GPTQ-quantized linear carries into the calibrated copy (the checkpoint writer packs them
+#: into MBQ's tensors and drops them): codes, scales, zero points of :mod:`.gptq`
+GPTQ_BUFFERS = ("gptq_codes", "gptq_scales", "gptq_zeros")
+
+
+@dataclasses.dataclass
+class GPTQOptions:
+    """GPTQ's knobs: dampening (fraction of the mean Hessian diagonal), activation order (static
+    groups), lazy-batch block size, and the Hessian's accumulation dtype."""
+
+    percdamp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    hessian_dtype: torch.dtype = torch.float32
+
+
+def gptq_grid(cfg: MBQConfig):
+    from .gptq import ChannelSymmetric, GroupAsymmetric
+
+    return ChannelSymmetric(cfg.bits) if cfg.act_bits == 8 else GroupAsymmetric(cfg.bits, cfg.group_size)
+
+
+@torch.no_grad()
+def gptq_blocks(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
+                ratios: list[dict[str, float]] | None, opts: GPTQOptions | None = None) -> list[GroupResult]:
+    """GPTQ every quantized linear of the decoder, block by block, in place.
+
+    Each block runs on its inputs (the outputs of the already-quantized earlier blocks) while hooks
+    accumulate every linear's Hessian ``2 X^T diag(w) X`` (``w``: MBQ's modality token weights when
+    ``ratios`` is given, else 1); then the block's weights are quantized (:func:`overdrive.mbq.gptq.gptq`)
+    and replaced by their dequantized values before the next block's inputs are computed. Each linear
+    keeps its codes, scales and zero points as buffers (:data:`GPTQ_BUFFERS`) for the checkpoint writer.
+    """
+    from .gptq import Hessian, gptq, objective, rtn
+
+    opts = opts or GPTQOptions()
+    grid = gptq_grid(cfg)
+    layers = decoder_layers(model)
+    inputs = [(_to_float32(a), {k: _to_float32(v) for k, v in kw.items()})
+              for a, kw in _capture_layer0_inputs(model, samples)]
+    results: list[GroupResult] = []
+    for i, layer in enumerate(progress(layers, desc=f"gptq ({cfg.baseline})", total=len(layers), unit="block")):
+        dtype = next(layer.parameters()).dtype
+        layer.float()
+        linears = block_linears(layer)
+        weights = [_sample_token_weights(smp, b, ratios[i] if ratios else None)
+                   for b in ("attn", "mlp") for smp in samples]
+        per_branch = {"attn": weights[:len(samples)], "mlp": weights[len(samples):]}
+        hess = {id(lin): Hessian(lin.in_features, opts.hessian_dtype) for _, _, lin in linears}
+        current = [0]
+
+        def hook_for(lin: torch.nn.Linear, branch: str):
+            def pre(_m, args):
+                hess[id(lin)].add(args[0].detach(), per_branch[branch][current[0]])
+            return pre
+
+        hs = [lin.register_forward_pre_hook(hook_for(lin, b)) for b, _, lin in linears]
+        try:
+            for j, (args, kwargs) in enumerate(inputs):
+                current[0] = j
+                out = _layer_out(layer, args, kwargs)
+                if not torch.isfinite(out).all():
+                    raise ConfigError(f"NaN/inf activations at decoder layer {i} (block output) on calibration "
+                                      f"sample {j}; nothing was written")
+        finally:
+            for h in hs:
+                h.remove()
+        quantized = []
+        for _, name, lin in linears:
+            h = hess.pop(id(lin)).get()
+            res = gptq(lin.weight, h, grid, block_size=opts.block_size, percdamp=opts.percdamp,
+                       act_order=opts.act_order)
+            # GroupResult.loss / rtn_loss: GPTQ's objective tr((W-Q) H (W-Q)^T) and RTN's on the same H
+            results.append(GroupResult(i, name, 0.0, res.error, objective(lin.weight, rtn(lin.weight, grid).weight, h)))
+            lin.weight.copy_(res.weight)
+            quantized.append((lin, res))
+        inputs = [((_layer_out(layer, a, k), *a[1:]), k) for a, k in inputs]
+        layer.to(dtype)
+        for lin, res in quantized:  # after the cast: the buffers keep their exact dtypes
+            codes = res.codes.to(torch.int8 if cfg.act_bits == 8 else torch.uint8)
+            for n, t in zip(GPTQ_BUFFERS, (codes, res.scales.to(torch.float16), res.zeros.to(torch.uint8))):
+                lin.register_buffer(n, t)
+    return results
+
+
+def _sample_token_weights(smp: CalibSample, branch: str, ratio: dict[str, float] | None) -> torch.Tensor | None:
+    """One sample's token weights (None: uniform) as in :func:`_token_weights`."""
+    if ratio is None:
+        return None
+    return _token_weights([smp], branch, ratio)
+
+
+GPTQ_BASELINES = ("gptq", "awq-gptq", "mbq-gptq")
+
+
 def calibrate(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQConfig, *,
-              loss_mode: str = "mae", distort: bool = False, scope: str = "module") -> list[GroupResult]:
-    """Search and fold scales into ``model`` per ``cfg.baseline`` ("mbq" or "awq"); returns per-group results."""
+              loss_mode: str = "mae", distort: bool = False, scope: str = "module",
+              gptq_opts: GPTQOptions | None = None) -> list[GroupResult]:
+    """Calibrate ``model`` in place per ``cfg.baseline``: "mbq" / "awq" search and fold scales;
+    "gptq" quantizes with GPTQ (uniform token weights); "awq-gptq" / "mbq-gptq" fold AWQ's / MBQ's
+    scales, then run GPTQ (MBQ's modality token weights in the Hessian for "mbq-gptq"). Returns
+    per-group results."""
     if cfg.baseline == "rtn":
         return []
     if loss_mode not in ("mae", "mse"):
@@ -436,13 +548,19 @@ def calibrate(model: torch.nn.Module, samples: Sequence[CalibSample], cfg: MBQCo
     if not samples:
         raise ConfigError("no calibration samples")
     ratios = None
-    if cfg.baseline == "mbq":
+    if cfg.baseline in ("mbq", "mbq-gptq"):
         if not any(bool(s.vision_mask.any()) for s in samples):
-            warnings.warn("MBQ calibration data has no vision tokens: running as AWQ (uniform token weights)",
-                          stacklevel=2)
+            warnings.warn("MBQ calibration data has no vision tokens: running as "
+                          f"{'AWQ' if cfg.baseline == 'mbq' else 'AWQ+GPTQ'} (uniform token weights)", stacklevel=2)
         else:
             ratios = gradient_ratios(model, samples)
-    return search_and_fold(model, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort, scope=scope)
+    results = []
+    if cfg.baseline != "gptq":
+        results = search_and_fold(model, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort,
+                                  scope=scope)
+    if cfg.baseline in GPTQ_BASELINES:
+        results += gptq_blocks(model, samples, cfg, ratios=ratios, opts=gptq_opts)
+    return results
 
 
 def iter_finite(results: Iterable[GroupResult]) -> bool:

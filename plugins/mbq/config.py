@@ -20,7 +20,9 @@ class MBQConfig(MethodConfig):
     act_bits         16: weight-only (W3/W4); 8: int8 per-token dynamic activations (W8A8 / W4A8)
     zero_point       weight-only schemes are asymmetric (true); W4A8/W8A8 symmetric (false)
     modules_to_not_convert  module-name substrings left in 16 bits (vision tower, LM head, ...)
-    baseline         how scales were chosen: "rtn" (round to nearest), "awq" or "mbq" (recorded only)
+    baseline         how the weights were calibrated (recorded only): "rtn" (round to nearest), "awq" or
+                     "mbq" (scales searched, then round to nearest), "gptq", "awq-gptq", "mbq-gptq"
+                     (GPTQ; after AWQ's / MBQ's scales; MBQ's modality token weights in the Hessian)
     """
 
     VERSION = 1
@@ -29,7 +31,7 @@ class MBQConfig(MethodConfig):
     act_bits: Literal[8, 16] = 16
     zero_point: bool | None = None  # None: the scheme's own (weight-only asymmetric, A8 symmetric)
     modules_to_not_convert: list = dataclasses.field(default_factory=lambda: list(DEFAULT_SKIP))
-    baseline: Literal["rtn", "awq", "mbq"] = "mbq"
+    baseline: Literal["rtn", "awq", "mbq", "gptq", "awq-gptq", "mbq-gptq"] = "mbq"
 
     def validate(self) -> None:
         if self.zero_point is None:

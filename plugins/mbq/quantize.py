@@ -10,6 +10,7 @@ import argparse
 import math
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,18 +50,28 @@ def rtn_per_channel_symmetric(w: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     return codes, scales
 
 
+def act8_tensors(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """W8A8/W4A8 checkpoint tensors from signed codes (N, K) and per-channel scales (N,)."""
+    q = codes.to(torch.int8) if bits == 8 else pack((codes.to(torch.int64) + 8), 4)
+    return {"qweight": q, "scales": scales.to(torch.float16)}
+
+
+def group_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Weight-only checkpoint tensors qweight/scales/zeros from unsigned codes (N, K) and per-group
+    scales / zero points (N, K/g)."""
+    return {"qweight": pack(codes.to(torch.int64), bits), "scales": scales.to(torch.float16),
+            "zeros": zeros.to(torch.uint8)}
+
+
 def rtn_act8_tensors(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """W8A8/W4A8 checkpoint tensors of a (N, K) weight."""
-    codes, scales = rtn_per_channel_symmetric(w, bits)
-    q = codes.to(torch.int8) if bits == 8 else pack((codes + 8).to(torch.int64), 4)
-    return {"qweight": q, "scales": scales.to(torch.float16)}
+    return act8_tensors(*rtn_per_channel_symmetric(w, bits), bits)
 
 
 def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
     """RTN of a (N, K) weight into the checkpoint tensors qweight/scales/zeros."""
     codes, scales, zeros = rtn_codes(w, bits, group_size)
-    return {"qweight": pack(codes.reshape(w.shape).to(torch.int64), bits), "scales": scales.to(torch.float16),
-            "zeros": zeros.to(torch.uint8)}
+    return group_tensors(codes.reshape(w.shape), scales, zeros, bits)
 
 
 def quantized_shapes(model: Path, cfg: MBQConfig) -> dict[str, tuple[int, ...]]:
@@ -100,11 +111,12 @@ def check_group_size(model: Path, cfg: MBQConfig) -> None:
 
 def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None = None,
              loss_mode: str = "mae", distort: bool = False, n_samples: int = 128, seq_len: int = 512,
-             scope: str = "module") -> Path:
+             scope: str = "module", gptq_opts: Any = None) -> Path:
     """Quantize a transformers checkpoint's language-decoder linear layers into ``output``.
 
     ``cfg.baseline``: "rtn" writes round-to-nearest codes directly; "awq" / "mbq" first calibrate
-    (search and fold scales on the float model, see :mod:`.calibrate`), then round to nearest.
+    (search and fold scales on the float model, see :mod:`.calibrate`), then round to nearest;
+    "gptq" / "awq-gptq" / "mbq-gptq" write the codes GPTQ chose during calibration.
     """
     model, output = Path(model), Path(output)
     if output.exists():
@@ -113,13 +125,15 @@ def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None 
     if cfg.baseline != "rtn":
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=output.parent) as tmp:
-            _calibrated_copy(model, Path(tmp), cfg, calib_data, loss_mode, distort, n_samples, seq_len, scope)
+            _calibrated_copy(model, Path(tmp), cfg, calib_data, loss_mode, distort, n_samples, seq_len, scope,
+                             gptq_opts)
             return _write(Path(tmp), output, cfg)
     return _write(model, output, cfg)
 
 
 def _calibrated_copy(model_dir: Path, out: Path, cfg: MBQConfig, calib_data: Path | None, loss_mode: str,
-                     distort: bool, n_samples: int = 128, seq_len: int = 512, scope: str = "module") -> None:
+                     distort: bool, n_samples: int = 128, seq_len: int = 512, scope: str = "module",
+                     gptq_opts: Any = None) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
     from .calibrate import calibrate
@@ -136,16 +150,48 @@ def _calibrated_copy(model_dir: Path, out: Path, cfg: MBQConfig, calib_data: Pat
     # weights stay in the checkpoint's dtype (16-bit checkpoints: half the memory of float32); the
     # block under search runs in float32 (calibrate.search_and_fold)
     model = auto.from_pretrained(model_dir, dtype="auto")
-    calibrate(model, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope)
+    calibrate(model, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope, gptq_opts=gptq_opts)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
+def _tensor_index(model: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    index = {}
+    for shard in checkpoint_shards(model):
+        with safe_open(str(shard), framework="pt") as f:
+            index.update(dict.fromkeys(f.keys(), shard))
+    return index
+
+
+def _read(index: dict[str, Path], name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(index[name]), framework="pt") as f:
+        return f.get_tensor(name)
+
+
 def _write(model: Path, output: Path, cfg: MBQConfig) -> Path:
+    from .calibrate import GPTQ_BUFFERS
+
+    index = _tensor_index(model)
+
     def transform(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name.rsplit(".", 1)[-1] in GPTQ_BUFFERS:
+            return {}  # packed into the layer's tensors below
         prefix = name.removesuffix(".weight")
         if not (name.endswith("_proj.weight") and t.dim() == 2 and METHOD.is_quantized_layer(prefix, cfg)):
             return {name: t}
         check_finite(name, t)
+        if f"{prefix}.gptq_codes" in index:  # GPTQ's own codes, scales and zero points
+            codes, scales, zeros = (_read(index, f"{prefix}.{b}") for b in GPTQ_BUFFERS)
+            if tuple(codes.shape) != tuple(t.shape):
+                raise ConfigError(f"{prefix}.gptq_codes {tuple(codes.shape)} does not match {name} {tuple(t.shape)}")
+            if cfg.act_bits == 8:
+                return {f"{prefix}.{k}": v for k, v in act8_tensors(codes, scales, cfg.bits).items()}
+            return {f"{prefix}.{k}": v for k, v in group_tensors(codes, scales, zeros, cfg.bits).items()}
+        if cfg.baseline.endswith("gptq"):
+            raise ConfigError(f"{name}: GPTQ calibration left no codes for this layer")
         if cfg.act_bits == 8:
             return {f"{prefix}.{k}": v for k, v in rtn_act8_tensors(t, cfg.bits).items()}
         if t.shape[1] % cfg.group_size:
@@ -163,8 +209,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, choices=(3, 4, 8), default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-bits", type=int, choices=(8, 16), default=16)
-    p.add_argument("--baseline", choices=("rtn", "awq"), default=None,
-                   help="rtn: round to nearest (no calibration); awq: uniform token weighting. Default: MBQ")
+    p.add_argument("--baseline", choices=("rtn", "awq", "gptq", "awq-gptq", "mbq-gptq"), default=None,
+                   help="rtn: round to nearest (no calibration); awq: uniform token weighting; gptq: GPTQ; "
+                        "awq-gptq / mbq-gptq: AWQ's / MBQ's scales, then GPTQ (mbq-gptq: modality-weighted "
+                        "Hessian). Default: MBQ")
+    p.add_argument("--damp", type=float, default=0.01,
+                   help="GPTQ dampening: fraction of the mean Hessian diagonal added to it")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups: same layout)")
     p.add_argument("--calib-data", type=Path, default=None,
                    help='jsonl of {"image": path|null, "prompt": ..., "answer": ...} and/or {"text": ...} records, '
                         "or a .txt file or folder of .txt files (plain LLMs, as AWQ); default: a small built-in sample")
@@ -184,8 +236,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits,
                     baseline=args.baseline or "mbq")
+    from .calibrate import GPTQOptions
+
+    if not 0 <= args.damp < 1:
+        raise ConfigError(f"--damp must be in [0, 1), got {args.damp}")
     kw = dict(calib_data=args.calib_data, loss_mode=args.loss, distort=args.distort, n_samples=args.samples,
-              seq_len=args.seq_len, scope=args.search_scope)
+              seq_len=args.seq_len, scope=args.search_scope,
+              gptq_opts=GPTQOptions(percdamp=args.damp, act_order=args.act_order))
     if args.format == "mbq":
         out = quantize(args.model, args.output, cfg, **kw)
     else:
