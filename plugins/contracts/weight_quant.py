@@ -76,6 +76,12 @@ class WeightQuantMethod(abc.ABC):
         """Whether the linear layer at ``prefix`` (e.g. ``model.layers.0.mlp.down_proj``) is quantized."""
         return True
 
+    def layer_config(self, prefix: str, cfg: MethodConfig) -> MethodConfig:
+        """The config one layer (at ``prefix``) runs with; adapters call it once per layer, before
+        :meth:`validate_partition`. Default: the checkpoint's config (per-layer variants, e.g. an input
+        transform applied to some layers only, return a copy)."""
+        return cfg
+
     def validate_partition(self, in_features: int, out_features: Sequence[int], cfg: MethodConfig,
                            prefix: str = "") -> None:
         """Reject a tensor-parallel partition the format cannot represent (raise ConfigError)."""

@@ -77,7 +77,7 @@ def quantization_config(cfg: MBQConfig, ignore: list[str]) -> dict[str, Any]:
         "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
         "transform_config": {}, "version": CT_VERSION,
         # provenance (ignored by loaders): how the codes were chosen
-        "overdrive": {"method": NAME, "scheme": cfg.scheme, "baseline": cfg.baseline},
+        "overdrive": {"method": NAME, "scheme": cfg.scheme, "baseline": cfg.baseline, "rotation": cfg.rotation},
     }
 
 
@@ -104,6 +104,11 @@ def export_compressed_tensors(model: Path, output: Path) -> Path:
 
     model, output = Path(model), Path(output)
     cfg = _mbq_config(model)
+    if cfg.online_hadamard:
+        raise ConfigError(f"{model}: this checkpoint was rotated with an online Hadamard before down_proj "
+                          "(rotation 'full'), which stock engines reading compressed-tensors do not apply; serve "
+                          "it through overdrive (--quantization mbq), or quantize with --rotate residual "
+                          "(offline rotation only), which exports")
     dtype = _model_dtype(model)
     where: dict[str, Path] = {}
     for shard in checkpoint_shards(model):

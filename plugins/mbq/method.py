@@ -19,13 +19,14 @@ as (K/group, N)); ``apply`` then runs ``group_linear_kn`` (the split-K GEMV/GEMM
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import ACT_DTYPE, ParamSpec, WeightQuantMethod, check_quant_method
-from overdrive.kernels import act8_linear, group_linear_kn, packed_length, prepare_group_weight
+from overdrive.kernels import act8_linear, group_linear_kn, hadamard_transform, packed_length, prepare_group_weight
 
 from .config import MBQConfig
 
@@ -41,7 +42,18 @@ class MBQMethod(WeightQuantMethod):
     def is_quantized_layer(self, prefix: str, cfg: MBQConfig) -> bool:
         return not any(s in prefix for s in cfg.modules_to_not_convert)
 
+    def layer_config(self, prefix: str, cfg: MBQConfig) -> MBQConfig:
+        """Rotated checkpoints (``rotation: "full"``): only ``down_proj`` layers keep ``online_hadamard``
+        (their inputs are rotated at run time); every other layer runs without it."""
+        if cfg.online_hadamard and not prefix.endswith("down_proj"):
+            return dataclasses.replace(cfg, rotation="residual", online_hadamard=0)
+        return cfg
+
     def validate_partition(self, in_features: int, out_features: list[int], cfg: MBQConfig, prefix: str = "") -> None:
+        if cfg.online_hadamard and in_features % cfg.online_hadamard:
+            raise ConfigError(f"MBQ layer {prefix or '?'}: {in_features} input features per tensor-parallel shard is "
+                              f"not a multiple of the online Hadamard block {cfg.online_hadamard}; use a smaller "
+                              "tensor-parallel size")
         if cfg.act_bits == 8:
             if cfg.bits == 4 and in_features % 8:
                 raise ConfigError(f"MBQ W4A8 layer {prefix or '?'}: {in_features} input features per tensor-parallel "
@@ -76,7 +88,10 @@ class MBQMethod(WeightQuantMethod):
 
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: MBQConfig) -> torch.Tensor:
-        """``params``: what :meth:`process_after_loading` returned."""
+        """``params``: what :meth:`process_after_loading` returned. Layers with an online Hadamard
+        (rotated checkpoints) transform their input first: a pre-transform any backend applies."""
+        if cfg.online_hadamard:
+            x = hadamard_transform(x, block=cfg.online_hadamard)
         if cfg.act_bits == 8:
             return act8_linear(x, params["qweight"], params["scales"], cfg.bits, bias)
         return group_linear_kn(x, params["qweight_kn"], params["scales_kn"], params["szeros_kn"], cfg.bits,

@@ -122,7 +122,7 @@ def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None 
     if output.exists():
         raise ConfigError(f"{output}: already exists; choose a new --output directory")
     check_group_size(model, cfg)
-    if cfg.baseline != "rtn":
+    if cfg.baseline != "rtn" or cfg.rotation != "none":
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=output.parent) as tmp:
             _calibrated_copy(model, Path(tmp), cfg, calib_data, loss_mode, distort, n_samples, seq_len, scope,
@@ -150,6 +150,13 @@ def _calibrated_copy(model_dir: Path, out: Path, cfg: MBQConfig, calib_data: Pat
     # weights stay in the checkpoint's dtype (16-bit checkpoints: half the memory of float32); the
     # block under search runs in float32 (calibrate.search_and_fold)
     model = auto.from_pretrained(model_dir, dtype="auto")
+    if cfg.rotation != "none":
+        from .rotation import rotate_model
+
+        info = rotate_model(model, cfg.rotation)
+        if info["online_hadamard"] != cfg.online_hadamard:
+            raise ConfigError(f"--rotate {cfg.rotation}: the model's online Hadamard block is {info['online_hadamard']}, "
+                              f"the config says {cfg.online_hadamard}")
     calibrate(model, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope, gptq_opts=gptq_opts)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -213,6 +220,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtn: round to nearest (no calibration); awq: uniform token weighting; gptq: GPTQ; "
                         "awq-gptq / mbq-gptq: AWQ's / MBQ's scales, then GPTQ (mbq-gptq: modality-weighted "
                         "Hessian). Default: MBQ")
+    p.add_argument("--rotate", choices=("none", "residual", "full"), default="none",
+                   help="rotate before quantizing (for W4A8/W4A4): residual: the residual stream by a random "
+                        "Hadamard, norms folded (offline; exports to compressed-tensors); full: also an online "
+                        "Hadamard before down_proj that overdrive's runtime applies")
     p.add_argument("--damp", type=float, default=0.01,
                    help="GPTQ dampening: fraction of the mean Hessian diagonal added to it")
     p.add_argument("--act-order", action="store_true",
@@ -233,9 +244,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distort", action="store_true", help="calibrate each block on the quantized earlier blocks")
 
 
+def _intermediate_size(model: Path) -> int:
+    import json
+
+    conf = json.loads((checkpoint_shards(model) and model / "config.json").read_text())
+    size = conf.get("intermediate_size") or (conf.get("text_config") or {}).get("intermediate_size")
+    if not isinstance(size, int):
+        raise ConfigError(f"{model / 'config.json'}: no intermediate_size (needed by --rotate full)")
+    return size
+
+
 def run(args: argparse.Namespace) -> int:
+    online = 0
+    if args.rotate == "full":
+        from .rotation import online_block
+
+        online = online_block(_intermediate_size(Path(args.model)))
     cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits,
-                    baseline=args.baseline or "mbq")
+                    baseline=args.baseline or "mbq", rotation=args.rotate, online_hadamard=online)
     from .calibrate import GPTQOptions
 
     if not 0 <= args.damp < 1:
