@@ -47,6 +47,9 @@ BASELINES = {
     "awq-linear": ["--baseline", "awq", "--search-scope", "linear"],
     "gptq": ["--baseline", "gptq"],
     "awq-gptq": ["--baseline", "awq-gptq"],
+    "rtn+rotate": ["--baseline", "rtn", "--rotate", "full"],
+    "gptq+rotate": ["--baseline", "gptq", "--rotate", "full"],
+    "awq-gptq+rotate": ["--baseline", "awq-gptq", "--rotate", "full"],
 }
 
 
@@ -112,7 +115,7 @@ def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_sa
                 continue
             out = workdir / f"{scheme.replace(' ', '-')}-{baseline}"
             opts = SCHEMES[scheme] + BASELINES[baseline]
-            if baseline != "rtn":
+            if not baseline.startswith("rtn"):
                 opts += ["--calib-data", str(calib), "--samples", str(calib_samples), "--seq-len", str(calib_seq_len)]
             run = quantize_cli(model_dir, out, opts, workdir / f"{out.name}.log")
             t = time.perf_counter()
