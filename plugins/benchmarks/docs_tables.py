@@ -17,7 +17,7 @@ from typing import Callable
 
 from overdrive.kinds import Kind
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def kinds_table(detail: bool) -> str:
