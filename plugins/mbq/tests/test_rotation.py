@@ -79,6 +79,21 @@ def test_rotated_w8a8_checkpoint_runs_the_online_hadamard_in_the_transformers_ru
         for lin, cfg in layer_cfgs:
             lin.cfg = type(cfg).from_dict({**cfg.to_dict(), "rotation": "residual", "online_hadamard": 0})
         wrong = q(input_ids=ids).logits
+    from overdrive.mbq.export import export_compressed_tensors
+
+    with pytest.raises(ConfigError, match="online Hadamard before down_proj"):  # stock engines cannot apply it
+        export_compressed_tensors(out, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
     rel = float((got - ref).norm() / ref.norm())
     assert rel < 0.02
     assert float((wrong - ref).norm() / ref.norm()) > 10 * rel
+
+
+@pytest.mark.parametrize("kw,match", [(dict(rotation="full"), "exactly when rotation is 'full'"),
+                                      (dict(rotation="residual", online_hadamard=64), "exactly when"),
+                                      (dict(rotation="full", online_hadamard=96), "power of two")])
+def test_rotation_config_is_validated(kw, match):
+    from overdrive.mbq.config import MBQConfig
+
+    with pytest.raises(ConfigError, match=match):
+        MBQConfig(bits=4, act_bits=8, **kw)
