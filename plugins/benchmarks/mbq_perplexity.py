@@ -14,7 +14,9 @@ position of ``--eval-chunks`` chunks of ``--seq-len`` tokens.
 MBQ on text alone has no vision tokens to balance: it runs AWQ (the CLI warns), so its checkpoint is
 AWQ's and the table says so instead of calibrating twice. ``awq-linear`` is AWQ with every group
 judged on its own linear outputs (``--search-scope linear``), the loss this code used before AWQ's
-enclosing-module loss.
+enclosing-module loss. ``gptq`` / ``awq-gptq`` are GPTQ (after AWQ's scales for the latter);
+``+rotate`` rotates the model first (``--rotate full``: residual stream and an online Hadamard before
+down_proj).
 """
 from __future__ import annotations
 
