@@ -46,3 +46,11 @@ def test_bad_threshold_and_router_folder_fail_at_startup(pair_router, capsys):
     assert rc == 2 and "not an R2R router folder" in err
     rc, err = _serve(capsys, "--small", str(s), "--large", str(s / "missing"), "--router", str(router))
     assert rc == 2 and "--large" in err and "not a directory" in err
+
+
+def test_routes_are_named_after_the_method_not_r2r():
+    from overdrive.adapters.vllm.routing.api import build_app
+
+    paths = {r.path for r in build_app("other", "served-name").routes}
+    assert {"/other/stats", "/health", "/v1/models", "/v1/completions", "/v1/chat/completions"} <= paths
+    assert not any("r2r" in p for p in paths)

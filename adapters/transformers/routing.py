@@ -86,7 +86,7 @@ def _stop_ids(model: Any, ignore_eos: bool, extra: Sequence[int]) -> frozenset[i
 
 
 @torch.no_grad()
-def routed_generate(small: Any, large: Any, method: str = "r2r", router: Router | str | Path | None = None, *,
+def routed_generate(small: Any, large: Any, method: str, router: Router | str | Path | None = None, *,
                     input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int = 64, threshold: float | None = None,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                     generator: torch.Generator | None = None, ignore_eos: bool = False,

@@ -50,12 +50,33 @@ def device_name(device: Any = None) -> str:
             f"torch threads {torch.get_num_threads()})")
 
 
+def source_commit() -> str | None:
+    """The commit of the source tree that runs: ``$OVERDRIVE_COMMIT`` when set (a copy of the tree without
+    its .git, e.g. on a lent GPU machine: the GPU run sets it from the file its wheel folder carries), else
+    ``git rev-parse`` of this checkout, with ``+dirty`` when tracked files differ; None when neither is there."""
+    if os.environ.get("OVERDRIVE_COMMIT"):
+        return os.environ["OVERDRIVE_COMMIT"]
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def header(benchmark: str, device: Any = None, **extra: Any) -> dict[str, Any]:
-    """The first keys of a benchmark report: its name, UTC date and time, device, Python and package
-    versions, then ``extra`` in order."""
+    """The first keys of a benchmark report: its name, UTC date and time, device, source commit, Python and
+    package versions, then ``extra`` in order."""
     return {"benchmark": benchmark,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(device), "python": platform.python_version(),
+            "device": device_name(device), "commit": source_commit(), "python": platform.python_version(),
             "versions": package_versions(installed_only=True), **extra}
 
 

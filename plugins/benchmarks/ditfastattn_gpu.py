@@ -56,9 +56,12 @@ def _mask_ref(q, k, v, w, t0, t1, rows):
     return torch.stack(out, 1)
 
 
-def kernel_cases() -> list[dict[str, Any]]:
+def kernel_cases(quick: bool = False) -> list[dict[str, Any]]:
     from overdrive.ditfastattn.plan import band_for
 
+    if quick:  # a smoke run of the harness (CPU: the torch reference)
+        return [dict(name="tiny arrow k=8", h=2, s=256 + 32, t0=0, t1=32, w=band_for(8, 256)),
+                dict(name="tiny window N/8 (v1, no text)", h=2, s=256, t0=0, t1=0, w=256 // 8)]
     n_img, text = 16384, 512
     cases = [dict(name=f"Flux 2K arrow k={k}", h=24, s=n_img + text, t0=0, t1=text, w=band_for(k, n_img))
              for k in (8, 16, 32)]
@@ -69,44 +72,57 @@ def kernel_cases() -> list[dict[str, Any]]:
     return cases
 
 
-def run_kernel() -> dict[str, Any]:
-    import triton.testing
-
+def run_kernel(device: str = "cuda", quick: bool = False, flex: bool = True) -> dict[str, Any]:
+    """The kernel table. ``flex=False`` skips FlexAttention (its first call compiles for over a minute);
+    ``quick`` runs tiny cases, on CPU through the dispatched torch reference timed with ``perf_counter``."""
     from overdrive.kernels import attention_flops
-    from overdrive.kernels.dispatch import load_triton_module
     from overdrive.kernels.window_attention import flex_window_attention
 
-    triton_window_attention = load_triton_module("window_attention", interpret=False).window_attention
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        import triton.testing
 
-    dev = torch.device("cuda")
+        from overdrive.kernels.dispatch import load_triton_module
+
+        triton_window_attention = load_triton_module("window_attention", interpret=False).window_attention
+
+        def bench(fn: Any) -> float:  # milliseconds
+            return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        dtype = torch.bfloat16
+    else:
+        from overdrive.benchmarks.kernels import time_fn
+        from overdrive.kernels import window_attention as triton_window_attention  # the dispatched op (reference)
+
+        def bench(fn: Any) -> float:
+            return time_fn(fn, dev, repeats=3, warmup=1) * 1e3
+        dtype = torch.float32
+    hd = 32 if quick else 128
     rows = []
-    for c in kernel_cases():
+    for c in kernel_cases(quick):
         torch.manual_seed(0)
-        q, k, v = (torch.randn(1, c["h"], c["s"], 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(1, c["h"], c["s"], hd, device=dev, dtype=dtype) for _ in range(3))
         w = torch.full((c["h"],), c["w"], device=dev, dtype=torch.int32)
         out = triton_window_attention(q, k, v, w, c["t0"], c["t1"])
         assert torch.isfinite(out).all(), f"{c['name']}: non-finite output"
         sel = torch.randint(0, c["s"], (256,), device=dev)
         ref = _mask_ref(q[:, :4], k[:, :4], v[:, :4], w[:4], c["t0"], c["t1"], sel)
         err = float((out[:, :4, sel].float() - ref).norm() / ref.norm())
-        t_win = triton.testing.do_bench(lambda: triton_window_attention(q, k, v, w, c["t0"], c["t1"]), warmup=50, rep=300,
-                                        return_mode="median")
-        t_sdpa = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v), warmup=50, rep=300,
-                                         return_mode="median")
-        t_flex = None
-        try:
-            t = time.perf_counter()
-            flex_out = flex_window_attention(q, k, v, w, c["t0"], c["t1"])
-            torch.cuda.synchronize()
-            flex_first_s = time.perf_counter() - t
-            flex_err = float((flex_out[:, :4, sel].float() - ref).norm() / ref.norm())
-            t_flex = triton.testing.do_bench(lambda: flex_window_attention(q, k, v, w, c["t0"], c["t1"]), warmup=50,
-                                             rep=300, return_mode="median")
-        except Exception as e:  # noqa: BLE001 - recorded, not fatal
-            print(f"FlexAttention failed on {c['name']}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            flex_first_s = flex_err = None
-        fl_win = attention_flops(c["s"], 128, w.cpu(), c["t0"], c["t1"])
-        fl_full = 4 * c["h"] * c["s"] * c["s"] * 128
+        t_win = bench(lambda: triton_window_attention(q, k, v, w, c["t0"], c["t1"]))
+        t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        t_flex = flex_first_s = flex_err = None
+        if flex:
+            try:
+                t = time.perf_counter()
+                flex_out = flex_window_attention(q, k, v, w, c["t0"], c["t1"])
+                torch.cuda.synchronize()
+                flex_first_s = time.perf_counter() - t
+                flex_err = float((flex_out[:, :4, sel].float() - ref).norm() / ref.norm())
+                t_flex = bench(lambda: flex_window_attention(q, k, v, w, c["t0"], c["t1"]))
+            except Exception as e:  # noqa: BLE001 - recorded, not fatal
+                print(f"FlexAttention failed on {c['name']}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                t_flex = flex_first_s = flex_err = None
+        fl_win = attention_flops(c["s"], hd, w.cpu(), c["t0"], c["t1"])
+        fl_full = 4 * c["h"] * c["s"] * c["s"] * hd
         rows.append({**c, "flops_fraction": fl_win / fl_full, "triton_ms": t_win, "sdpa_ms": t_sdpa,
                      "flex_block_mask_ms": t_flex, "flex_first_call_s": flex_first_s, "flex_rel_err_vs_fp32": flex_err,
                      "flex_speedup_vs_sdpa": (t_sdpa / t_flex) if t_flex else None,
@@ -117,8 +133,9 @@ def run_kernel() -> dict[str, Any]:
               f"flex {t_flex if t_flex is None else round(t_flex, 3)} ms",
               flush=True)
         q = k = v = out = None
-        torch.cuda.empty_cache()
-    return {**_env("ditfastattn-gpu-kernels"), "rows": rows}
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return {**_env("ditfastattn-gpu-kernels"), "head_dim": hd, "dtype": str(dtype), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------- e2e
@@ -145,7 +162,10 @@ def build(double: int, single: int, tiny: bool, device: torch.device, dtype: tor
     return pipe, cfg
 
 
-def run_e2e(double: int, single: int, steps: int, tiny: bool, repeats: int) -> dict[str, Any]:
+def run_e2e(double: int, single: int, steps: int, tiny: bool, repeats: int,
+            only: list[str] | None = None) -> dict[str, Any]:
+    """The end-to-end table; ``only`` keeps the named configurations (``none`` always runs: the reference),
+    and plans are calibrated only for the calibrated rows kept."""
     import tempfile
 
     import overdrive.diffusers as odd
@@ -172,10 +192,13 @@ def run_e2e(double: int, single: int, steps: int, tiny: bool, repeats: int) -> d
     plans = {}
     calib_s = {}
     for variant, val in (("v2", 0.2), ("v1", 0.1)):
+        name = f"calibrated {variant} ({'alpha' if variant == 'v2' else 'threshold'} {val})"
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         plan = odd.calibrate(pipe, "ditfastattn", dict(variant=variant, threshold=val, alpha=val), **call(100))
         calib_s[variant] = time.perf_counter() - t0
-        plans[f"calibrated {variant} ({'alpha' if variant == 'v2' else 'threshold'} {val})"] = str(plan.save(tmp / f"{variant}.json"))
+        plans[name] = str(plan.save(tmp / f"{variant}.json"))
         print(f"calibrated {variant} in {calib_s[variant]:.1f} s: predicted FLOPs "
               f"{plan.meta['predicted_attention_flops_fraction']:.3f}", flush=True)
     configs: dict[str, dict[str, Any] | None] = {"none": None}
@@ -185,6 +208,8 @@ def run_e2e(double: int, single: int, steps: int, tiny: bool, repeats: int) -> d
     configs["ast (steps >= 1)"] = dict(strategy="ast")
     for name, path in plans.items():
         configs[name] = dict(plan=path)
+    if only is not None:
+        configs = {k: v for k, v in configs.items() if k == "none" or k in only}
     rows = []
     ref = None
     base_s = None
@@ -224,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-flex", action="store_true", help="kernel: skip FlexAttention (compiles for over a minute)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of the e2e script (not a measurement)")
     args = ap.parse_args(argv)
-    r = run_kernel() if args.what == "kernel" else run_e2e(args.double, args.single, args.steps, args.tiny, args.repeats)
+    r = run_kernel(flex=not args.no_flex) if args.what == "kernel" else run_e2e(args.double, args.single, args.steps, args.tiny, args.repeats)
     if args.json:
         write_json(args.json, r, indent=1)
     return 0

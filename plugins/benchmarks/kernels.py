@@ -237,7 +237,7 @@ def window_attention_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
-def kv_decode_cases(device: torch.device, quick: bool) -> list[Case]:
+def kv_decode_cases(device: torch.device, quick: bool, shapes: list[tuple[int, int]] | None = None) -> list[Case]:
     """PM-KVQ paged decode attention (dequantize fused) at 8/4/2 bits vs bf16 SDPA decode.
 
     GQA 32 query / 8 KV heads, head 128 (Llama-3-8B-like), one query token per row, pages of 16
@@ -249,12 +249,12 @@ def kv_decode_cases(device: torch.device, quick: bool) -> list[Case]:
 
     if device.type == "cuda":
         dtype, hq, hk, d, bs = torch.bfloat16, 32, 8, 128, 16
-        shapes = [(16, 8192), (64, 4096), (4, 32768)]
+        shapes = shapes or [(16, 8192), (64, 4096), (4, 32768)]
         bit_list = (8, 4, 2)
     else:
         dtype, hq, hk, d, bs = torch.float32, 4, 2, 64, 16
-        shapes = [(2, 128)] if quick else [(4, 1024)]
-        bit_list = (8, 2)
+        shapes = shapes or ([(2, 128)] if quick else [(4, 1024)])
+        bit_list = (8, 4, 2) if quick else (8, 2)
     group = min(d, 128)
     sdpa_name, sdpa = _sdpa(device)
     sdpa_name = sdpa_name.replace(" dense", "")
@@ -435,11 +435,15 @@ CASES = {"act8_linear": act8_linear_cases, "group_linear": group_linear_cases, "
          "unpack": unpack_cases, "window_attention": window_attention_cases}
 
 
-def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, Any]:
+def run(ops: list[str], device: torch.device, quick: bool = False,
+        case_options: dict[str, dict[str, Any]] | None = None,
+        on_result: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Time every case of ``ops``; ``case_options[op]`` is passed to that op's case builder (e.g. the
+    ``shapes`` of ``kv_decode_attention``); ``on_result`` is called with the results so far after each case."""
     ceil = measure_ceilings(device, quick)
     results = []
     for op in ops:
-        for c in CASES[op](device, quick):
+        for c in CASES[op](device, quick, **(case_options or {}).get(op, {})):
             t = time_fn(c.fn, device, repeats=5 if quick else 20)
             base = {name: time_fn(fn, device, repeats=5 if quick else 20) for name, fn in c.baselines.items()}
             results.append({
@@ -454,6 +458,8 @@ def run(ops: list[str], device: torch.device, quick: bool = False) -> dict[str, 
                                        for name, (b, f) in c.baseline_work.items()}} if c.baseline_work else {}),
                 **c.info,
             })
+            if on_result is not None:
+                on_result(results)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     from overdrive.benchmarks import header

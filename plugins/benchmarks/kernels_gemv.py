@@ -107,14 +107,14 @@ def ceilings(device: torch.device, timer: Timer, quick: bool) -> dict[str, Any]:
             "matmul_dtype": str(dtype).removeprefix("torch.")}
 
 
-def cases(device: torch.device, quick: bool) -> list[dict[str, Any]]:
-    """Shapes and ops (built lazily so a failing case does not stop the run)."""
+def cases(device: torch.device, quick: bool, ms: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """Shapes and ops (built lazily so a failing case does not stop the run); ``ms`` overrides the batch rows."""
     if device.type == "cuda":
         layers = [(4096, 4096), (4096, 14336), (14336, 4096)]
-        ms = (1, 4, 16, 64, 256, 1024)
+        ms = ms or (1, 4, 16, 64, 256, 1024)
     else:
         layers = [(256, 384)] if quick else [(1024, 2048)]
-        ms = (1, 16)
+        ms = ms or (1, 16)
     out = []
     for k, n in layers:
         for m in ms:
@@ -152,13 +152,16 @@ def build(case: dict[str, Any], device: torch.device) -> tuple[Callable[[], Any]
     return op, base, nbytes, op(), base()
 
 
-def run(device: torch.device, quick: bool, reps: int) -> dict[str, Any]:
+def run(device: torch.device, quick: bool, reps: int, ms: tuple[int, ...] | None = None,
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """The whole table as a report; ``ms`` (e.g. (1, 16, 256)) overrides the batch rows; ``on_row`` is called
+    with the rows so far after each case (a caller that may be cut off keeps what was measured)."""
     from overdrive.kernels.dispatch import active_backend
 
     timer = Timer(device, reps, 2 * _l2_bytes(device))
     ceil = ceilings(device, timer, quick)
     rows = []
-    for case in cases(device, quick):
+    for case in cases(device, quick, ms):
         try:
             op, base, nbytes, _, _ = build(case, device)
             src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -173,6 +176,8 @@ def run(device: torch.device, quick: bool, reps: int) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             rows.append({**case, "error": f"{type(e).__name__}: {e}"})
             print(f"{case['scheme']} M={case['m']} K={case['k']} N={case['n']}: {type(e).__name__}: {e}", flush=True)
+        if on_row is not None:
+            on_row(rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     from overdrive.benchmarks import header

@@ -8,7 +8,7 @@ Measured on the same workload — every prompt of :data:`overdrive.testing.r2r.P
 
 * **plain engines**: the small and the large model each in an ordinary vLLM engine (``AsyncLLM.generate``)
   — what a user runs without routing;
-* **routing server path** (:class:`overdrive.adapters.vllm.routing_server.RoutingEngines`, no HTTP): threshold 1
+* **routing server path** (:class:`overdrive.adapters.vllm.routing.engines.RoutingEngines`, no HTTP): threshold 1
   (small only, through the per-token session loop), the router's threshold, threshold 0 (every token routed);
 * **router** forward time alone at batch 1, 8 and 64.
 
@@ -94,7 +94,8 @@ def _rates(seconds: float, total_tokens: int, b: int) -> dict:
 
 
 async def _routed(args: Any, prompts: list[list[int]], tokens: int, batches: list[int]) -> tuple[dict, dict, float]:
-    from overdrive.adapters.vllm.routing_server import RoutingEngines, Sampling, check_inputs, start_engines
+    from overdrive.adapters.vllm.routing.engines import RoutingEngines, Sampling
+    from overdrive.adapters.vllm.routing.launch import check_inputs, start_engines
 
     tok, router, topk = check_inputs(args, "r2r")
     eos = tok.eos_token_id
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     print(f"load average at start: {os.getloadavg()}", file=sys.stderr)
     # the plain engines get the same CPU split the routing server uses (one half of the cores each)
-    from overdrive.adapters.vllm.routing_server import cpu_binds
+    from overdrive.adapters.vllm.routing.launch import cpu_binds
 
     binds = cpu_binds(sorted(os.sched_getaffinity(0)), 1, 1) if not _cuda() else None
     if binds:

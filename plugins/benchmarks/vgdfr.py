@@ -52,14 +52,23 @@ QUICK_WAN = dict(BENCH_WAN, attention_head_dim=32, num_layers=2, ffn_dim=128)
 KEEP_RATIOS = (0.9, 0.75, 0.6, 0.5)
 
 
-def build(quick: bool, device: str, dtype: torch.dtype) -> Any:
+# Wan2.1-1.3B's widths (12 heads x 128, FFN 8960, RoPE 1024) with the tiny pipeline's 32-d text embeddings;
+# the number of blocks is the caller's (the real model has 30)
+WAN_1_3B_WIDTHS = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, rope_max_seq_len=1024)
+
+
+def build(quick: bool, device: str, dtype: torch.dtype, transformer: dict[str, Any] | None = None) -> Any:
+    """The Wan pipeline; ``transformer`` overrides entries of the transformer's config."""
     import diffusers
 
     from overdrive.testing import tiny_pipeline
 
     pipe = tiny_pipeline("wan")
     torch.manual_seed(7)
-    pipe.register_modules(transformer=diffusers.WanTransformer3DModel(**(QUICK_WAN if quick else BENCH_WAN)).eval())
+    cfg = {**(QUICK_WAN if quick else BENCH_WAN), **(transformer or {})}
+    with torch.device(device):  # random init on the device (fast for Wan-width models on a GPU)
+        tr = diffusers.WanTransformer3DModel(**cfg).eval()
+    pipe.register_modules(transformer=tr)
     pipe.transformer.to(dtype)
     pipe.to(device)
     return pipe
@@ -92,8 +101,11 @@ def peer_configs(pipe: Any, steps: int, mag_ratios: list[float]) -> dict[str, An
 Setup = tuple[Callable[[], Any], Callable[[], None]]
 
 
-def setups(pipe: Any, steps: int, compress: int, calib_call: Callable[[], dict], tmp: Path) -> dict[str, Setup]:
-    """name -> (enable, disable); enable returns what to call instead of the pipeline (or None)."""
+def setups(pipe: Any, steps: int, compress: int, calib_call: Callable[[], dict], tmp: Path,
+           only: list[str] | None = None) -> dict[str, Setup]:
+    """name -> (enable, disable); enable returns what to call instead of the pipeline (or None). ``only``
+    keeps the named configurations ("none" always) and skips the calibrations the others need."""
+    want = (lambda name: True) if only is None else (lambda name: name == "none" or name in only)  # noqa: E731
     out: dict[str, Setup] = {"none": (lambda: None, lambda: None)}
     vg = dict(compress_step=compress)
     for r in KEEP_RATIOS:
@@ -104,25 +116,33 @@ def setups(pipe: Any, steps: int, compress: int, calib_call: Callable[[], dict],
         lambda: odd.enable(pipe, "vgdfr", keep_ratio=0.75, estimate="latents", **vg), lambda: odd.disable(pipe))
     out["DiTFastAttn AST (plan-less)"] = (lambda: (odd.enable(pipe, "ditfastattn", strategy="ast"), None)[1],
                                           lambda: odd.disable(pipe))
-    plan = odd.calibrate(pipe, "ditfastattn", dict(variant="v1", threshold=0.1), **calib_call())
-    path = plan.save(tmp / "ditfastattn-v1.json")
-    out["DiTFastAttn v1 plan t0.1"] = (lambda: (odd.enable(pipe, "ditfastattn", plan=str(path)), None)[1],
-                                       lambda: odd.disable(pipe))
+    if want("DiTFastAttn v1 plan t0.1"):
+        plan = odd.calibrate(pipe, "ditfastattn", dict(variant="v1", threshold=0.1), **calib_call())
+        path = plan.save(tmp / "ditfastattn-v1.json")
+        out["DiTFastAttn v1 plan t0.1"] = (lambda: (odd.enable(pipe, "ditfastattn", plan=str(path)), None)[1],
+                                           lambda: odd.disable(pipe))
 
     def combined() -> Any:
         runner = odd.enable(pipe, "vgdfr", keep_ratio=0.75, **vg)
         odd.enable(pipe, "ditfastattn", strategy="ast")
         return runner
     out["VGDFR keep 0.75 + DiTFastAttn AST"] = (combined, lambda: odd.disable(pipe))
-    mag = magcache_ratios(pipe, dict(calib_call(), output_type="latent"), steps)
-    for name, cfg in peer_configs(pipe, steps, mag).items():
-        out[name] = (lambda c=cfg: (pipe.transformer.enable_cache(c), None)[1], lambda: pipe.transformer.disable_cache())
-    return out
+    if only is None or any(n.startswith(("FirstBlockCache", "PyramidAttention", "TaylorSeer", "MagCache"))
+                           for n in only):
+        mag = magcache_ratios(pipe, dict(calib_call(), output_type="latent"), steps)
+        for name, cfg in peer_configs(pipe, steps, mag).items():
+            out[name] = (lambda c=cfg: (pipe.transformer.enable_cache(c), None)[1],
+                         lambda: pipe.transformer.disable_cache())
+    return {k: v for k, v in out.items() if want(k)}
 
 
 def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", size: int | None = None,
-        frames: int | None = None, steps: int | None = None, compress: int | None = None) -> dict[str, Any]:
-    """One measurement; size/frames/steps/compress override the defaults ((128, 81, 10, 2), quick (32, 33, 4, 1))."""
+        frames: int | None = None, steps: int | None = None, compress: int | None = None,
+        transformer: dict[str, Any] | None = None, only: list[str] | None = None,
+        seeds: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+    """One measurement; size/frames/steps/compress override the defaults ((128, 81, 10, 2), quick (32, 33, 4, 1)),
+    ``transformer`` entries of the transformer config, ``only`` the configurations run (default: all), ``seeds``
+    the prompt embeddings each configuration runs on."""
     torch.set_grad_enabled(False)
     load0 = os.getloadavg()[0]
     sizes = dict(zip(("size", "frames", "steps", "compress"), (32, 33, 4, 1) if quick else (128, 81, 10, 2)))
@@ -132,17 +152,17 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", size: 
     if size % 16 or (frames - 1) % 4 or not 0 < compress < steps:
         raise ValueError(f"--size must be a multiple of 16 (got {size}), --frames 4k+1 (got {frames}), "
                          f"0 < --compress-step < --steps (got {compress}, {steps})")
-    pipe = build(quick, device, getattr(torch, dtype))
+    pipe = build(quick, device, getattr(torch, dtype), transformer)
     tmp = Path(tempfile.mkdtemp(prefix="vgdfr-bench-"))
     calib_call = lambda: inputs(100, size, frames, steps, device)  # noqa: E731
-    configs = setups(pipe, steps, compress, calib_call, tmp)
+    configs = setups(pipe, steps, compress, calib_call, tmp, only)
     rows: dict[str, dict[str, list]] = {n: {k: [] for k in ("loop", "decode", "tokens", "flops", "psnr", "ssim")}
                                         for n in configs}
     errors: dict[str, str] = {}
     refs: dict[int, tuple[torch.Tensor, int, int]] = {}
     schedules: dict[str, list] = {}
     latent_frames = (frames - 1) // 4 + 1
-    for seed in (1, 2):
+    for seed in seeds:
         for name in ["none", *[n for n in configs if n != "none"], "none"]:
             if name in errors:
                 continue
@@ -205,7 +225,7 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", size: 
                                                                    if not k.startswith("_")},
                      "dtype": dtype, "height": size, "width": size, "frames": frames, "latent_frames": latent_frames,
                      "vision_tokens": latent_frames * (size // 16) ** 2, "steps": steps, "vgdfr_compress_step": compress,
-                     "eval_prompt_seeds": [1, 2], "calibration_prompt_seed": 100},
+                     "eval_prompt_seeds": list(seeds), "calibration_prompt_seed": 100},
         "note": "random weights: PSNR/SSIM measure fidelity to the unaccelerated network's output, not video quality",
         "load_average_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "none_loop_seconds": [round(s, 3) for s in rows["none"]["loop"]],

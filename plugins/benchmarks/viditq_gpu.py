@@ -24,7 +24,6 @@ the script is tested without a GPU; its timings mean nothing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import time
@@ -86,25 +85,27 @@ def _inputs(cfg: dict, tokens: int, text: int, device: torch.device, dtype: torc
             "return_dict": False}
 
 
-def run(quick: bool, double: int, single: int, iters: int) -> dict[str, Any]:
+def run(quick: bool, double: int, single: int, iters: int, device: str | None = None) -> dict[str, Any]:
+    """The report (shared header first); ``device`` defaults to the GPU when there is one."""
     from diffusers import FluxTransformer2DModel
 
+    from overdrive.benchmarks import header
     from overdrive.viditq.runtime import quantize_in_place
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = dict(QUICK if quick else FLUX_WIDTH, num_layers=double, num_single_layers=single)
     tokens, text = (64, 16) if quick else (4096, 512)
     median_s = _timer(device)
     inputs = _inputs(cfg, tokens, text, device, dtype)
-    res: dict[str, Any] = {"benchmark": "viditq-gpu", "date": datetime.date.today().isoformat(),
-                           "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (quick check only)",
-                           "torch": torch.__version__, "config": cfg, "image_tokens": tokens, "text_tokens": text,
-                           "dtype": str(dtype), "denoiser": {}, "linear": []}
+    res: dict[str, Any] = header("viditq-gpu", device, config=cfg, image_tokens=tokens, text_tokens=text,
+                                 dtype=str(dtype), denoiser={}, linear=[],
+                                 **({} if device.type == "cuda" else {"note": "CPU: a check of the script only"}))
     base_out = None
     for scheme in ("bf16", "w8a8", "w4a8"):
         torch.manual_seed(0)
-        model = FluxTransformer2DModel(**cfg).to(device, dtype).eval()
+        with torch.device(device):  # random init on the device (a Flux-width model on CPU takes long)
+            model = FluxTransformer2DModel(**cfg).to(dtype).eval()
         if scheme != "bf16":
             quantize_in_place(model, odd.denoiser_info(model), scheme)
             odd.enable(model, "viditq")
@@ -155,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--double", type=int, default=2)
     p.add_argument("--single", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = p.parse_args(argv)
-    res = run(args.quick, args.double, args.single, args.iters)
+    res = run(args.quick, args.double, args.single, args.iters, args.device)
     if args.json:
         from overdrive.config import atomic_write_text
 

@@ -11,7 +11,7 @@ the per-request tensor field vLLM's scheduler already forwards to the client::
     row = [sampled token id, top-k raw logits (k, descending), hidden state (d)]
 
 Requests still in a partial prefill sample nothing and get ``None`` (vLLM's own convention). The
-client reads the rows from ``PoolingRequestOutput.outputs.data`` (:mod:`.vllm_routing_server`).
+client reads the rows from ``PoolingRequestOutput.outputs.data`` (:mod:`.engines`).
 ``k`` comes from ``--additional-config '{"overdrive_routing": {"topk": k}}'``. Needs synchronous
 scheduling (``async_scheduling=False``: an asynchronous step returns its output object before the
 tokens exist). Symbols touched: docs/ledger.md.

@@ -14,8 +14,10 @@ between chunks), so a small step is a one-token extend and a routed call an exte
 the large model has not seen plus one sampled token, with no re-prefill. Each engine still runs in
 its own engine-core process (plus workers), so the two overlap. The large engine also has prefix
 caching on (prompts shared across requests; a session re-admitted after preemption hits its cache).
-Heavy imports live in :mod:`.vllm_routing_server`; this module stays cheap (it is loaded with the
-registry in every process).
+Heavy imports live in the package's modules, imported when a command runs: :mod:`.launch` (start-up,
+uvicorn, shutdown), :mod:`.engines` (the two engines and the routing loop), :mod:`.api` (the HTTP app),
+:mod:`.worker` (the small engine's capture worker, imported by vLLM). This module stays cheap (it is
+loaded with the registry in every process).
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=int, default=None,
                    help="CPU only: KV cache per engine in whole GiB (VLLM_CPU_KVCACHE_SPACE; default 1 unless set)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (always on CPU)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled "
+                        "and both engines stop (default 5)")
     p.add_argument("--router-device", default=None, help="device of the router (default: cuda if present, else cpu)")
     p.add_argument("--router-threads", type=int, default=1,
                    help="torch threads of the server process when the router runs on the CPU (default 1: a small "
@@ -54,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, method: str) -> int:
-    from overdrive.adapters.vllm.routing_server import serve
+    from .launch import serve
 
     return serve(args, method)
 
