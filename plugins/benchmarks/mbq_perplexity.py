@@ -97,7 +97,7 @@ def quantize_cli(model: Path, out: Path, options: list[str], log: Path) -> dict[
 
 
 def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_samples: int, calib_seq_len: int,
-             eval_n: int, eval_seq_len: int, workdir: Path) -> dict[str, Any]:
+             eval_n: int, eval_seq_len: int, workdir: Path, with_fp: bool = True) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from overdrive.testing.real import opticks_split
@@ -107,10 +107,12 @@ def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_sa
     calib.write_text(calib_text)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = eval_chunks(tok, eval_text, eval_n, eval_seq_len)
-    t = time.perf_counter()
-    rows = [{"scheme": "fp32", "baseline": "-", "perplexity": perplexity(_load(model_dir), ids),
-             "eval_seconds": time.perf_counter() - t}]
-    print(f"fp32: {rows[0]['perplexity']:.3f}", flush=True)
+    rows = []
+    if with_fp:
+        t = time.perf_counter()
+        rows.append({"scheme": "fp32", "baseline": "-", "perplexity": perplexity(_load(model_dir), ids),
+                     "eval_seconds": time.perf_counter() - t})
+        print(f"fp32: {rows[0]['perplexity']:.3f}", flush=True)
     for scheme in schemes:
         for baseline in baselines:
             if baseline == "awq-linear" and "A8" in scheme:
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    ap.add_argument("--no-fp", action="store_true", help="skip the float model's row (measured by another run)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.model is None:
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         args.calib_samples, args.calib_seq_len, args.eval_chunks, args.eval_seq_len = 2, 64, 2, 64
     with tempfile.TemporaryDirectory(prefix="mbq-ppl-") as tmp:
         r = evaluate(args.model, args.schemes, args.baselines, args.calib_samples, args.calib_seq_len,
-                     args.eval_chunks, args.eval_seq_len, Path(tmp))
+                     args.eval_chunks, args.eval_seq_len, Path(tmp), with_fp=not args.no_fp)
     print(f"{r['device']}  {r['date']}  model {r['model']}")
     print(format_table(r))
     if args.json:

@@ -199,6 +199,29 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_size: int = 128,
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
+    # the column loop is thousands of tiny ops: on CPU, intra-op threads only spin (measured on a
+    # 576 x 576 layer: 25x the CPU time with 2 threads as with 1)
+    threads = torch.get_num_threads()
+    if W.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        _columns(W, Hinv, Q, codes, scales, zeros, perm, grid, g, static_groups, block_size)
+    finally:
+        torch.set_num_threads(threads)
+
+    inv = torch.argsort(perm)
+    codes, Q = codes[:, inv], Q[:, inv]
+    if g is None:
+        scales, zeros = scales[:, 0], zeros[:, 0]
+    return GPTQResult(codes, scales, zeros, Q.to(w.dtype), objective(w0, Q, h.to(dtype)))
+
+
+def _columns(W: torch.Tensor, Hinv: torch.Tensor, Q: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+             zeros: torch.Tensor, perm: torch.Tensor, grid: Grid, g: int | None, static_groups: bool,
+             block_size: int) -> None:
+    """GPTQ's column loop with lazy batch updates (fills ``Q``, ``codes``, and dynamic group params)."""
+    k = W.shape[1]
+    perm = perm.tolist()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
@@ -206,7 +229,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_size: int = 128,
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i  # position in (permuted) order
-            orig = int(perm[col])
+            orig = perm[col]
             if g is not None and not static_groups and orig % g == 0:
                 # the group's current weights: in this block, W1 (updated); beyond it, W plus the
                 # pending lazy update of this block's columns quantized so far
@@ -223,12 +246,6 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_size: int = 128,
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    inv = torch.argsort(perm)
-    codes, Q = codes[:, inv], Q[:, inv]
-    if g is None:
-        scales, zeros = scales[:, 0], zeros[:, 0]
-    return GPTQResult(codes, scales, zeros, Q.to(w.dtype), objective(w0, Q, h.to(dtype)))
 
 
 def rtn(w: torch.Tensor, grid: Grid, dtype: torch.dtype = torch.float32) -> GPTQResult:
