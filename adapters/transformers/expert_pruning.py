@@ -242,8 +242,9 @@ def load_model(path: Path, device: str, dtype: str) -> tuple[torch.nn.Module, An
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"--model {path}: no config.json (expected a transformers checkpoint directory)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    from overdrive.contracts.llm_calibration import check_device
+
+    device = check_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
