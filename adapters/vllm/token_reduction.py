@@ -45,8 +45,6 @@ MODELS: dict[str, tuple[str, str]] = {
 CPU_WORKER = "overdrive.adapters.vllm.token_reduction_models.PruningCPUWorker"
 _STOCK_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 
-_hooks: dict[Any, type] = {}  # previous MODELS_CONFIG_MAP entry (or None) -> chained hook class
-
 
 def register() -> tuple[list[str], list[str]]:
     """Install the configuration hook for every architecture vLLM knows (idempotent, cheap)."""
@@ -56,36 +54,10 @@ def register() -> tuple[list[str], list[str]]:
     names = [s.name for s in overdrive.list_methods(Kind.TOKEN_REDUCTION)]
     if not names:
         return [], []
-    from vllm.model_executor.models import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from overdrive.adapters.vllm.config_hook import install_config_hook
 
-    for arch in ModelRegistry.get_supported_archs():
-        prev = MODELS_CONFIG_MAP.get(arch)
-        if getattr(prev, "overdrive_token_reduction", False):
-            continue
-        MODELS_CONFIG_MAP[arch] = _hook_for(prev)
+    install_config_hook("overdrive_token_reduction", "TokenReductionConfigHook", lambda c: configure(c))
     return names, []
-
-
-def _hook_for(prev: type | None) -> type:
-    if prev in _hooks:
-        return _hooks[prev]
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
-
-    base = prev or VerifyAndUpdateConfig
-
-    class TokenReductionConfigHook(base):  # type: ignore[misc, valid-type]
-        overdrive_token_reduction = True
-
-        @classmethod
-        def verify_and_update_config(cls, vllm_config: Any) -> None:
-            if prev is not None:
-                prev.verify_and_update_config(vllm_config)
-            configure(vllm_config)
-
-    TokenReductionConfigHook.__qualname__ = f"TokenReductionConfigHook[{getattr(prev, '__name__', 'none')}]"
-    _hooks[prev] = TokenReductionConfigHook
-    return TokenReductionConfigHook
 
 
 def requested(additional_config: Any) -> list[tuple[str, dict]]:
