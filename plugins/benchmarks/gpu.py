@@ -59,7 +59,7 @@ MAX_WHEELS_MB = 40
 # and which (10.x) would need lazy-importer, also absent: not carried. Pure Python: one wheel serves any
 # Python 3.12 machine.
 CARRIED = ("diffusers",)
-# The GPU image's Python (KINDS.md: python3 is 3.12.3); pip download needs it named for --only-binary.
+# The GPU machine's Python (python3 there is 3.12.3); pip download needs it named for --only-binary.
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
