@@ -12,7 +12,8 @@ known in advance. vLLM 0.32 already has that pipeline for its own video pruning 
 rotary positions, and the model runner calls ``recompute_mrope_positions`` to place them (and the
 text after them) in the prompt. overdrive reuses all of it and swaps only the choice of tokens:
 
-* at configuration time (a per-architecture hook in vLLM's ``MODELS_CONFIG_MAP``, run when the
+* at configuration time (a per-architecture hook in vLLM's ``MODELS_CONFIG_MAP``, installed by
+  :mod:`overdrive.adapters.vllm.config_hook`, run when the
   ``VllmConfig`` is built, i.e. at startup in the API server / ``vllm.LLM``), the method's options are
   validated, the model family is checked, ``video_pruning_rate`` is set to ``1 - keep_fraction``
   (so the placeholder counts are vLLM's own) and ``model_class_overrides`` points the architecture at

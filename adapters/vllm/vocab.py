@@ -6,7 +6,7 @@
 Three pieces, each through a supported vLLM surface (docs/ledger.md lists the symbols):
 
 * **configuration hook** (a chained ``VerifyAndUpdateConfig`` per architecture in vLLM's
-  ``MODELS_CONFIG_MAP``, run when the ``VllmConfig`` is built, i.e. at startup in the API server /
+  ``MODELS_CONFIG_MAP``, installed by :mod:`overdrive.adapters.vllm.config_hook`, run when the ``VllmConfig`` is built, i.e. at startup in the API server /
   ``vllm.LLM``): the method's options are validated, the profile loaded and checked against the model
   (architecture, vocabulary size, tokenizer hash) — a profile for another model stops the server with a
   message naming both — and the request tracker below is appended to ``model_config.logits_processors``
