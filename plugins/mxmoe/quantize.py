@@ -110,3 +110,25 @@ def quantize(model: Path, output: Path, avg_bits: float, *, quantizer: str = "gp
                                      for a in res.front]} for res in results]}
     atomic_write_text(out / "mxmoe_plan.json", json.dumps(report, indent=1) + "\n")
     return out
+
+
+def write_plan(model: Path, output: Path, cfg: MxMoEConfig, quantizer: str = "rtn") -> Path:
+    """Write ``cfg``'s formats as a checkpoint with round-to-nearest codes, no calibration (uniform
+    baselines, the export fallback's source, tests). Reads the expert weights from the safetensors."""
+    from safetensors import safe_open
+
+    from .quant import quantize_weight
+
+    if quantizer != "rtn":
+        raise ConfigError("write_plan quantizes by round to nearest only (GPTQ needs calibration: `overdrive "
+                          "quantize --method mxmoe`)")
+    layers = {int(l) for l in cfg.identity["moe_layers"]}
+    tensors: dict[tuple[int, int, str], dict[str, torch.Tensor]] = {}
+    for shard in checkpoint_shards(Path(model)):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                m = _EXPERT.search(name)
+                if m and int(m.group(1)) in layers and m.group(3) in CHECKPOINT_LINEARS:
+                    key = (int(m.group(1)), int(m.group(2)), CHECKPOINT_LINEARS[m.group(3)])
+                    tensors[key] = quantize_weight(f.get_tensor(name), cfg.format_of(*key), "rtn")[0]
+    return write_checkpoint(Path(model), Path(output), cfg, tensors)
