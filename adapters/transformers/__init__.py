@@ -114,7 +114,7 @@ def _build_classes(spec: Any) -> dict[str, type]:
             from overdrive.contracts.weight_quant import ExpertQuantMethod
 
             if isinstance(method, ExpertQuantMethod):  # per-expert formats: swap the MoE experts modules
-                from overdrive.adapters.transformers.mxmoe import swap_experts
+                from overdrive.adapters.transformers.moe_quant import swap_experts
 
                 swap_experts(model, method, cfg, dtype)
 
@@ -125,7 +125,7 @@ def _build_classes(spec: Any) -> dict[str, type]:
             from overdrive.contracts.weight_quant import ExpertQuantMethod
 
             if isinstance(impl(), ExpertQuantMethod):
-                from overdrive.adapters.transformers.mxmoe import finish_experts
+                from overdrive.adapters.transformers.moe_quant import finish_experts
 
                 finish_experts(model)
 

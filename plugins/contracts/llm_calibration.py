@@ -46,7 +46,7 @@ PROPAGATE = ("calibrated", "original")
 BACKENDS = {"transformers": "overdrive.adapters.transformers.calibration:load"}
 #: framework-neutral views of a decoder block's sparse MoE block (router decision, expert weights), by
 #: framework: "module:attribute" of ``moe_view(block_module, config) -> view | None`` (None: dense block)
-MOE_VIEWS = {"transformers": "overdrive.adapters.transformers.mxmoe:moe_view"}
+MOE_VIEWS = {"transformers": "overdrive.adapters.transformers.moe_quant:moe_view"}
 #: their tokenizer loaders
 TOKENIZERS = {"transformers": "overdrive.adapters.transformers.calibration:load_tokenizer"}
 

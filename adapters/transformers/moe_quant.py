@@ -6,7 +6,7 @@ MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE: fused ``gate_up_proj``/``down_proj`` e
 (``qweight``/``scales``/``zeros``) under the checkpoint's own names, so transformers' loader fills them
 as stored. :func:`finish_experts` then builds the method's expert runtime from them. The router, the
 shared expert and everything else are the model's own. :func:`moe_view` is the calibration side: the
-block's router decision and expert weights, for ``overdrive quantize --method mxmoe``.
+block's router decision and expert weights, for per-expert calibrations.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class QuantizedExperts(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         if self.runtime is None:
-            raise RuntimeError(f"layer {self.layer}: mxmoe experts used before their weights were loaded")
+            raise RuntimeError(f"layer {self.layer}: quantized experts used before their weights were loaded")
         return self.runtime(hidden_states, top_k_weights, top_k_index)
 
 
@@ -116,7 +116,7 @@ def swap_experts(model: torch.nn.Module, method: Any, cfg: Any, dtype: torch.dty
                      expert_intermediate_size=int(two_i // 2),
                      renormalize=bool(getattr(conf, "norm_topk_prob", True)),
                      shared_expert=hasattr(b, "shared_expert"))
-    cfg.check_identity(ident, "config.json quantization_config (mxmoe)")
+    cfg.check_identity(ident, "config.json quantization_config")
     proj = method.projection_names(arch)
     n = 0
     for i, block in moe.items():
