@@ -34,6 +34,9 @@ class EngineQuantAPI:
     #: ``(method name, method, cfg, layer, prefix, loaded params) -> engine kernel or None``: offers a
     #: loaded layer to the engine's own kernels (the layer then runs ``engine.apply(layer, x, bias)``)
     kernel_handoff: Callable[..., Any] | None = None
+    #: ``(spec, method, cfg, layer, prefix) -> the engine's MoE method or None``: serves MoE layers of
+    #: methods with per-expert formats (ExpertQuantMethod); None: such layers are refused at startup
+    moe_method: Callable[..., Any] | None = None
 
 
 def build_linear_method_class(api: EngineQuantAPI) -> type:
@@ -171,6 +174,8 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
             if impl().is_quantized_layer(prefix, self.overdrive_cfg):
                 return linear_cls(spec, impl(), self.overdrive_cfg, prefix)
             return api.UnquantizedLinearMethod()
+        if _is_moe_layer(layer) and isinstance(impl(), ExpertQuantMethod) and api.moe_method is not None:
+            return api.moe_method(spec, impl(), self.overdrive_cfg, layer, prefix)
         if _is_moe_layer(layer) and isinstance(impl(), ExpertQuantMethod):
             # per-expert formats (MxMoE): no fused-MoE method of this adapter serves them yet; never
             # fall back to the engine's unquantized MoE method (it would run unloaded weights)
