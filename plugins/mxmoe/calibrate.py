@@ -43,6 +43,10 @@ class LayerResult:
     front: list[Allocation]
     tensors: dict[tuple[int, str], dict[str, torch.Tensor]]  # the chosen formats' checkpoint tensors
     candidates: list[str] = dataclasses.field(default_factory=list)
+    bits: np.ndarray | None = None          # (E * 3, C) storage bits per weight (1e9: format does not fit)
+    numel: np.ndarray | None = None         # (E * 3,) weights per block
+    #: every candidate's checkpoint tensors, (expert, linear, candidate index) -> tensors (``keep_all``)
+    all_tensors: dict[tuple[int, str, int], dict[str, torch.Tensor]] | None = None
 
 
 def _expert_out(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, act: Any,
@@ -57,7 +61,7 @@ def _expert_out(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wd: torch.T
 
 def calibrate_layer(view: Any, x: torch.Tensor, layer: int, candidates: Sequence[str], quantizer: str,
                     avg_bits: float, r: float, costs: CostTable, batch_tokens: int,
-                    rs: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)) -> LayerResult:
+                    rs: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0), keep_all: bool = False) -> LayerResult:
     """Sensitivity, frequency and allocation of one MoE layer from its recorded MoE inputs ``x`` (T, H)."""
     fmts = [parse_format(c, "--candidates") for c in candidates]
     h, i = view.hidden, view.intermediate
@@ -127,7 +131,8 @@ def calibrate_layer(view: Any, x: torch.Tensor, layer: int, candidates: Sequence
     front = pareto(loss, tim, bits, numel, avg_bits, rs)
     choice = allocate(loss, tim, bits, numel, avg_bits, r)
     tensors = {(b // 3, LINEARS[b % 3]): cand[(b // 3, LINEARS[b % 3], c)] for b, c in enumerate(choice.choice)}
-    return LayerResult(layer, freq, loss, tim, choice, front, tensors, list(candidates))
+    return LayerResult(layer, freq, loss, tim, choice, front, tensors, list(candidates), bits, numel,
+                       cand if keep_all else None)
 
 
 def calibrate(run: LLMCalibration, batches: Sequence[dict[str, torch.Tensor]], candidates: Sequence[str],

@@ -27,7 +27,7 @@ from overdrive.config import ConfigError, MethodConfig
 #: the three linears of an expert (gate/up read the hidden state, down reads the intermediate)
 LINEARS = ("gate", "up", "down")
 WEIGHT_BITS = (2, 3, 4, 8)
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128, 192)
 WA_FORMATS = {"w8a8": 8, "w4a4": 4}
 QUANTIZERS = ("rtn", "gptq")
 #: the candidate set the allocation chooses from by default
