@@ -17,5 +17,9 @@ def overdrive_methods() -> list[MethodSpec]:
                 "frequency and a measured kernel cost table (integer program per layer)",
         commands={"quantize": MethodCommand(
             help="calibrate and write an MxMoE checkpoint (per-expert formats under an average-bits budget)",
-            add_arguments="overdrive.mxmoe.cli:add_arguments", run="overdrive.mxmoe.cli:run")},
+            add_arguments="overdrive.mxmoe.cli:add_arguments", run="overdrive.mxmoe.cli:run"),
+            "export": MethodCommand(
+                help="write the best per-layer-uniform approximation of an MxMoE plan as compressed-tensors "
+                     "(stock engines; one scheme per MoE layer)",
+                add_arguments="overdrive.mxmoe.export:add_arguments", run="overdrive.mxmoe.export:run")},
     )]

@@ -167,3 +167,35 @@ def test_plan_validation_messages():
         MxMoEConfig(avg_bits=8, identity=ident, formats={"0": {}})
     with pytest.raises(ConfigError, match="formats cover layers"):
         MxMoEConfig(avg_bits=8, identity=ident, formats={})
+
+
+def test_export_writes_the_per_layer_uniform_rtn_weights(checkpoint, tmp_path):
+    family, src, out, cfg = checkpoint
+    if family != "mixtral":
+        pytest.skip("one family is enough for the export layout")
+    from overdrive.mxmoe.export import export, uniform_formats
+
+    uni = uniform_formats(cfg)
+    for l, name in uni.items():  # within what the plan spends per layer, and no candidate closer to it
+        assert parse_format(name).bits_per_weight(64) <= cfg.layer_bits(l) + 1e-9
+    ct = export(src, out, tmp_path / "ct")
+    conf = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert conf["quant_method"] == "compressed-tensors"
+    fmt = parse_format(uni[1])
+    assert fmt.bits == 4 and conf["overdrive"]["per_layer_uniform"]["1"] == uni[1]
+    assert "model.layers.0.self_attn.q_proj" in conf["ignore"]
+    with safe_open(str(ct / "model.safetensors"), framework="pt") as f, \
+            safe_open(str(src / "model.safetensors"), framework="pt") as g:
+        p = "model.layers.1.block_sparse_moe.experts.5.w2"
+        w = g.get_tensor(p + ".weight").double()
+        n, k = w.shape
+        # dense little-endian 4-bit stream per row: 8 codes per int32 word
+        words = f.get_tensor(p + ".weight_packed").to(torch.int64) & 0xFFFFFFFF
+        codes = torch.stack([(words >> (4 * j)) & 15 for j in range(8)], -1).reshape(n, -1)[:, :k].double()
+        zw = f.get_tensor(p + ".weight_zero_point").to(torch.int64) & 0xFFFFFFFF
+        zeros = torch.stack([(zw >> (4 * j)) & 15 for j in range(8)], 1).reshape(-1, zw.shape[1])[:n].double()
+        s = f.get_tensor(p + ".weight_scale").double()
+        deq = (codes - zeros.repeat_interleave(fmt.group_size, 1)) * s.repeat_interleave(fmt.group_size, 1)
+    # round to nearest: every weight within half a step of its group's scale (closed form of RTN)
+    step = s.repeat_interleave(fmt.group_size, 1)
+    assert ((deq - w).abs() <= 0.5 * step * (1 + 1e-3) + 1e-7).all()
