@@ -15,7 +15,6 @@ runtime computes). ``--quick``: the tiny random Mixtral, seconds.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,21 +24,10 @@ import numpy as np
 import torch
 
 from overdrive.benchmarks import header, write_json
+from overdrive.benchmarks.eep import evaluate  # held-out perplexity and top-1
 
 CANDIDATES = ("w2g64", "w2g192", "w3g64", "w3g192", "w4g64", "w4g192", "w8g192")
 QUICK_CANDIDATES = ("w2g32", "w2g64", "w3g32", "w3g64", "w4g32", "w4g64", "w8g64")
-
-
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, chunks: torch.Tensor) -> dict[str, float]:
-    nll, hits, count = 0.0, 0, 0
-    for b in chunks:
-        logits = model(b[None]).logits[0, :-1].float()
-        tgt = b[1:]
-        nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
-        hits += int((logits.argmax(-1) == tgt).sum())
-        count += tgt.numel()
-    return {"perplexity": math.exp(nll / count), "top1": hits / count}
 
 
 def _put(model: torch.nn.Module, weights: dict[tuple[int, int, str], torch.Tensor]) -> None:
