@@ -10,7 +10,8 @@ per budget the per-layer program chooses the mixed formats (r = 1: accuracy only
 baselines put every expert linear in the largest weight-only format that fits the budget (RTN: round to
 nearest; GPTQ: the same pass's GPTQ codes). Expert weights only (attention, routers, LM head in float32);
 weight-only formats (the quantized weights are put into the float model's experts, exactly what the
-runtime computes). ``--quick``: the tiny random Mixtral, seconds.
+runtime computes). ``--max-layers N``: only the first N MoE layers' experts are quantized (all rows alike),
+for a machine too busy for the whole pass. ``--quick``: the tiny random Mixtral, seconds.
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--eval-len", type=int, default=256)
+    ap.add_argument("--max-layers", type=int, default=0,
+                    help="quantize the experts of the first N MoE layers only (the rest stay float in every row); "
+                         "0: all")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                  for e in range(view.num_experts) for lin in LINEARS}
             results.append(res)
             print(f"layer {block.index}: calibrated", file=sys.stderr)
+            if args.max_layers and len(results) >= args.max_layers:
+                break
     finally:
         run.close()
     costs.save()
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     float_w = {(r.layer, e, lin): w for r in results for (e, lin), w in r.float_weights.items()}
     report = header("mxmoe", model=str(model_dir), quick=args.quick, candidates=list(cands),
                     calibration_s=round(calib_s, 1), cost_device=costs.device_name,
+                    quantized_layers=[r.layer for r in results],
                     note="shared 2-core machine (other jobs running); expert weights only; r = 1",
                     options={k: v for k, v in vars(args).items() if k != "json"})
     rows: list[dict[str, Any]] = [{"config": "float32", "bits": 32.0, **evaluate(model, chunks)}]
