@@ -21,12 +21,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Hadamard block along input features (default: the largest multiple of 8 up to 512 dividing "
                         "every quantized layer's input features)")
     p.add_argument("--seed", type=int, default=0)
+    from overdrive.contracts.llm_calibration import add_device_arguments
+
+    add_device_arguments(p, activations=False)
 
 
 def run(args: argparse.Namespace) -> int:
+    from overdrive.contracts.llm_calibration import check_device
+
     from .config import PCDVQConfig
     from .quantize import auto_block, quantize, quantized_shapes
 
+    device = check_device(args.device)
     k = args.direction_bits if args.direction_bits is not None else BITS[args.bits]
     block = args.hadamard_block
     if block is None:
@@ -34,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = PCDVQConfig(direction_bits=k, magnitude_bits=args.magnitude_bits, hadamard_block=block, seed=args.seed)
     if not Path(args.model).is_dir():
         raise ConfigError(f"{args.model}: not a directory; --model must be a transformers checkpoint directory")
-    out = quantize(args.model, args.output, cfg)
+    out = quantize(args.model, args.output, cfg, device=device)
     print(f"wrote {out} (pcdvq: 2^{cfg.direction_bits} directions, {cfg.magnitude_bits}-bit magnitudes, "
           f"{cfg.bits_per_weight:g} bits/weight, Hadamard block {cfg.hadamard_block})")
     return 0

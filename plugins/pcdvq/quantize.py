@@ -56,8 +56,9 @@ def auto_block(shapes: dict[str, tuple[int, ...]]) -> int:
     return best
 
 
-def quantize(model: Path, output: Path, cfg: PCDVQConfig) -> Path:
-    """Quantize ``model``'s linear layers (``*_proj.weight``, not ``modules_to_not_convert``) into ``output``."""
+def quantize(model: Path, output: Path, cfg: PCDVQConfig, device: str | None = None) -> Path:
+    """Quantize ``model``'s linear layers (``*_proj.weight``, not ``modules_to_not_convert``) into ``output``;
+    the direction assignment is scored on ``device`` (default CPU)."""
     model, output = Path(model), Path(output)
     if output.exists():
         raise ConfigError(f"{output}: already exists; choose a new --output directory")
@@ -74,7 +75,7 @@ def quantize(model: Path, output: Path, cfg: PCDVQConfig) -> Path:
             return {name: t}
         check_finite(name, t)
         prefix = name.removesuffix(".weight")
-        return {f"{prefix}.{k}": v for k, v in quantize_weight(name, t, cfg, cb).items()}
+        return {f"{prefix}.{k}": v for k, v in quantize_weight(name, t, cfg, cb, device).items()}
 
     with atomic_directory(output) as tmp:
         inner = rewrite_checkpoint(model, tmp / "ckpt", transform, {"quant_method": NAME, **cfg.to_dict()},
