@@ -50,6 +50,20 @@ def quantize_weight_hessian(name: str, w: torch.Tensor, h: torch.Tensor, cfg: PC
     if tuple(h.shape) != (k, k):
         raise ValueError(f"tensor {name!r}: Hessian of shape {tuple(h.shape)} for {k} input features")
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    # the group loop is thousands of small ops: on CPU, intra-op threads only spin (as in
+    # overdrive.mbq.gptq), so it runs on one thread
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _quantize(name, w, h, cfg, codebook, dev, percdamp, block_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize(name: str, w: torch.Tensor, h: torch.Tensor, cfg: PCDVQConfig, codebook: torch.Tensor,
+              dev: torch.device, percdamp: float, block_size: int) -> dict[str, torch.Tensor]:
+    n, k = w.shape
     levels, bounds = (torch.from_numpy(a).to(dev) for a in lloyd_max_chi(cfg.magnitude_bits))
     signs = layer_signs(k, cfg.seed)
     wr = rotate(w.detach().to(torch.float64).cpu(), signs, cfg).to(dev)
