@@ -194,7 +194,7 @@ def _subset_calls(calls: Sequence[BlockCall], subset: list[tuple[int, list[int]]
 def _search_block(block: CalibrationBlock, samples: Sequence[CalibSample], cfg: MBQConfig,
                   ratio: dict[str, float] | None, loss_mode: str, scope: str, search_tokens: int
                   ) -> list[GroupResult]:
-    groups = block_groups(block.roles)
+    groups = block_groups(block.roles, fold_down=not cfg.online_hadamard)
     module_scope = [g for g in groups if scope == "module" and g.name in ENCLOSING]
     linear_scope = [g for g in groups if g not in module_scope]
     roles = [ENCLOSING[g.name] for g in module_scope] + [g.input_role for g in linear_scope]
@@ -341,7 +341,7 @@ def calibrate_blocks(run: LLMCalibration, samples: Sequence[CalibSample], cfg: M
             quantized += tensors
             block.set_outputs(block.run())  # the next block sees the quantized block
         elif distort:
-            linears = [lin for g in block_groups(block.roles) for lin in g.linears]
+            linears = [block.roles[r] for r in ("q", "k", "v", "o", "gate", "up", "down")]
             saved = [lin.weight.detach().clone() for lin in linears]
             for lin in linears:
                 lin.weight.copy_(fake_quant_weight(lin.weight, cfg))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtn: round to nearest (no calibration); awq: uniform token weighting; gptq: GPTQ; "
                         "awq-gptq / mbq-gptq: AWQ's / MBQ's scales, then GPTQ (mbq-gptq: the Hessians weight "
                         "vision and caption tokens as MBQ's loss does). Default: MBQ")
+    p.add_argument("--rotate", choices=("none", "residual", "full"), default="none",
+                   help="rotate before quantizing (QuaRot-style, for W4A8): residual: the residual stream by a random "
+                        "Hadamard with the norms folded, and each head's values (offline: nothing at run time; "
+                        "exports to compressed-tensors); full: also an online Hadamard on down_proj's inputs that "
+                        "overdrive's runtime applies (not exportable). Llama/Qwen2-style LLMs, not VLMs")
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ dampening: fraction of the mean Hessian diagonal added to it (default 0.01)")
     p.add_argument("--act-order", action="store_true",
@@ -64,10 +70,31 @@ def gptq_options(args: argparse.Namespace, baseline: str) -> GPTQOptions | None:
                        dtype=getattr(torch, args.gptq_dtype or "float64"))
 
 
+def _rotation(args: argparse.Namespace) -> int:
+    """Check ``--rotate`` against the checkpoint's config.json before any work; the online block."""
+    if args.rotate == "none":
+        return 0
+    from .rotation import check_rotation
+
+    path = Path(args.model) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--model {args.model}: no config.json (expected a transformers checkpoint directory)")
+    conf = json.loads(path.read_text())
+    text = conf.get("text_config") or conf
+    online = check_rotation(args.rotate, text.get("intermediate_size"), "vision_config" in conf,
+                            str(args.model))
+    if online and args.format != "mbq":
+        raise ConfigError(f"--rotate full adds an online Hadamard that --format {args.format} cannot hold; use "
+                          "--rotate residual, or --format mbq (served through overdrive)")
+    return online
+
+
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     baseline = args.baseline or "mbq"
-    cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits, baseline=baseline)
+    online = _rotation(args)
+    cfg = MBQConfig(bits=args.bits, group_size=args.group_size, act_bits=args.act_bits, baseline=baseline,
+                    rotation=args.rotate, online_hadamard=online)
     kw = dict(calib_data=args.calib_data, loss_mode=args.loss, distort=args.distort, n_samples=args.samples,
               seq_len=args.seq_len, scope=args.search_scope, device=args.device, dtype=args.dtype,
               offload_activations=args.offload_activations, search_tokens=args.search_tokens,

@@ -22,6 +22,7 @@ from .calibrate import GPTQ_BASELINES, GPTQ_BUFFERS, SEARCH_TOKENS, GPTQOptions,
 from .config import MBQConfig
 from .data import build_calibration, builtin_records, load_records
 from .method import METHOD, NAME
+from .rotation import rotate
 from .quant import rtn_act8_tensors, rtn_group_asymmetric
 
 
@@ -76,7 +77,7 @@ def quantize(model: Path, output: Path, cfg: MBQConfig, calib_data: Path | None 
     if output.exists():
         raise ConfigError(f"{output}: already exists; choose a new --output directory")
     check_group_size(model, cfg)
-    if cfg.baseline != "rtn":
+    if cfg.baseline != "rtn" or cfg.rotation != "none":
         device = check_device(device)
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".mbq-calibrated-", dir=output.parent) as tmp:
@@ -97,15 +98,24 @@ def _calibrated_copy(model_dir: Path, out: Path, cfg: MBQConfig, calib_data: Pat
     # weights stay in the checkpoint's dtype (``dtype``) on the CPU; the block under search runs in float32
     run = load_for_calibration(model_dir, device=device, dtype=dtype, offload_activations=offload_activations,
                                compute_dtype=torch.float32)
+    hooks: list = []
     try:
         geo = run.geometry
-        records = load_records(calib_data) if calib_data is not None else builtin_records(with_images=geo.is_vlm)
-        samples = build_calibration(run.processor, records, list(geo.vision_token_ids), n_samples=n_samples,
-                                    seq_len=seq_len)
-        calibrate(run, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope, search_tokens=search_tokens,
-                  gptq_opts=gptq_opts)
+        if cfg.rotation != "none":
+            online, hooks = rotate(run, cfg.rotation)
+            if online != cfg.online_hadamard:
+                raise ConfigError(f"--rotate {cfg.rotation}: the model's online Hadamard block is {online}, the config "
+                                  f"says {cfg.online_hadamard}")
+        if cfg.baseline != "rtn":
+            records = load_records(calib_data) if calib_data is not None else builtin_records(with_images=geo.is_vlm)
+            samples = build_calibration(run.processor, records, list(geo.vision_token_ids), n_samples=n_samples,
+                                        seq_len=seq_len)
+            calibrate(run, samples, cfg, loss_mode=loss_mode, distort=distort, scope=scope,
+                      search_tokens=search_tokens, gptq_opts=gptq_opts)
         run.save(out)
     finally:
+        for h in hooks:
+            h.remove()
         run.close()
 
 
