@@ -142,3 +142,29 @@ def test_bad_gptq_options_fail_with_one_line_before_any_work(tmp_path, capsys, a
 
     assert re.search(match, err), err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_mbq_gptq_on_the_tiny_vlm_serves_in_transformers_and_balances_the_modalities(tmp_path):
+    """From the CLI on the tiny Qwen2.5-VL (built-in image-caption records): mbq-gptq's codes are not
+    awq-gptq's (the gradient ratios weight the Hessians and the search), both checkpoints load through
+    overdrive's transformers quantizer, and greedy decoding of a text prompt runs on finite logits."""
+    from transformers import AutoModelForImageTextToText
+
+    import overdrive.transformers  # noqa: F401
+
+    path = tiny_qwen2_vl()
+    outs = {}
+    for baseline in ("awq-gptq", "mbq-gptq"):
+        outs[baseline] = tmp_path / baseline
+        assert cli.main(["quantize", "--method", "mbq", "--model", str(path), "--output", str(outs[baseline]),
+                         "--bits", "4", "--group-size", "64", "--baseline", baseline, "--samples", "4"]) == 0
+    p = "model.layers.0.self_attn.q_proj"  # as the checkpoint names it
+    a, b = _tensors(outs["awq-gptq"], p), _tensors(outs["mbq-gptq"], p)
+    assert a["qweight"].shape == b["qweight"].shape and not torch.equal(a["qweight"], b["qweight"])
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    for out in outs.values():
+        m = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+        assert type(m.model.language_model.layers[0].self_attn.q_proj).__name__ == "OverdriveLinear"
+        with torch.no_grad():
+            assert torch.isfinite(m(input_ids=ids).logits).all()
