@@ -534,10 +534,12 @@ class Demo:
 
     def vocabtailor(self) -> str:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
         import overdrive.transformers as odt
         from overdrive.testing import tiny_llama
+        from overdrive.vocabtailor.config import VocabTailorConfig
+        from overdrive.vocabtailor.method import METHOD
 
         base = tiny_llama()
         corpus = self.work / "vocab-corpus.txt"
@@ -548,16 +550,34 @@ class Demo:
         tok = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         ids = tok("the quick brown fox", return_tensors="pt").input_ids
-        full = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        loaded = METHOD.load_profile(str(profile))
+        allowed = METHOD.allowed(loaded, VocabTailorConfig(profile=str(profile)), [ids[0]])[0]
+
+        def masked(_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            # the unmodified model's full-vocabulary logits with every row outside the allowed set at -inf
+            out = torch.full_like(scores, float("-inf"))
+            out[:, allowed] = scores[:, allowed]
+            return out
+
+        def greedy(**kw: object) -> list[int]:
+            g = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, **kw)
+            return g[0, ids.shape[1]:].tolist()
+
+        full = greedy()
+        want = greedy(logits_processor=LogitsProcessorList([masked]))
         odt.enable(model, "vocabtailor", profile=str(profile))
         try:
-            got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+            got = greedy()
         finally:
             odt.disable(model)
-        same = sum(x == y for x, y in zip(got, full))
-        print(f"  tiny Llama, profile from a one-line corpus: greedy tokens with the tailored vocabulary {got}; "
-              f"full vocabulary {full} ({same}/8 equal)")
-        return f"VocabTailor: LM head over the profile + prompt + special rows, {same}/8 tokens equal the full vocabulary's"
+        same = sum(x == y for x, y in zip(got, want))
+        print(f"  tiny Llama, profile from a one-line corpus: {allowed.numel()} of {model.config.vocab_size} rows "
+              f"allowed for this prompt; greedy tokens with the tailored LM head {got}; the full model with the "
+              f"same rows masked {want} ({same}/8 equal); unrestricted full vocabulary {full}")
+        if got != want:
+            raise AssertionError("the tailored LM head disagrees with the masked full-vocabulary model")
+        return (f"VocabTailor: LM head over {allowed.numel()}/{model.config.vocab_size} rows, tokens equal the masked "
+                f"full model's ({same}/8)")
 
     def kernels(self) -> str:
         from overdrive.testing.probe import run_probe
