@@ -1,6 +1,6 @@
-"""Image fidelity against a reference: PSNR and SSIM (Gaussian window 11, sigma 1.5).
-
-Shared by the DiT methods (DiTFastAttn's benchmark, VGDFR's frame-similarity schedule and benchmark).
+"""Quality metrics shared by the methods and the benchmarks: image fidelity against a reference (PSNR and
+SSIM, Gaussian window 11, sigma 1.5: DiTFastAttn's benchmark, VGDFR's frame-similarity schedule and
+benchmark) and the token negative log-likelihood every perplexity is built from.
 """
 from __future__ import annotations
 
@@ -58,3 +58,11 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
 def ssim_per_image(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """(N,) mean SSIM of each image pair of two (N, C, H, W) batches."""
     return ssim_map(x, ref, data_range).flatten(1).mean(1)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood (float64) of ``targets`` (...) under ``logits`` (..., V); the logits at
+    a position score the target at the same position (shift them first for next-token NLL). Perplexity is
+    ``exp(sum / count)`` over everything summed."""
+    lg = logits.double()
+    return float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="sum"))

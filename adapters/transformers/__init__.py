@@ -160,13 +160,16 @@ def enable(model: torch.nn.Module, method: str, config: Any = None, **options: A
 
 def disable(model: torch.nn.Module) -> bool:
     """Remove the method :func:`enable` attached to ``model``; False if none was."""
-    from overdrive.adapters.transformers import expert_pruning, token_reduction, vocab
+    from overdrive.adapters.transformers import attachments, expert_pruning
+    from overdrive.kinds import Kind
 
-    return vocab.disable(model) or token_reduction.disable(model) or expert_pruning.disable(model)
+    return attachments.detach(model, Kind.VOCAB) or attachments.detach(model, Kind.TOKEN_REDUCTION) \
+        or expert_pruning.disable(model)
 
 
 def enabled(model: torch.nn.Module) -> Any:
     """The attachment :func:`enable` returned for ``model``, or None."""
-    from overdrive.adapters.transformers import token_reduction, vocab
+    from overdrive.adapters.transformers import attachments
+    from overdrive.kinds import Kind
 
-    return token_reduction.enabled(model) or vocab.enabled(model)
+    return attachments.get(model, Kind.TOKEN_REDUCTION) or attachments.get(model, Kind.VOCAB)

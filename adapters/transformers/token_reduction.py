@@ -25,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from overdrive.adapters.transformers import attachments
 from overdrive.config import MethodConfig
 from overdrive.contracts.token_reduction import TokenReductionMethod, VideoGrid, VisionSpan
 from overdrive.kinds import Kind
@@ -388,9 +388,6 @@ def _check_cache(name: str, cache: Any) -> None:
 
 
 # -- public API ------------------------------------------------------------------------------------
-_attached: "weakref.WeakKeyDictionary[torch.nn.Module, TokenReductionAttachment]" = weakref.WeakKeyDictionary()
-
-
 def enable(model: torch.nn.Module, method: str, config: MethodConfig | Mapping[str, Any] | None = None,
            **options: Any) -> TokenReductionAttachment:
     """Attach token-reduction ``method`` to a transformers vision-language model; returns the attachment."""
@@ -398,26 +395,10 @@ def enable(model: torch.nn.Module, method: str, config: MethodConfig | Mapping[s
 
     spec = overdrive.get_method(method, Kind.TOKEN_REDUCTION)
     info = vlm_info(model)
-    if model in _attached:
-        raise RuntimeError(f"{_attached[model].name!r} is already enabled on this model; call "
-                           "overdrive.transformers.disable(model) first")
+    attachments.claim(model, Kind.TOKEN_REDUCTION)
     impl = spec.load_impl()
     if not isinstance(impl, TokenReductionMethod):
         raise TypeError(f"method {spec.name!r}: impl must be a TokenReductionMethod, got {type(impl).__name__}")
     cfg = impl.resolve(spec.make_config(config, **options), info.family)
     att = TokenReductionAttachment(model, spec.name, impl, cfg, info)
-    _attached[model] = att
-    return att
-
-
-def disable(model: torch.nn.Module) -> bool:
-    """Remove the token-reduction method enabled on ``model``; False if none was."""
-    att = _attached.pop(model, None)
-    if att is None:
-        return False
-    att.detach()
-    return True
-
-
-def enabled(model: torch.nn.Module) -> TokenReductionAttachment | None:
-    return _attached.get(model)
+    return attachments.put(model, Kind.TOKEN_REDUCTION, att)

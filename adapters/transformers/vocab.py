@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from overdrive.adapters.transformers import attachments
 from overdrive.config import ConfigError, MethodConfig
 from overdrive.contracts.vocab import BatchVocab, VocabIdentity, VocabSelectionMethod, tokenizer_hash
 from overdrive.kinds import Kind
@@ -316,9 +316,6 @@ class VocabAttachment:
 
 
 # -- public API ------------------------------------------------------------------------------------
-_attached: "weakref.WeakKeyDictionary[torch.nn.Module, VocabAttachment]" = weakref.WeakKeyDictionary()
-
-
 def enable(model: torch.nn.Module, method: str, config: MethodConfig | Mapping[str, Any] | None = None,
            tokenizer: Any = None, **options: Any) -> VocabAttachment:
     """Attach vocabulary-selection ``method`` to a transformers causal LM; returns the attachment.
@@ -329,9 +326,7 @@ def enable(model: torch.nn.Module, method: str, config: MethodConfig | Mapping[s
     import overdrive
 
     spec = overdrive.get_method(method, Kind.VOCAB)
-    if model in _attached:
-        raise RuntimeError(f"{_attached[model].name!r} is already enabled on this model; call "
-                           "overdrive.transformers.disable(model) first")
+    attachments.claim(model, Kind.VOCAB)
     impl = spec.load_impl()
     if not isinstance(impl, VocabSelectionMethod):
         raise TypeError(f"method {spec.name!r}: impl must be a VocabSelectionMethod, got {type(impl).__name__}")
@@ -345,18 +340,4 @@ def enable(model: torch.nn.Module, method: str, config: MethodConfig | Mapping[s
     ident = model_identity(model.config, tokenizer)
     impl.check_model(profile, ident, source=f"{spec.name} profile {getattr(cfg, 'profile', '')}".strip())
     att = VocabAttachment(model, spec.name, impl, cfg, profile, ident)
-    _attached[model] = att
-    return att
-
-
-def disable(model: torch.nn.Module) -> bool:
-    """Remove the vocabulary method enabled on ``model``; False if none was."""
-    att = _attached.pop(model, None)
-    if att is None:
-        return False
-    att.detach()
-    return True
-
-
-def enabled(model: torch.nn.Module) -> VocabAttachment | None:
-    return _attached.get(model)
+    return attachments.put(model, Kind.VOCAB, att)

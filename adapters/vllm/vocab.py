@@ -6,11 +6,12 @@
 Three pieces, each through a supported vLLM surface (docs/ledger.md lists the symbols):
 
 * **configuration hook** (a chained ``VerifyAndUpdateConfig`` per architecture in vLLM's
-  ``MODELS_CONFIG_MAP``, run when the ``VllmConfig`` is built, i.e. at startup in the API server /
-  ``vllm.LLM``): the method's options are validated, the profile loaded and checked against the model
-  (architecture, vocabulary size, tokenizer hash) — a profile for another model stops the server with a
-  message naming both — and the request tracker below is appended to ``model_config.logits_processors``
-  (only for this server). It logs the bytes of the vocabulary components;
+  ``MODELS_CONFIG_MAP``, installed by :mod:`overdrive.adapters.vllm.config_hook`, run when the
+  ``VllmConfig`` is built, i.e. at startup in the API server / ``vllm.LLM``): the method's options are
+  validated, the profile loaded and checked against the model (architecture, vocabulary size, tokenizer
+  hash) — a profile for another model stops the server with a message naming both — and the request tracker
+  below is appended to ``model_config.logits_processors`` (only for this server). It logs the bytes of the
+  vocabulary components;
 * **request tracker** (:class:`VocabRequests`, a v1 ``LogitsProcessor``): vLLM hands it every request
   added to, removed from or moved within the persistent batch, with its prompt token ids, before each
   forward pass. It keeps each batch row's allowed set (the method's ``allowed``) and, as a safety net,
@@ -40,7 +41,6 @@ log = logging.getLogger("vllm.overdrive.vocab")  # under vLLM's logger: shown in
 
 TRACKER = "overdrive.adapters.vllm.vocab:VocabRequests"
 
-_hooks: dict[Any, type] = {}
 _trackers: dict[int, Any] = {}  # 0 -> the request tracker of this engine process
 _lock = threading.Lock()
 
@@ -55,8 +55,6 @@ def register() -> tuple[list[str], list[str]]:
         return [], []
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
-    from vllm.model_executor.models import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     current = op_registry_oot.get("LogitsProcessor")
     if current is None:
@@ -66,33 +64,10 @@ def register() -> tuple[list[str], list[str]]:
                "overdrive's vocabulary methods are not registered")
         log.warning("overdrive: %s", why)
         return [], [f"{n} ({why})" for n in names]
-    for arch in ModelRegistry.get_supported_archs():
-        prev = MODELS_CONFIG_MAP.get(arch)
-        if getattr(prev, "overdrive_vocab", False):
-            continue
-        MODELS_CONFIG_MAP[arch] = _hook_for(prev)
+    from overdrive.adapters.vllm.config_hook import install_config_hook
+
+    install_config_hook("overdrive_vocab", "VocabConfigHook", lambda c: configure(c))
     return names, []
-
-
-def _hook_for(prev: type | None) -> type:
-    if prev in _hooks:
-        return _hooks[prev]
-    from vllm.model_executor.models.config import VerifyAndUpdateConfig
-
-    base = prev or VerifyAndUpdateConfig
-
-    class VocabConfigHook(base):  # type: ignore[misc, valid-type]
-        overdrive_vocab = True
-
-        @classmethod
-        def verify_and_update_config(cls, vllm_config: Any) -> None:
-            if prev is not None:
-                prev.verify_and_update_config(vllm_config)
-            configure(vllm_config)
-
-    VocabConfigHook.__qualname__ = f"VocabConfigHook[{getattr(prev, '__name__', 'none')}]"
-    _hooks[prev] = VocabConfigHook
-    return VocabConfigHook
 
 
 def requested(additional_config: Any) -> tuple[str, dict] | None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from overdrive.benchmarks import header, write_json
+from overdrive.metrics import token_nll
 
 
 def _records(tok: Any, text: str, n: int, length: int) -> list:
@@ -42,7 +43,7 @@ def evaluate(model: torch.nn.Module, chunks: torch.Tensor) -> dict[str, float]:
     for b in chunks:
         logits = model(b[None]).logits[0, :-1].float()
         tgt = b[1:]
-        nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+        nll += token_nll(logits, tgt)
         hits += int((logits.argmax(-1) == tgt).sum())
         count += tgt.numel()
     return {"perplexity": math.exp(nll / count), "top1": hits / count}

@@ -59,7 +59,7 @@ MAX_WHEELS_MB = 40
 # and which (10.x) would need lazy-importer, also absent: not carried. Pure Python: one wheel serves any
 # Python 3.12 machine.
 CARRIED = ("diffusers",)
-# The GPU image's Python (KINDS.md: python3 is 3.12.3); pip download needs it named for --only-binary.
+# The GPU machine's Python (python3 there is 3.12.3); pip download needs it named for --only-binary.
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
@@ -75,6 +75,10 @@ class Part:
     cap_s: int      # timeout on a GPU (the run's budget may cut it shorter)
     what: str
     quick_cap_s: int = 300  # timeout with --quick (tiny shapes on a CPU that may be shared and slow)
+
+    def cap(self, quick: bool) -> int:
+        """The part's timeout for a run with or without ``--quick``."""
+        return self.quick_cap_s if quick else self.cap_s
 
 
 PARTS: tuple[Part, ...] = (
@@ -312,6 +316,9 @@ def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, de
                                "quick": quick, "budget_s": budget_s, "commit": _commit(), "preflight": None,
                                "parts": [], "goals": []}
 
+    def run(part: Part, timeout_s: float) -> dict[str, Any]:
+        return run_part(part, out, device, quick, timeout_s, python, env)
+
     def flush() -> None:
         summary["elapsed_s"] = round(time.monotonic() - t_start, 1)
         summary["goals"] = evaluate_goals(out, {p["part"]: p for p in summary["parts"]}, goals)
@@ -321,8 +328,7 @@ def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, de
             pack_outputs(out, pack)
 
     if preflight is not None:
-        rec = run_part(preflight, out, device, quick, min(preflight.quick_cap_s if quick else preflight.cap_s,
-                                                          budget_s), python, env)
+        rec = run(preflight, min(preflight.cap(quick), budget_s))
         pf = json.loads((out / "preflight.json").read_text()) if rec["status"] == "ok" else {}
         summary["preflight"] = {**rec, "missing": pf.get("missing"), "checks": pf.get("checks"),
                                 "device": pf.get("device")}
@@ -360,9 +366,9 @@ def run_all(parts: tuple[Part, ...] | list[Part], out: Path, budget_s: float, de
                     summary["parts"] = [records[p.name] for p in parts if p.name in records]
                     flush()
                     continue
-                timeout = min(float(part.quick_cap_s if quick else part.cap_s), left)
+                timeout = min(float(part.cap(quick)), left)
                 log(f"[gpu] {part.name}: running (timeout {timeout:.0f} s, {left:.0f} s of budget left)")
-            rec = run_part(part, out, device, quick, timeout, python, env)
+            rec = run(part, timeout)
             with lock:
                 records[part.name] = rec
                 log(f"[gpu] {part.name}: {rec['status']} in {rec['seconds']} s"

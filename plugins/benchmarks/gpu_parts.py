@@ -169,21 +169,24 @@ def gemv(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
     return kernels_gemv.run(dev, quick, reps, ms=GEMV_MS, on_row=_partial(out_dir, "gemv", device))
 
 
-def pmkvq_decode(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
-    """PM-KVQ paged decode attention at 8/4/2 bits vs bf16 SDPA decode over :data:`PMKVQ_SHAPES`."""
+def _kernel_table(part: str, op: str, device: str, quick: bool, out_dir: Path,
+                  case_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One op's table from :mod:`overdrive.benchmarks.kernels`, rows written as they come (:func:`_partial`)."""
     from overdrive.benchmarks import kernels
 
-    dev = _dev(device)
-    opts = {} if dev.type != "cuda" else {"kv_decode_attention": {"shapes": PMKVQ_SHAPES}}
-    return kernels.run(["kv_decode_attention"], dev, quick, case_options=opts,
-                       on_result=_partial(out_dir, "pmkvq_decode", device))
+    return kernels.run([op], _dev(device), quick, case_options=case_options or {},
+                       on_result=_partial(out_dir, part, device))
+
+
+def pmkvq_decode(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
+    """PM-KVQ paged decode attention at 8/4/2 bits vs bf16 SDPA decode over :data:`PMKVQ_SHAPES`."""
+    opts = {"kv_decode_attention": {"shapes": PMKVQ_SHAPES}} if _dev(device).type == "cuda" else {}
+    return _kernel_table("pmkvq_decode", "kv_decode_attention", device, quick, out_dir, opts)
 
 
 def moa_span(device: str, quick: bool, out_dir: Path) -> dict[str, Any]:
     """MoA per-head span attention (prefill and paged decode) vs dense SDPA and a uniform window."""
-    from overdrive.benchmarks import kernels
-
-    return kernels.run(["span_attention"], _dev(device), quick, on_result=_partial(out_dir, "moa_span", device))
+    return _kernel_table("moa_span", "span_attention", device, quick, out_dir)
 
 
 # ------------------------------------------------------------------------------------------------ methods

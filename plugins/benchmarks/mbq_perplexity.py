@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from overdrive.benchmarks import header
+from overdrive.metrics import token_nll
 
 #: scheme name -> CLI options
 SCHEMES = {
@@ -67,9 +68,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 4) -> flo
     """exp(mean NLL of every next token) over the rows of ``ids`` (N, L), float64 accumulation."""
     nll, count = 0.0, 0
     for b in ids.split(batch):
-        logits = model(input_ids=b, use_cache=False).logits[:, :-1].double()
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                                                       reduction="sum"))
+        nll += token_nll(model(input_ids=b, use_cache=False).logits[:, :-1], b[:, 1:])
         count += b[:, 1:].numel()
     return math.exp(nll / count)
 

@@ -47,6 +47,7 @@ import torch
 
 from overdrive.benchmarks import header, write_json
 from overdrive.contracts.kv_cache import ModelIdentity
+from overdrive.metrics import token_nll
 
 from overdrive.moa.config import MoAPlan, matched_baselines, mean_span, uniform_plan
 
@@ -93,9 +94,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, plan: MoAPlan | None, 
             logits = model(input_ids=row, use_cache=False).logits
         else:
             logits = model(input_ids=row, past_key_values=ot.kv_cache(model, "moa", plan=plan), use_cache=True).logits
-        lg = logits[:, -tail - 1:-1].double()
-        nll += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), row[:, -tail:].reshape(-1),
-                                                       reduction="sum"))
+        nll += token_nll(logits[:, -tail - 1:-1], row[:, -tail:])
         count += tail
     return math.exp(nll / count)
 

@@ -43,6 +43,7 @@ import torch
 
 from overdrive.benchmarks import header, write_json
 from overdrive.contracts.kv_cache import ModelIdentity
+from overdrive.metrics import token_nll
 from overdrive.moa.config import MoAPlan, matched_baselines, mean_span
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -109,9 +110,7 @@ def retrieved(model, ids: list[int], answer: list[int], plan: MoAPlan | None) ->
 
 def chunk_nll(model, ids: torch.Tensor, plan: MoAPlan | None, tail: int) -> float:
     """Summed NLL of the last ``tail`` tokens of ``ids`` (1, N)."""
-    lg = logits_tail(model, ids, plan, tail + 1)[:, :-1].double()
-    return float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, -tail:].reshape(-1),
-                                                   reduction="sum"))
+    return token_nll(logits_tail(model, ids, plan, tail + 1)[:, :-1], ids[:, -tail:])
 
 
 def calibrate_cli(model: Path, density: float, out: Path, text: Path, args: argparse.Namespace) -> dict[str, Any]:

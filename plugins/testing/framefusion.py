@@ -34,35 +34,9 @@ BENCH_PIXELS = dict(min_pixels=56 * 56, max_pixels=392 * 392)
 def bench_qwen2_vl(dtype: str = "float32", seed: int = 0):
     """Folder of the benchmark Qwen2.5-VL (random weights, peaked logits, local tokenizer)."""
     from .cache import cached_build
+    from .vlm import build_qwen2_5_vl
 
     params = {"builder": "bench_qwen2_5_vl", "version": 1, "dtype": dtype, "seed": seed,
               "text": BENCH_TEXT, "vision": BENCH_VISION, "pixels": BENCH_PIXELS}
-    return cached_build("bench-qwen2.5-vl", params, lambda out: _build_bench(out, dtype, seed))
-
-
-def _build_bench(out, dtype: str, seed: int) -> None:
-    import json
-
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
-
-    from .llm import save_peaked
-    from .tokenizer import save_tokenizer, token_id
-
-    save_tokenizer(out)
-    tok = PreTrainedTokenizerFast.from_pretrained(out)
-    ids = {t: token_id(out, t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                         "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
-    text = dict(BENCH_TEXT, vocab_size=vocab, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"])
-    config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=dict(BENCH_VISION, out_hidden_size=BENCH_TEXT["hidden_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
-    torch.manual_seed(seed)
-    save_peaked(Qwen2_5_VLForConditionalGeneration(config), out, dtype)
-    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**BENCH_PIXELS),
-                        video_processor=Qwen2VLVideoProcessor(**BENCH_PIXELS),
-                        tokenizer=tok, chat_template=tok.chat_template).save_pretrained(out)
+    build = lambda out: build_qwen2_5_vl(out, dtype, seed, BENCH_TEXT, BENCH_VISION, BENCH_PIXELS)  # noqa: E731
+    return cached_build("bench-qwen2.5-vl", params, build)

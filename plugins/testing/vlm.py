@@ -27,10 +27,12 @@ def tiny_qwen2_vl(dtype: str = "float32", seed: int = 0) -> Path:
     """Folder of a tiny Qwen2.5-VL checkpoint with tokenizer, image and video processor configs."""
     params = {"builder": "tiny_qwen2_5_vl", "version": BUILDER_VERSION, "dtype": dtype, "seed": seed,
               "text": TEXT, "vision": VISION, "pixels": PIXELS}
-    return cached_build("tiny-qwen2.5-vl", params, lambda out: _build(out, dtype, seed))
+    return cached_build("tiny-qwen2.5-vl", params, lambda out: build_qwen2_5_vl(out, dtype, seed, TEXT, VISION, PIXELS))
 
 
-def _build(out: Path, dtype: str, seed: int) -> None:
+def build_qwen2_5_vl(out: Path, dtype: str, seed: int, text: dict, vision: dict, pixels: dict) -> None:
+    """Write a Qwen2.5-VL checkpoint (random weights, peaked logits) with the local tokenizer and an image +
+    video processor into ``out``: decoder options ``text``, vision tower ``vision``, processor ``pixels``."""
     from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
@@ -39,18 +41,18 @@ def _build(out: Path, dtype: str, seed: int) -> None:
     ids = {t: token_id(out, t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                          "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
     vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
-    text = dict(TEXT, vocab_size=vocab, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+    text = dict(text, vocab_size=vocab, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
     config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=dict(VISION, out_hidden_size=TEXT["hidden_size"]),
+        text_config=text, vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
     torch.manual_seed(seed)
     save_peaked(Qwen2_5_VLForConditionalGeneration(config), out, dtype)
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**PIXELS),
-        video_processor=Qwen2VLVideoProcessor(**PIXELS),
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
         tokenizer=tok, chat_template=tok.chat_template)
     processor.save_pretrained(out)
 
