@@ -111,11 +111,23 @@ def _build_classes(spec: Any) -> dict[str, type]:
                         setattr(module, child_name, OverdriveLinear(
                             method, cfg, child.in_features, child.out_features, child.bias is not None,
                             dtype, prefix=full))
+            from overdrive.contracts.weight_quant import ExpertQuantMethod
+
+            if isinstance(method, ExpertQuantMethod):  # per-expert formats: swap the MoE experts modules
+                from overdrive.adapters.transformers.moe_quant import swap_experts
+
+                swap_experts(model, method, cfg, dtype)
 
         def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
             for m in model.modules():
                 if isinstance(m, OverdriveLinear):
                     m.finish_loading()
+            from overdrive.contracts.weight_quant import ExpertQuantMethod
+
+            if isinstance(impl(), ExpertQuantMethod):
+                from overdrive.adapters.transformers.moe_quant import finish_experts
+
+                finish_experts(model)
 
         def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
             return False  # pre-quantized: parameters load as stored

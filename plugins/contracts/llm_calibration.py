@@ -44,6 +44,9 @@ PROPAGATE = ("calibrated", "original")
 
 #: the implementations of this contract, by framework: "module:attribute" of their ``load``
 BACKENDS = {"transformers": "overdrive.adapters.transformers.calibration:load"}
+#: framework-neutral views of a decoder block's sparse MoE block (router decision, expert weights), by
+#: framework: "module:attribute" of ``moe_view(block_module, config) -> view | None`` (None: dense block)
+MOE_VIEWS = {"transformers": "overdrive.adapters.transformers.moe_quant:moe_view"}
 #: their tokenizer loaders
 TOKENIZERS = {"transformers": "overdrive.adapters.transformers.calibration:load_tokenizer"}
 
@@ -294,3 +297,16 @@ def load_tokenizer(model: str | Path, framework: str = "transformers") -> Any:
     if framework not in TOKENIZERS:
         raise ConfigError(f"no LLM calibration for framework {framework!r}; known: {', '.join(TOKENIZERS)}")
     return _resolve(TOKENIZERS[framework])(Path(model))
+
+
+def moe_view(module: torch.nn.Module, config: Any = None, framework: str = "transformers") -> Any:
+    """The sparse MoE block of a calibration block's module as a view, or None for a dense block.
+
+    A view has ``num_experts``, ``top_k``, ``hidden``, ``intermediate``, ``shared_expert``,
+    ``act_fn``, ``route(x (T, H)) -> (weights (T, k), ids (T, k))`` (the model's own router) and
+    ``weight(expert, "gate"|"up"|"down") -> (N, K)`` (on the block's device)."""
+    from overdrive.spec import _resolve
+
+    if framework not in MOE_VIEWS:
+        raise ConfigError(f"no MoE view for framework {framework!r}; known: {', '.join(MOE_VIEWS)}")
+    return _resolve(MOE_VIEWS[framework])(module, config)

@@ -163,6 +163,37 @@ class WeightQuantMethod(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} declares a weight_format but no standard_weight")
 
 
+class ExpertQuantMethod(abc.ABC):
+    """Optional mix-in of a :class:`WeightQuantMethod` that also quantizes MoE experts, per expert.
+
+    Adapters that see a MoE layer (transformers: the experts module of a sparse MoE block; vLLM: the
+    fused-MoE layer) ask :meth:`expert_formats` whether the layer's experts are quantized, check the
+    model against the plan (:meth:`check_moe_layer`), let the engine load the per-expert checkpoint
+    tensors named by :meth:`expert_tensor_names` (``...experts.{e}.{proj}.{name}``), then hand them to
+    :meth:`expert_runtime`, a torch module computing the routed experts from the engine's routing:
+    ``forward(x (T, H), topk_weights (T, k), topk_ids (T, k)) -> (T, H)``.
+    """
+
+    @abc.abstractmethod
+    def expert_formats(self, cfg: MethodConfig, layer: int) -> dict[int, dict[str, str]] | None:
+        """{expert: {"gate"|"up"|"down": format name}} of MoE layer ``layer``; None: not quantized."""
+
+    @abc.abstractmethod
+    def check_moe_layer(self, cfg: MethodConfig, layer: int, num_experts: int, top_k: int, hidden: int,
+                        intermediate: int, where: str) -> None:
+        """Raise ConfigError when the model's MoE layer is not the one the plan was made for."""
+
+    @abc.abstractmethod
+    def expert_tensor_names(self, cfg: MethodConfig, layer: int, expert: int, linear: str) -> tuple[str, ...]:
+        """Checkpoint tensor names (suffixes) of one expert linear."""
+
+    @abc.abstractmethod
+    def expert_runtime(self, cfg: MethodConfig, layer: int,
+                       tensors: Mapping[int, Mapping[str, Mapping[str, torch.Tensor]]], hidden: int,
+                       intermediate: int, dtype: torch.dtype, act_fn: Any) -> torch.nn.Module:
+        """The layer's experts from their loaded tensors ``{expert: {linear: {name: tensor}}}``."""
+
+
 def check_quant_method(quantization_config: Mapping[str, Any], name: str, source: str = "quantization_config") -> None:
     """Shared check that a checkpoint's ``quant_method`` names this method."""
     found = quantization_config.get("quant_method")
