@@ -44,7 +44,8 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
 
     class OverdriveLinearMethod(api.LinearMethodBase):  # type: ignore[misc, valid-type]
         def __init__(self, spec: MethodSpec, method: WeightQuantMethod, cfg: Any, prefix: str) -> None:
-            self.spec, self.method, self.cfg, self.prefix = spec, method, cfg, prefix
+            self.spec, self.method, self.prefix = spec, method, prefix
+            self.cfg = method.layer_config(prefix, cfg)
 
         def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                            output_partition_sizes: list[int], input_size: int, output_size: int,

@@ -31,12 +31,12 @@ class OverdriveLinear(torch.nn.Module):
     def __init__(self, method: Any, cfg: Any, in_features: int, out_features: int, bias: bool,
                  act_dtype: torch.dtype, prefix: str = "") -> None:
         super().__init__()
-        self.method, self.cfg, self.prefix = method, cfg, prefix
+        self.method, self.cfg, self.prefix = method, method.layer_config(prefix, cfg), prefix
         self.in_features, self.out_features = in_features, out_features
-        method.validate_partition(in_features, [out_features], cfg, prefix=prefix)
+        method.validate_partition(in_features, [out_features], self.cfg, prefix=prefix)
         self.param_names: tuple[str, ...] = ()
         names = []
-        for ps in method.param_specs(in_features, out_features, cfg):
+        for ps in method.param_specs(in_features, out_features, self.cfg):
             self.register_parameter(ps.name, torch.nn.Parameter(
                 torch.zeros(ps.shape, dtype=ps.resolve_dtype(act_dtype)), requires_grad=False))
             names.append(ps.name)

@@ -116,6 +116,8 @@ class LLMGeometry:
     max_position_embeddings: int
     is_vlm: bool = False
     vision_token_ids: tuple[int, ...] = ()
+    #: the MLP's hidden width (gate/up outputs, down inputs); 0 when the model does not say
+    intermediate_size: int = 0
 
     @property
     def identity(self) -> ModelIdentity:
@@ -203,6 +205,17 @@ class CalibrationBlock(Protocol):
         """Propagate these outputs (one per call) to the next block instead of running the block."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelEnds:
+    """The modules around the decoder blocks, on the CPU in the storage dtype: the token embedding
+    (``weight`` (V, H)), the final norm before the head, and the LM head (``weight`` (V, H)). Methods
+    that transform the residual stream (e.g. a rotation) change them in place."""
+
+    embedding: torch.nn.Module
+    final_norm: torch.nn.Module
+    head: torch.nn.Module
+
+
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 """``loss(logits, batch_index)`` -> a scalar; ``logits`` are the head's outputs at the requested positions."""
 
@@ -237,6 +250,11 @@ class LLMCalibration(Protocol):
 
     def input_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of ``ids`` (CPU)."""
+
+    def ends(self, untie: bool = False) -> ModelEnds:
+        """The embedding, final norm and LM head. ``untie``: when the head shares the embedding's weight,
+        give it its own copy first (and record that in the config), so the two can change apart and the
+        saved checkpoint holds both."""
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy continuation of ``ids`` (B, N) by ``new_tokens`` tokens: (B, N + new_tokens), CPU."""

@@ -127,6 +127,13 @@ class WeightQuantMethod(abc.ABC):
         """Whether the linear layer at ``prefix`` (e.g. ``model.layers.0.mlp.down_proj``) is quantized."""
         return True
 
+    def layer_config(self, prefix: str, cfg: MethodConfig) -> MethodConfig:
+        """The config the linear layer at ``prefix`` runs with; adapters call it once per layer, before
+        :meth:`validate_partition`, and use the result for every later call of that layer. Default: the
+        checkpoint's config (a method whose layers differ, e.g. an input transform on some layers only,
+        returns a per-layer copy)."""
+        return cfg
+
     def validate_partition(self, in_features: int, out_features: Sequence[int], cfg: MethodConfig,
                            prefix: str = "") -> None:
         """Reject a tensor-parallel partition the format cannot represent (raise ConfigError)."""
