@@ -23,8 +23,9 @@ the MoA plan's), all with the plan's sink:
 
 Sparse rows run the transformers span cache (``overdrive.transformers.kv_cache``: what a user runs; on CPU the
 torch span kernels). The span rule is per query (its own length), so the answer tokens at the end of an
-``N``-token prompt use the spans of length ~``N``. Results are written after every length (a cut-short run
-keeps what it measured).
+``N``-token prompt use the spans of length ~``N``. The report is written after every measurement (a cut-short run
+keeps what it measured, and ``missing`` names what it did not reach; ``goals`` are read only off finished
+measurements, per length).
 """
 from __future__ import annotations
 
@@ -131,24 +132,60 @@ def calibrate_cli(model: Path, density: float, out: Path, text: Path, args: argp
             "stderr": r.stderr.strip()}
 
 
-def goals(rows: dict[str, Any], lengths: list[int]) -> dict[str, Any]:
-    """The issue's goals read off the results (None where not measured)."""
+def _done(report: dict[str, Any], n: int, what: str) -> bool:
+    """True when every measurement of ``what`` ("retrieval" or "perplexity") at length ``n`` is in the report."""
+    prefixes = (f"N={n} perplexity ",) if what == "perplexity" else tuple(f"N={n} {t} " for t in TASKS)
+    return not any(m.startswith(prefixes) for m in report["missing"])
+
+
+def goals(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals read off the finished measurements: per goal, ``by_length`` (every length where it is
+    complete) and the entry at the longest such length; absent where nothing of it is complete."""
+    rows = report["rows"]
+    lengths = sorted(int(n) for n in report["lengths"])
+
+    def ret_d5(n: int) -> dict[str, Any] | None:
+        cell = rows.get("0.5", {}).get(str(n))
+        if not (cell and "retrieval" in cell and _done(report, n, "retrieval")):
+            return None
+        acc = {m: cell["retrieval"][m]["all"] for m in ("dense", "moa", "streamingllm", "uniform-elastic")}
+        ratio = acc["moa"] / acc["streamingllm"] if acc["streamingllm"] else (math.inf if acc["moa"] else None)
+        return {**acc, "ratio": ratio, "goal": ">= 1.5", "met": ratio is not None and ratio >= 1.5}
+
+    def ppl_d5(n: int) -> dict[str, Any] | None:
+        cell = rows.get("0.5", {}).get(str(n))
+        if not (cell and "perplexity" in cell and _done(report, n, "perplexity")):
+            return None
+        p = cell["perplexity"]
+        return {m: p[m] for m in ("dense", "moa", "uniform-elastic", "streamingllm")} | {
+            "goal": "moa <= uniform-elastic", "met": p["moa"] <= p["uniform-elastic"],
+            "moa_over_uniform_elastic": p["moa"] / p["uniform-elastic"]}
+
+    def gap_d3(n: int) -> dict[str, Any] | None:
+        cell = rows.get("0.3", {}).get(str(n))
+        if not (cell and "perplexity" in cell and _done(report, n, "perplexity")):
+            return None
+        p = cell["perplexity"]
+        gap = {"moa": p["moa"] - p["dense"], "streamingllm": p["streamingllm"] - p["dense"]}
+        return {**gap, "goal": "moa <= streamingllm / 2", "met": gap["moa"] <= gap["streamingllm"] / 2}
+
     out: dict[str, Any] = {}
-    top = str(max(lengths))
-    d5 = rows.get("0.5", {}).get(top)
-    if d5 and "retrieval" in d5:
-        acc = {m: d5["retrieval"][m]["all"] for m in ("moa", "streamingllm")}
-        out["d0.5_retrieval_moa_over_streamingllm"] = {
-            **acc, "ratio": acc["moa"] / acc["streamingllm"] if acc["streamingllm"] else math.inf if acc["moa"] else None,
-            "goal": ">= 1.5"}
-    if d5 and "perplexity" in d5:
-        out["d0.5_perplexity_moa_vs_uniform_elastic"] = {m: d5["perplexity"][m] for m in ("moa", "uniform-elastic")}
-    d3 = rows.get("0.3", {}).get(top)
-    if d3 and "perplexity" in d3:
-        p = d3["perplexity"]
-        out["d0.3_gap_to_dense"] = {"moa": p["moa"] - p["dense"], "streamingllm": p["streamingllm"] - p["dense"],
-                                    "goal": "moa <= streamingllm / 2"}
+    for name, fn in (("d0.5_retrieval_moa_over_streamingllm", ret_d5),
+                     ("d0.5_perplexity_moa_vs_uniform_elastic", ppl_d5), ("d0.3_gap_to_dense", gap_d3)):
+        by = {str(n): g for n in lengths if (g := fn(n)) is not None}
+        if by:
+            top = max(by, key=int)
+            out[name] = {**by[top], "length": int(top), "by_length": by}
     return out
+
+
+def save(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Goals from what is finished, then the report (atomically) when ``--json``: called after every
+    measurement, so a cut-short run keeps its rows and ``missing`` names the ones it did not reach."""
+    report["complete"] = not report["missing"]
+    report["goals"] = goals(report)
+    if args.json:
+        write_json(args.json, {**report, "load_average_now": os.getloadavg()})
 
 
 def run(args: argparse.Namespace, plan_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
@@ -167,10 +204,12 @@ def run(args: argparse.Namespace, plan_dir: Path, report: dict[str, Any]) -> dic
             text = plan_dir / "calibration.txt"
             text.write_text(calib_text)
             report["calibration"][str(d)] = calibrate_cli(args.model, d, path, text, args)
+        report["missing"].remove(f"calibration d{d}")
         plans[str(d)] = MoAPlan.load(path)
         report["plans"][str(d)] = {"path": str(path), "calibration": plans[str(d)].calibration,
                                    "alpha": [x["alpha"] for x in plans[str(d)].layers],
                                    "beta": [x["beta"] for x in plans[str(d)].layers]}
+        save(args, report)
     need = args.ppl_chunks * max(args.lengths)
     stream = tok(eval_text[:16 * need + 4096], return_tensors="pt", add_special_tokens=False).input_ids[0]
     if stream.numel() < need:
@@ -187,6 +226,11 @@ def run(args: argparse.Namespace, plan_dir: Path, report: dict[str, Any]) -> dic
         prompts = [(task, i, *retrieval_prompt(tok, task, n, dep, seed=1000 * n + 17 * i + TASKS.index(task)))
                    for task in args.tasks for i, dep in enumerate(depths(args.samples))]
         hits: dict[str, dict[str, list[bool]]] = {}
+
+        def acc(key: str) -> dict[str, float]:
+            per = {t: sum(v) / len(v) for t, v in hits[key].items()}
+            return {**per, "all": sum(sum(v) for v in hits[key].values()) / sum(len(v) for v in hits[key].values())}
+
         for task, i, ids, ans in prompts:
             hits.setdefault("dense", {}).setdefault(task, []).append(retrieved(model, ids, ans, None))
             for d, cfg in configs.items():
@@ -194,31 +238,30 @@ def run(args: argparse.Namespace, plan_dir: Path, report: dict[str, Any]) -> dic
                     hits.setdefault(f"{d}/{m}", {}).setdefault(task, []).append(retrieved(model, ids, ans, p))
             print(f"N={n} {task} depth {depths(args.samples)[i]:.2f}: " + " ".join(
                 f"{k}={int(v[task][-1])}" for k, v in hits.items()), flush=True)
+            for d in configs:
+                cell = rows[d][str(n)]
+                cell["retrieval"] = {"dense": acc("dense"), **{m: acc(f"{d}/{m}") for m in configs[d]}}
+                cell["hits"] = {"dense": hits["dense"], **{m: hits[f"{d}/{m}"] for m in configs[d]}}
+            report["missing"].remove(f"N={n} {task} depth {depths(args.samples)[i]:.2f}")
+            save(args, report)
         chunks = stream[:args.ppl_chunks * n].reshape(args.ppl_chunks, n) if args.ppl_chunks else stream[:0].view(0, n)
         nll: dict[str, float] = {}
-        for row in chunks:
+        for c, row in enumerate(chunks):
             nll["dense"] = nll.get("dense", 0.0) + chunk_nll(model, row[None], None, args.tail)
             for d, cfg in configs.items():
                 for m, p in cfg.items():
                     nll[f"{d}/{m}"] = nll.get(f"{d}/{m}", 0.0) + chunk_nll(model, row[None], p, args.tail)
-        ppl = {k: math.exp(v / (args.tail * len(chunks))) for k, v in nll.items()}
-
-        def acc(key: str) -> dict[str, float]:
-            per = {t: sum(v) / len(v) for t, v in hits[key].items()}
-            return {**per, "all": sum(sum(v) for v in hits[key].values()) / sum(len(v) for v in hits[key].values())}
-
+            ppl = {k: math.exp(v / (args.tail * (c + 1))) for k, v in nll.items()}
+            for d in configs:
+                rows[d][str(n)]["perplexity"] = {"dense": ppl["dense"], **{m: ppl[f"{d}/{m}"] for m in configs[d]}}
+                rows[d][str(n)]["perplexity_chunks"] = c + 1
+            report["missing"].remove(f"N={n} perplexity chunk {c}")
+            save(args, report)
         for d in configs:
             cell = rows[d][str(n)]
-            if hits:
-                cell["retrieval"] = {"dense": acc("dense"), **{m: acc(f"{d}/{m}") for m in configs[d]}}
-                cell["hits"] = {"dense": hits["dense"], **{m: hits[f"{d}/{m}"] for m in configs[d]}}
-            if ppl:
-                cell["perplexity"] = {"dense": ppl["dense"], **{m: ppl[f"{d}/{m}"] for m in configs[d]}}
             print(f"N={n} density {d}: " + json.dumps({k: cell.get(k) for k in ("retrieval", "perplexity")}), flush=True)
         report["seconds_per_length"][str(n)] = time.perf_counter() - t0
-        report["goals"] = goals(rows, [int(x) for x in report["seconds_per_length"]])
-        if args.json:
-            write_json(args.json, report)
+        save(args, report)
     return report
 
 
@@ -277,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
               "depths": depths(args.samples), "ppl_chunks": args.ppl_chunks, "tail": args.tail,
               "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
               "text": {"calibration": "Newton, Opticks, the First Book", "perplexity": "the Second and Third Books"},
-              "calibration": {}, "plans": {}, "rows": {}, "seconds_per_length": {}, "goals": {}}
+              "calibration": {}, "plans": {}, "rows": {}, "seconds_per_length": {}, "goals": {},
+              "missing": [f"calibration d{d}" for d in args.densities] + [
+                  f"N={n} {task} depth {dep:.2f}" for n in args.lengths for task in args.tasks
+                  for dep in depths(args.samples)] + [
+                  f"N={n} perplexity chunk {c}" for n in args.lengths for c in range(args.ppl_chunks)]}
     with tempfile.TemporaryDirectory(prefix="moa-longctx-") as tmp:
         plan_dir = args.plan_dir or Path(tmp)
         plan_dir.mkdir(parents=True, exist_ok=True)
@@ -285,11 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         run(args, plan_dir, report)
     report["seconds"] = time.perf_counter() - t
     report["load_average_end"] = os.getloadavg()
+    save(args, report)
     print(f"{report['device']}  {report['date']}  model {report['model']}  ({report['seconds']:.0f} s)")
     print(format_table(report))
     print(json.dumps(report["goals"], indent=1))
-    if args.json:
-        write_json(args.json, report)
     return 0
 
 

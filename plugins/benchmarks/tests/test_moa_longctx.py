@@ -75,6 +75,7 @@ def test_quick_run_report(tiny, tmp_path):
     assert bench.main(["--quick", "--plan-dir", str(plan_dir), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["device"] and r["date"] and set(r["rows"]) == {"0.5"}
+    assert r["complete"] and r["missing"] == []
     from overdrive.testing.real import opticks_split
 
     stream = tok(opticks_split()[1][:20000], return_tensors="pt", add_special_tokens=False).input_ids[0]
@@ -90,3 +91,25 @@ def test_quick_run_report(tiny, tmp_path):
         want = math.exp(float(torch.nn.functional.cross_entropy(lg, stream[n - 16:n])))
         assert cell["perplexity"]["dense"] == pytest.approx(want, rel=1e-6)
     assert "d0.5_retrieval_moa_over_streamingllm" in r["goals"]
+
+
+def test_goals_only_from_finished_measurements():
+    """A cut-short run: the goals are read per length off complete measurements only; ``missing`` decides."""
+    def cell(moa_acc, sl_acc, ppl):
+        ret = {m: {"all": a} for m, a in zip(bench.METHODS, (1.0, moa_acc, sl_acc, 0.5))}
+        return {"retrieval": ret, "perplexity": dict(zip(bench.METHODS, ppl))}
+
+    rows = {"0.5": {"1024": cell(0.75, 0.25, (10.0, 11.0, 12.0, 11.5)), "2048": cell(0.5, 0.5, (9.0, 9.9, 9.5, 9.6))},
+            "0.3": {"1024": cell(0.5, 0.5, (10.0, 10.5, 12.0, 11.0))}}
+    report = {"rows": rows, "lengths": [1024, 2048], "missing": ["N=2048 multikey depth 0.75"]}
+    g = bench.goals(report)
+    ret = g["d0.5_retrieval_moa_over_streamingllm"]
+    assert ret["length"] == 1024 and set(ret["by_length"]) == {"1024"}  # 2048's retrieval is unfinished
+    assert ret["ratio"] == pytest.approx(3.0) and ret["met"]
+    ppl = g["d0.5_perplexity_moa_vs_uniform_elastic"]
+    assert ppl["length"] == 2048 and not ppl["met"] and ppl["by_length"]["1024"]["met"]  # 9.9 > 9.6; 11 <= 11.5
+    gap = g["d0.3_gap_to_dense"]
+    assert gap["length"] == 1024 and gap["moa"] == pytest.approx(0.5) and gap["streamingllm"] == pytest.approx(2.0)
+    assert gap["met"]  # 0.5 <= 2.0 / 2
+    report["missing"] += ["N=1024 perplexity chunk 0"]
+    assert "d0.3_gap_to_dense" not in bench.goals(report)
