@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from overdrive.config import ConfigError
-from overdrive.contracts.weight_quant import WeightQuantMethod
+from overdrive.contracts.weight_quant import ExpertQuantMethod, WeightQuantMethod
 from overdrive.spec import MethodSpec
 
 
@@ -34,6 +34,9 @@ class EngineQuantAPI:
     #: ``(method name, method, cfg, layer, prefix, loaded params) -> engine kernel or None``: offers a
     #: loaded layer to the engine's own kernels (the layer then runs ``engine.apply(layer, x, bias)``)
     kernel_handoff: Callable[..., Any] | None = None
+    #: ``(spec, method, cfg, layer, prefix) -> the engine's MoE method or None``: serves MoE layers of
+    #: methods with per-expert formats (ExpertQuantMethod); None: such layers are refused at startup
+    moe_method: Callable[..., Any] | None = None
 
 
 def build_linear_method_class(api: EngineQuantAPI) -> type:
@@ -41,7 +44,8 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
 
     class OverdriveLinearMethod(api.LinearMethodBase):  # type: ignore[misc, valid-type]
         def __init__(self, spec: MethodSpec, method: WeightQuantMethod, cfg: Any, prefix: str) -> None:
-            self.spec, self.method, self.cfg, self.prefix = spec, method, cfg, prefix
+            self.spec, self.method, self.prefix = spec, method, prefix
+            self.cfg = method.layer_config(prefix, cfg)
 
         def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                            output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -121,6 +125,13 @@ def build_linear_method_class(api: EngineQuantAPI) -> type:
     return OverdriveLinearMethod
 
 
+def _is_moe_layer(layer: torch.nn.Module) -> bool:
+    """A fused MoE layer of vLLM (``RoutedExperts``/``FusedMoE``) or SGLang (``FusedMoE``, ``EPMoE``, ...),
+    by class name: the adapters import no MoE classes for this check."""
+    names = {c.__name__ for c in type(layer).__mro__}
+    return "RoutedExperts" in names or any(n.endswith("MoE") or n.startswith("FusedMoE") for n in names)
+
+
 def lazy_impl(spec: MethodSpec) -> Callable[[], WeightQuantMethod]:
     """The method's contract implementation, resolved (and type-checked) on first use.
 
@@ -164,6 +175,16 @@ def build_config_class(spec: MethodSpec, api: EngineQuantAPI) -> type:
             if impl().is_quantized_layer(prefix, self.overdrive_cfg):
                 return linear_cls(spec, impl(), self.overdrive_cfg, prefix)
             return api.UnquantizedLinearMethod()
+        if _is_moe_layer(layer) and isinstance(impl(), ExpertQuantMethod) and api.moe_method is not None:
+            return api.moe_method(spec, impl(), self.overdrive_cfg, layer, prefix)
+        if _is_moe_layer(layer) and isinstance(impl(), ExpertQuantMethod):
+            # per-expert formats (MxMoE): no fused-MoE method of this adapter serves them yet; never
+            # fall back to the engine's unquantized MoE method (it would run unloaded weights)
+            raise ConfigError(
+                f"{api.engine}: {prefix or type(layer).__name__} is a MoE layer and {name!r} quantizes MoE experts "
+                f"per expert, which overdrive's {api.engine} adapter does not serve yet; load this checkpoint with "
+                "transformers (`import overdrive.transformers`, then `from_pretrained(DIR)`), see "
+                f"docs/methods/{name}.md")
         return None
 
     def override_quantization_method(cls: Any, hf_quant_cfg: Any, user_quant: Any, *a: Any, **k: Any) -> Any:

@@ -73,8 +73,9 @@ def _no_overdrive(log: str, tmp_path: Path) -> bool:
 
 #: scheme -> (MBQConfig options, vLLM scheme/kernel named in its log, what stops it on an AVX2-only CPU)
 SERVED = {
-    "w4a8": (dict(bits=4, act_bits=8, baseline="awq"), "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int",
-             None),
+    # GPTQ on AWQ's scales after an offline (residual) rotation: the export of the newest calibrations
+    "w4a8": (dict(bits=4, act_bits=8, baseline="awq-gptq", rotation="residual"),
+             "Using Dynamic4bitLinearKernel for CompressedTensorsW4A8Int", None),
     "w8a8": (dict(bits=8, act_bits=8, baseline="rtn"), "CompressedTensorsW8A8Int8", None),
 }
 

@@ -1,4 +1,4 @@
-"""MBQ checkpoints (RTN baseline) served by a real vLLM server and loaded by transformers.
+"""MBQ checkpoints (RTN, AWQ, rotated AWQ+GPTQ) served by a real vLLM server and loaded by transformers.
 
 Reference: transformers on a float32 checkpoint whose linear weights are the dequantized MBQ weights
 (computed here from the stored codes in float64).
@@ -30,6 +30,9 @@ SCHEMES = {
     "w3g64": dict(bits=3, group_size=64, baseline="rtn"),
     "w4a8": dict(bits=4, act_bits=8, baseline="awq"),
     "w8a8": dict(bits=8, act_bits=8, baseline="rtn"),
+    # rotated (residual stream and heads offline, an online Hadamard of block 256 before down_proj) and GPTQ
+    # on AWQ's scales: the online transform of down_proj's inputs runs inside vLLM's linear method
+    "w4a8-rot": dict(bits=4, act_bits=8, baseline="awq-gptq", rotation="full", online_hadamard=256),
 }
 
 
@@ -92,7 +95,7 @@ def test_vllm_serves_mbq_w3_with_the_same_tokens_as_transformers(w3, transformer
     assert got == transformers_tokens["mbq"]
 
 
-@pytest.mark.parametrize("scheme,tp", [("w4a8", 1), ("w8a8", 1)])
+@pytest.mark.parametrize("scheme,tp", [("w4a8", 1), ("w8a8", 1), ("w4a8-rot", 1)])
 def test_vllm_serves_act8_schemes_with_the_same_tokens_as_transformers(checkpoints, scheme, tp, tmp_path):
     """At TP > 1 a row-parallel shard quantizes its own slice of each token (per-shard activation
     scales, as vLLM's own int8 W8A8 does), so tokens are compared with transformers at TP 1 only."""

@@ -103,12 +103,12 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor | None = None, mixer
     """``x @ T`` along the last dimension, ``T`` as in the module doc; same shape and dtype as ``x``."""
     n = x.shape[-1]
     b, m, p = _check(x, signs, mixer, block)
-    y = x if signs is None else x * signs.to(x.dtype)
+    y = x if signs is None else x * signs.to(x.device, x.dtype)
     y = _OP(y.contiguous(), p, device=x.device)
     if m > 1:
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         yb = y.reshape(*x.shape[:-1], n // b, m, p).to(dt)
-        y = torch.einsum("ij,...ik->...jk", mixer.to(dt), yb).reshape(x.shape).to(x.dtype)
+        y = torch.einsum("ij,...ik->...jk", mixer.to(x.device, dt), yb).reshape(x.shape).to(x.dtype)
     return y
 
 
@@ -151,7 +151,7 @@ def hadamard_transform_transposed(x: torch.Tensor, signs: torch.Tensor | None = 
                                   mixer: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
     """``x @ T^T`` (T's inverse): the mixer transposed, the Hadamard part (symmetric), then the signs."""
     y = hadamard_transform(x, None, None if mixer is None else mixer.T.contiguous(), block)
-    return y if signs is None else y * signs.to(x.dtype)
+    return y if signs is None else y * signs.to(x.device, x.dtype)
 
 
 def random_orthogonal(m: int, generator: torch.Generator) -> torch.Tensor:

@@ -31,12 +31,12 @@ class OverdriveLinear(torch.nn.Module):
     def __init__(self, method: Any, cfg: Any, in_features: int, out_features: int, bias: bool,
                  act_dtype: torch.dtype, prefix: str = "") -> None:
         super().__init__()
-        self.method, self.cfg, self.prefix = method, cfg, prefix
+        self.method, self.cfg, self.prefix = method, method.layer_config(prefix, cfg), prefix
         self.in_features, self.out_features = in_features, out_features
-        method.validate_partition(in_features, [out_features], cfg, prefix=prefix)
+        method.validate_partition(in_features, [out_features], self.cfg, prefix=prefix)
         self.param_names: tuple[str, ...] = ()
         names = []
-        for ps in method.param_specs(in_features, out_features, cfg):
+        for ps in method.param_specs(in_features, out_features, self.cfg):
             self.register_parameter(ps.name, torch.nn.Parameter(
                 torch.zeros(ps.shape, dtype=ps.resolve_dtype(act_dtype)), requires_grad=False))
             names.append(ps.name)
@@ -111,11 +111,23 @@ def _build_classes(spec: Any) -> dict[str, type]:
                         setattr(module, child_name, OverdriveLinear(
                             method, cfg, child.in_features, child.out_features, child.bias is not None,
                             dtype, prefix=full))
+            from overdrive.contracts.weight_quant import ExpertQuantMethod
+
+            if isinstance(method, ExpertQuantMethod):  # per-expert formats: swap the MoE experts modules
+                from overdrive.adapters.transformers.moe_quant import swap_experts
+
+                swap_experts(model, method, cfg, dtype)
 
         def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
             for m in model.modules():
                 if isinstance(m, OverdriveLinear):
                     m.finish_loading()
+            from overdrive.contracts.weight_quant import ExpertQuantMethod
+
+            if isinstance(impl(), ExpertQuantMethod):
+                from overdrive.adapters.transformers.moe_quant import finish_experts
+
+                finish_experts(model)
 
         def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
             return False  # pre-quantized: parameters load as stored

@@ -21,7 +21,7 @@ import torch
 
 from overdrive.config import ConfigError
 from overdrive.contracts.llm_calibration import (PROPAGATE, AttentionCall, AttentionFn, Batch, BlockCall,
-                                                 LLMGeometry, LossFn, Recording)
+                                                 LLMGeometry, LossFn, ModelEnds, Recording)
 from overdrive.progress import progress
 
 ATTENTION = "overdrive_calibration"
@@ -96,7 +96,8 @@ def geometry(config: Any) -> LLMGeometry:
                 if getattr(config, k, None) is not None)
     return LLMGeometry(str(arch), int(text.num_hidden_layers), int(text.hidden_size), heads, kv,
                        int(getattr(text, "head_dim", None) or int(text.hidden_size) // heads), int(text.vocab_size),
-                       int(getattr(text, "max_position_embeddings", 0) or 0), hasattr(config, "vision_config"), vis)
+                       int(getattr(text, "max_position_embeddings", 0) or 0), hasattr(config, "vision_config"), vis,
+                       int(getattr(text, "intermediate_size", 0) or 0))
 
 
 def _nbytes(module: torch.nn.Module) -> int:
@@ -449,6 +450,20 @@ class TransformersCalibration:
     def input_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model.get_input_embeddings()(ids)
+
+    def ends(self, untie: bool = False) -> ModelEnds:
+        emb, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        norm = getattr(self.decoder, "norm", None)
+        if emb is None or head is None or norm is None:
+            raise ConfigError(f"{type(self.model).__name__}: no input embedding, final norm (decoder.norm) or LM head "
+                              "where a Llama/Qwen2-style model has them")
+        if untie and head.weight is emb.weight:
+            head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+            text = self.config.get_text_config(decoder=True) if hasattr(self.config, "get_text_config") else None
+            for conf in {id(c): c for c in (self.config, text) if c is not None}.values():
+                if hasattr(conf, "tie_word_embeddings"):
+                    conf.tie_word_embeddings = False
+        return ModelEnds(emb, norm, head)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:

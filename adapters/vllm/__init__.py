@@ -62,9 +62,11 @@ def _quant_api():
 
     from overdrive.adapters._weight_quant import EngineQuantAPI
     from overdrive.adapters.vllm.linear_kernels import kernel_handoff
+    from overdrive.adapters.vllm.moe_quant import moe_method
 
     return EngineQuantAPI("vLLM", __name__, QuantizationConfig, LinearMethodBase, LinearBase,
-                          UnquantizedLinearMethod, set_weight_attrs, kernel_handoff=kernel_handoff)
+                          UnquantizedLinearMethod, set_weight_attrs, kernel_handoff=kernel_handoff,
+                          moe_method=moe_method)
 
 
 def __getattr__(name: str) -> Any:

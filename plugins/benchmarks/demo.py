@@ -511,6 +511,37 @@ class Demo:
             raise AssertionError("the exported checkpoint differs from the pruned model")
         return f"EEP: 4 of 8 experts kept, export == pruned model (max |diff| {err:.1e}), stock engines serve it"
 
+    def mxmoe(self) -> str:
+        import json
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        import overdrive.transformers  # noqa: F401 - registers the quantizer
+        from overdrive.testing.moe import tiny_moe
+
+        src = tiny_moe("mixtral")
+        q = self.work / "mixtral-mxmoe"
+        subprocess.run([sys.executable, "-m", "overdrive.cli", "quantize", "--method", "mxmoe", "--model", str(src),
+                        "--output", str(q), "--avg-bits", "3.25", "--quantizer", "rtn", "--candidates",
+                        "w2g32,w3g32,w4g32,w8g64", "--samples", "2", "--seq-len", "64", "--device", "cpu"],
+                       check=True, env=self.env)
+        qc = json.loads((q / "config.json").read_text())["quantization_config"]
+        hist: dict[str, int] = {}
+        for per in qc["formats"].values():
+            for lin in per.values():
+                for f in lin.values():
+                    hist[f] = hist.get(f, 0) + 1
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        mx = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32).eval()
+        ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            a, b = ref(ids).logits, mx(ids).logits
+        agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+        print(f"  tiny Mixtral at 3.25 bits per expert weight: formats {dict(sorted(hist.items()))}; top-1 agreement "
+              f"with the float model {agree:.2f}")
+        return f"MxMoE: per-expert formats {dict(sorted(hist.items()))} at 3.25 bits, transformers loads it"
+
     def pcdvq(self) -> str:
         import torch
         from transformers import AutoModelForCausalLM
@@ -606,6 +637,7 @@ STEPS: list[tuple[str, str]] = [
     ("vgdfr", "VGDFR: a shorter latent after a few steps on a video pipeline, compare, disable"),
     ("r2r", "R2R: route a small/large pair with a trained router, compare with the large model"),
     ("eep", "EEP: search which experts to keep, export a smaller standard MoE checkpoint, compare"),
+    ("mxmoe", "MxMoE: mixed-precision MoE experts from the CLI, loaded in transformers"),
     ("pcdvq", "PCDVQ: 2-bit polar vector quantization from the CLI, load in transformers, compare with float"),
     ("vocabtailor", "VocabTailor: profile a task vocabulary, generate with the tailored LM head, compare"),
 ]

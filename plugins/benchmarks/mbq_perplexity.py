@@ -14,7 +14,9 @@ position of ``--eval-chunks`` chunks of ``--seq-len`` tokens.
 MBQ on text alone has no vision tokens to balance: it runs AWQ (the CLI warns), so its checkpoint is
 AWQ's and the table says so instead of calibrating twice. ``awq-linear`` is AWQ with every group
 judged on its own linear outputs (``--search-scope linear``), the loss this code used before AWQ's
-enclosing-module loss.
+enclosing-module loss. ``gptq`` / ``awq-gptq`` are GPTQ (after AWQ's scales for the latter);
+``+rotate`` rotates the model first (``--rotate full``: residual stream and an online Hadamard before
+down_proj).
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ BASELINES = {
     "rtn": ["--baseline", "rtn"],
     "awq": ["--baseline", "awq"],
     "awq-linear": ["--baseline", "awq", "--search-scope", "linear"],
+    "gptq": ["--baseline", "gptq"],
+    "awq-gptq": ["--baseline", "awq-gptq"],
+    "rtn+rotate": ["--baseline", "rtn", "--rotate", "full"],
+    "gptq+rotate": ["--baseline", "gptq", "--rotate", "full"],
+    "awq-gptq+rotate": ["--baseline", "awq-gptq", "--rotate", "full"],
 }
 
 
@@ -91,7 +98,10 @@ def quantize_cli(model: Path, out: Path, options: list[str], log: Path) -> dict[
 
 
 def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_samples: int, calib_seq_len: int,
-             eval_n: int, eval_seq_len: int, workdir: Path) -> dict[str, Any]:
+             eval_n: int, eval_seq_len: int, workdir: Path, with_fp: bool = True,
+             partial: Path | None = None) -> dict[str, Any]:
+    """The table's rows; with ``partial``, the report so far is written there after every row (a long run
+    on a shared machine keeps what finished)."""
     from transformers import AutoTokenizer
 
     from overdrive.testing.real import opticks_split
@@ -101,17 +111,19 @@ def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_sa
     calib.write_text(calib_text)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = eval_chunks(tok, eval_text, eval_n, eval_seq_len)
-    t = time.perf_counter()
-    rows = [{"scheme": "fp32", "baseline": "-", "perplexity": perplexity(_load(model_dir), ids),
-             "eval_seconds": time.perf_counter() - t}]
-    print(f"fp32: {rows[0]['perplexity']:.3f}", flush=True)
+    rows = []
+    if with_fp:
+        t = time.perf_counter()
+        rows.append({"scheme": "fp32", "baseline": "-", "perplexity": perplexity(_load(model_dir), ids),
+                     "eval_seconds": time.perf_counter() - t})
+        print(f"fp32: {rows[0]['perplexity']:.3f}", flush=True)
     for scheme in schemes:
         for baseline in baselines:
             if baseline == "awq-linear" and "A8" in scheme:
                 continue
             out = workdir / f"{scheme.replace(' ', '-')}-{baseline}"
             opts = SCHEMES[scheme] + BASELINES[baseline]
-            if baseline != "rtn":
+            if not baseline.startswith("rtn"):
                 opts += ["--calib-data", str(calib), "--samples", str(calib_samples), "--seq-len", str(calib_seq_len)]
             run = quantize_cli(model_dir, out, opts, workdir / f"{out.name}.log")
             t = time.perf_counter()
@@ -121,6 +133,16 @@ def evaluate(model_dir: Path, schemes: list[str], baselines: list[str], calib_sa
             print(f"{scheme} {baseline}: {ppl:.3f} (quantize {run['seconds']:.0f} s, peak RSS "
                   f"{run['peak_rss_mib']:.0f} MiB)", flush=True)
             shutil.rmtree(out)
+            if partial is not None:
+                from overdrive.benchmarks import write_json
+
+                write_json(partial, {**_report(model_dir, calib_samples, calib_seq_len, ids, eval_seq_len, rows),
+                                     "complete": False})
+    return _report(model_dir, calib_samples, calib_seq_len, ids, eval_seq_len, rows)
+
+
+def _report(model_dir: Path, calib_samples: int, calib_seq_len: int, ids: torch.Tensor, eval_seq_len: int,
+            rows: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = int(ids.numel())
     return {
         **header("mbq-perplexity", "cpu"),
@@ -154,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-chunks", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    ap.add_argument("--no-fp", action="store_true", help="skip the float model's row (measured by another run)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.model is None:
@@ -164,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         args.calib_samples, args.calib_seq_len, args.eval_chunks, args.eval_seq_len = 2, 64, 2, 64
     with tempfile.TemporaryDirectory(prefix="mbq-ppl-") as tmp:
         r = evaluate(args.model, args.schemes, args.baselines, args.calib_samples, args.calib_seq_len,
-                     args.eval_chunks, args.eval_seq_len, Path(tmp))
+                     args.eval_chunks, args.eval_seq_len, Path(tmp), with_fp=not args.no_fp, partial=args.json)
     print(f"{r['device']}  {r['date']}  model {r['model']}")
     print(format_table(r))
     if args.json:

@@ -44,6 +44,9 @@ PROPAGATE = ("calibrated", "original")
 
 #: the implementations of this contract, by framework: "module:attribute" of their ``load``
 BACKENDS = {"transformers": "overdrive.adapters.transformers.calibration:load"}
+#: framework-neutral views of a decoder block's sparse MoE block (router decision, expert weights), by
+#: framework: "module:attribute" of ``moe_view(block_module, config) -> view | None`` (None: dense block)
+MOE_VIEWS = {"transformers": "overdrive.adapters.transformers.moe_quant:moe_view"}
 #: their tokenizer loaders
 TOKENIZERS = {"transformers": "overdrive.adapters.transformers.calibration:load_tokenizer"}
 
@@ -113,6 +116,8 @@ class LLMGeometry:
     max_position_embeddings: int
     is_vlm: bool = False
     vision_token_ids: tuple[int, ...] = ()
+    #: the MLP's hidden width (gate/up outputs, down inputs); 0 when the model does not say
+    intermediate_size: int = 0
 
     @property
     def identity(self) -> ModelIdentity:
@@ -200,6 +205,17 @@ class CalibrationBlock(Protocol):
         """Propagate these outputs (one per call) to the next block instead of running the block."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelEnds:
+    """The modules around the decoder blocks, on the CPU in the storage dtype: the token embedding
+    (``weight`` (V, H)), the final norm before the head, and the LM head (``weight`` (V, H)). Methods
+    that transform the residual stream (e.g. a rotation) change them in place."""
+
+    embedding: torch.nn.Module
+    final_norm: torch.nn.Module
+    head: torch.nn.Module
+
+
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 """``loss(logits, batch_index)`` -> a scalar; ``logits`` are the head's outputs at the requested positions."""
 
@@ -234,6 +250,11 @@ class LLMCalibration(Protocol):
 
     def input_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of ``ids`` (CPU)."""
+
+    def ends(self, untie: bool = False) -> ModelEnds:
+        """The embedding, final norm and LM head. ``untie``: when the head shares the embedding's weight,
+        give it its own copy first (and record that in the config), so the two can change apart and the
+        saved checkpoint holds both."""
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy continuation of ``ids`` (B, N) by ``new_tokens`` tokens: (B, N + new_tokens), CPU."""
@@ -276,3 +297,16 @@ def load_tokenizer(model: str | Path, framework: str = "transformers") -> Any:
     if framework not in TOKENIZERS:
         raise ConfigError(f"no LLM calibration for framework {framework!r}; known: {', '.join(TOKENIZERS)}")
     return _resolve(TOKENIZERS[framework])(Path(model))
+
+
+def moe_view(module: torch.nn.Module, config: Any = None, framework: str = "transformers") -> Any:
+    """The sparse MoE block of a calibration block's module as a view, or None for a dense block.
+
+    A view has ``num_experts``, ``top_k``, ``hidden``, ``intermediate``, ``shared_expert``,
+    ``act_fn``, ``route(x (T, H)) -> (weights (T, k), ids (T, k))`` (the model's own router) and
+    ``weight(expert, "gate"|"up"|"down") -> (N, K)`` (on the block's device)."""
+    from overdrive.spec import _resolve
+
+    if framework not in MOE_VIEWS:
+        raise ConfigError(f"no MoE view for framework {framework!r}; known: {', '.join(MOE_VIEWS)}")
+    return _resolve(MOE_VIEWS[framework])(module, config)

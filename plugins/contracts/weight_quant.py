@@ -127,6 +127,13 @@ class WeightQuantMethod(abc.ABC):
         """Whether the linear layer at ``prefix`` (e.g. ``model.layers.0.mlp.down_proj``) is quantized."""
         return True
 
+    def layer_config(self, prefix: str, cfg: MethodConfig) -> MethodConfig:
+        """The config the linear layer at ``prefix`` runs with; adapters call it once per layer, before
+        :meth:`validate_partition`, and use the result for every later call of that layer. Default: the
+        checkpoint's config (a method whose layers differ, e.g. an input transform on some layers only,
+        returns a per-layer copy)."""
+        return cfg
+
     def validate_partition(self, in_features: int, out_features: Sequence[int], cfg: MethodConfig,
                            prefix: str = "") -> None:
         """Reject a tensor-parallel partition the format cannot represent (raise ConfigError)."""
@@ -154,6 +161,37 @@ class WeightQuantMethod(abc.ABC):
         """The loaded checkpoint tensors (``param_specs`` names, before :meth:`process_after_loading`)
         as a :class:`StandardWeight`; required when :meth:`weight_format` is not None."""
         raise NotImplementedError(f"{type(self).__name__} declares a weight_format but no standard_weight")
+
+
+class ExpertQuantMethod(abc.ABC):
+    """Optional mix-in of a :class:`WeightQuantMethod` that also quantizes MoE experts, per expert.
+
+    Adapters that see a MoE layer (transformers: the experts module of a sparse MoE block; vLLM: the
+    fused-MoE layer) ask :meth:`expert_formats` whether the layer's experts are quantized, check the
+    model against the plan (:meth:`check_moe_layer`), let the engine load the per-expert checkpoint
+    tensors named by :meth:`expert_tensor_names` (``...experts.{e}.{proj}.{name}``), then hand them to
+    :meth:`expert_runtime`, a torch module computing the routed experts from the engine's routing:
+    ``forward(x (T, H), topk_weights (T, k), topk_ids (T, k)) -> (T, H)``.
+    """
+
+    @abc.abstractmethod
+    def expert_formats(self, cfg: MethodConfig, layer: int) -> dict[int, dict[str, str]] | None:
+        """{expert: {"gate"|"up"|"down": format name}} of MoE layer ``layer``; None: not quantized."""
+
+    @abc.abstractmethod
+    def check_moe_layer(self, cfg: MethodConfig, layer: int, num_experts: int, top_k: int, hidden: int,
+                        intermediate: int, where: str) -> None:
+        """Raise ConfigError when the model's MoE layer is not the one the plan was made for."""
+
+    @abc.abstractmethod
+    def expert_tensor_names(self, cfg: MethodConfig, layer: int, expert: int, linear: str) -> tuple[str, ...]:
+        """Checkpoint tensor names (suffixes) of one expert linear."""
+
+    @abc.abstractmethod
+    def expert_runtime(self, cfg: MethodConfig, layer: int,
+                       tensors: Mapping[int, Mapping[str, Mapping[str, torch.Tensor]]], hidden: int,
+                       intermediate: int, dtype: torch.dtype, act_fn: Any) -> torch.nn.Module:
+        """The layer's experts from their loaded tensors ``{expert: {linear: {name: tensor}}}``."""
 
 
 def check_quant_method(quantization_config: Mapping[str, Any], name: str, source: str = "quantization_config") -> None:

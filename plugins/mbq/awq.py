@@ -44,14 +44,17 @@ class Group:
     input_role: str = ""
 
 
-def block_groups(roles: Mapping[str, torch.nn.Module]) -> list[Group]:
-    """The scaling groups of a decoder block, from its sub-modules by role (see the LLM calibration contract)."""
+def block_groups(roles: Mapping[str, torch.nn.Module], fold_down: bool = True) -> list[Group]:
+    """The scaling groups of a decoder block, from its sub-modules by role (see the LLM calibration contract).
+    ``fold_down`` False leaves out (up -> down): with an online Hadamard on down_proj's inputs (a rotated
+    model, :mod:`.rotation`) a scale on them cannot be folded into up_proj."""
     r = roles
     groups = [Group("qkv", r["attn_norm"], [r["q"], r["k"], r["v"]], "attn", "q")]
     if r["v"].out_features == r["o"].in_features:  # with grouped KV heads the shapes do not allow it
         groups.append(Group("o", r["v"], [r["o"]], "attn", "o"))
     groups.append(Group("gate_up", r["mlp_norm"], [r["gate"], r["up"]], "mlp", "gate"))
-    groups.append(Group("down", r["up"], [r["down"]], "mlp", "down"))
+    if fold_down:
+        groups.append(Group("down", r["up"], [r["down"]], "mlp", "down"))
     return groups
 
 

@@ -1,4 +1,4 @@
-"""MBQ calibration: modality-weighted, gradient-reweighted AWQ-style scale search (and AWQ, RTN).
+"""MBQ calibration: modality-weighted, gradient-reweighted AWQ-style scale search (and AWQ, RTN), and GPTQ.
 
 Pipeline (``calibrate(run, samples, cfg)``), on a (vision-)language model loaded for calibration (the LLM
 calibration layer, :func:`overdrive.contracts.llm_calibration.load_for_calibration`: one decoder block on
@@ -26,12 +26,23 @@ the device at a time, in float32):
    (their weights quantized; for W4A8/W8A8 their activations are not); otherwise the folded float
    block's outputs propagate.
 
+5. **GPTQ** (baselines "gptq", "awq-gptq", "mbq-gptq"; :mod:`.gptq`), in the same block-by-block pass,
+   after the block's scales are folded ("awq-gptq" / "mbq-gptq"; "gptq" folds none): one run of the
+   block accumulates, on the device, the Hessian ``H = 2 X^T diag(w) X / sum(w)`` of each distinct linear
+   input (q,k,v share one; gate,up share one; o; down) from the layer's recording hooks, with ``w`` MBQ's
+   modality token weights for "mbq-gptq" (caption 1, vision r, other tokens 0) and 1 otherwise; every
+   linear of the block is quantized by GPTQ against its Hessian and its weight replaced by the
+   dequantized one, so the next block's inputs are the quantized block's outputs. GPTQ's codes, scales
+   and zero points become the checkpoint's tensors (buffers :data:`GPTQ_BUFFERS` on the linears of
+   the calibrated copy).
+
 The loss of q,k,v is measured on the attention block's output and that of gate,up on the MLP's
 output (the enclosing module, as AWQ does); v->o and up->down on their own linear outputs
 (``scope="linear"`` judges every group on its own linear outputs); see docs/methods/mbq.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Iterable, Sequence
@@ -45,10 +56,12 @@ from .awq import (ENCLOSING, GRID, Group, GroupResult, block_groups, fold_scales
                   search_group)
 from .config import MBQConfig
 from .data import CalibSample
-from .quant import fake_quant_act, fake_quant_weight
+from .gptq import ChannelSymmetric, GroupAsymmetric, Hessian, gptq, objective, rtn
+from .quant import act8_tensors, fake_quant_act, fake_quant_weight, group_tensors
 
-__all__ = ["ENCLOSING", "GRID", "CalibSample", "Group", "GroupResult", "calibrate", "fold_scales", "gradient_ratios",
-           "layer_groups", "search_and_fold", "search_group", "search_group_on_module"]
+__all__ = ["ENCLOSING", "GPTQ_BASELINES", "GPTQOptions", "GRID", "CalibSample", "Group", "GroupResult", "calibrate",
+           "calibrate_blocks", "fold_scales", "gradient_ratios", "layer_groups", "search_group",
+           "search_group_on_module"]
 
 #: default cap on the tokens the scale-search loss is measured on (statistics use every token)
 SEARCH_TOKENS = 4096
@@ -181,7 +194,7 @@ def _subset_calls(calls: Sequence[BlockCall], subset: list[tuple[int, list[int]]
 def _search_block(block: CalibrationBlock, samples: Sequence[CalibSample], cfg: MBQConfig,
                   ratio: dict[str, float] | None, loss_mode: str, scope: str, search_tokens: int
                   ) -> list[GroupResult]:
-    groups = block_groups(block.roles)
+    groups = block_groups(block.roles, fold_down=not cfg.online_hadamard)
     module_scope = [g for g in groups if scope == "module" and g.name in ENCLOSING]
     linear_scope = [g for g in groups if g not in module_scope]
     roles = [ENCLOSING[g.name] for g in module_scope] + [g.input_role for g in linear_scope]
@@ -229,39 +242,126 @@ def _search_block(block: CalibrationBlock, samples: Sequence[CalibSample], cfg: 
     return results
 
 
-@torch.no_grad()
-def search_and_fold(run: LLMCalibration, samples: Sequence[CalibSample], cfg: MBQConfig, *,
-                    ratios: list[dict[str, float]] | None, loss_mode: str = "mae", distort: bool = False,
-                    scope: str = "module", search_tokens: int = SEARCH_TOKENS) -> list[GroupResult]:
-    """Run the block-wise scale search and fold the chosen scales into the model in place.
+# -------------------------------------------------------------------------------------- GPTQ
+#: baselines whose codes GPTQ chooses ("awq-gptq" / "mbq-gptq": after AWQ's / MBQ's scales are folded)
+GPTQ_BASELINES = ("gptq", "awq-gptq", "mbq-gptq")
+#: buffers a GPTQ-quantized linear carries into the calibrated copy: its checkpoint tensors (qweight,
+#: scales and, weight-only, zeros; :func:`overdrive.mbq.quant.group_tensors` / ``act8_tensors``), which
+#: the checkpoint writer renames
+GPTQ_BUFFERS = {"gptq_qweight": "qweight", "gptq_scales": "scales", "gptq_zeros": "zeros"}
+#: role whose input a Hessian is accumulated on -> the linears reading that same input
+GPTQ_INPUTS = {"q": ("q", "k", "v"), "o": ("o",), "gate": ("gate", "up"), "down": ("down",)}
+_BRANCH = {"q": "attn", "o": "attn", "gate": "mlp", "down": "mlp"}
 
-    Block by block (the layer onloads one decoder block at a time): only the current block's inputs,
-    its recorded sub-module calls and its outputs are held (one block's activations over the
-    calibration set). ``scope``: "module" judges q,k,v and gate,up on the attention / MLP output
-    (AWQ); "linear" on the group's own linear outputs.
+
+@dataclasses.dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's knobs: dampening ``percdamp`` (fraction of the mean Hessian diagonal), activation order
+    (with static groups: the checkpoint layout stays the same), lazy-batch ``block_size``, and the dtype
+    of the Hessians and of GPTQ's math (float64 by default: the result does not depend on summation
+    order; float32 is faster on GPUs with slow float64)."""
+
+    percdamp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    dtype: torch.dtype = torch.float64
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percdamp < 1:
+            raise ConfigError(f"GPTQ dampening must be in [0, 1), got {self.percdamp}")
+        if self.block_size <= 0:
+            raise ConfigError(f"GPTQ block size must be positive, got {self.block_size}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"GPTQ dtype must be float32 or float64, got {self.dtype}")
+
+
+def gptq_grid(cfg: MBQConfig) -> ChannelSymmetric | GroupAsymmetric:
+    """MBQ's weight grid for ``cfg`` (the one its round to nearest uses)."""
+    return ChannelSymmetric(cfg.bits) if cfg.act_bits == 8 else GroupAsymmetric(cfg.bits, cfg.group_size)
+
+
+def _gptq_block(block: CalibrationBlock, samples: Sequence[CalibSample], cfg: MBQConfig,
+                ratio: dict[str, float] | None, opts: GPTQOptions
+                ) -> tuple[list[GroupResult], list[tuple[torch.nn.Module, dict[str, torch.Tensor]]]]:
+    """GPTQ every linear of ``block`` in place (weights -> dequantized GPTQ weights); returns per-linear
+    results (loss: GPTQ's objective; rtn_loss: RTN's on the same Hessian) and the checkpoint tensors."""
+    hess = {r: Hessian(block.roles[r].in_features, opts.dtype, block.device) for r in GPTQ_INPUTS}
+    weights = [None if ratio is None else {b: _token_weights(s, b, ratio) for b in ("attn", "mlp")}
+               for s in samples]
+
+    def accumulate(role: str, x: torch.Tensor, call: int) -> None:
+        w = weights[call]
+        hess[role].add(x.detach(), None if w is None else w[_BRANCH[role]].to(x.device))
+
+    block.record(tuple(GPTQ_INPUTS), on_input=accumulate, keep=lambda _j: False)
+    grid = gptq_grid(cfg)
+    results, tensors = [], []
+    for role, members in GPTQ_INPUTS.items():
+        h = hess.pop(role).get()
+        for m in members:
+            lin = block.roles[m]
+            res = gptq(lin.weight, h, grid, block_size=opts.block_size, percdamp=opts.percdamp,
+                       act_order=opts.act_order, dtype=opts.dtype)
+            results.append(GroupResult(block.index, m, 0.0, res.error,
+                                       objective(lin.weight, rtn(lin.weight, grid, opts.dtype).weight, h)))
+            lin.weight.copy_(res.weight)
+            t = (act8_tensors(res.codes.cpu(), res.scales.cpu(), cfg.bits) if cfg.act_bits == 8 else
+                 group_tensors(res.codes.cpu(), res.scales.cpu(), res.zeros.cpu(), cfg.bits))
+            tensors.append((lin, t))
+    return results, tensors
+
+
+@torch.no_grad()
+def calibrate_blocks(run: LLMCalibration, samples: Sequence[CalibSample], cfg: MBQConfig, *,
+                     ratios: list[dict[str, float]] | None, loss_mode: str = "mae", distort: bool = False,
+                     scope: str = "module", search_tokens: int = SEARCH_TOKENS,
+                     gptq_opts: GPTQOptions | None = None) -> list[GroupResult]:
+    """Block by block (the layer onloads one decoder block at a time): search and fold the block's
+    scales (every baseline but "gptq"), then, for the GPTQ baselines, GPTQ its linears. Only the current
+    block's inputs, its recorded sub-module calls and its outputs are held (one block's activations over
+    the calibration set). ``ratios``: MBQ's per-layer gradient ratios (the token weights of the search
+    loss and of GPTQ's Hessians); None: uniform. ``scope``: "module" judges q,k,v and gate,up on the
+    attention / MLP output (AWQ); "linear" on the group's own linear outputs. ``distort``: scale search
+    on the quantized earlier blocks (GPTQ always propagates the quantized blocks' outputs).
     """
     if scope not in ("module", "linear"):
         raise ConfigError(f"search scope must be 'module' or 'linear', got {scope!r}")
+    use_gptq = cfg.baseline in GPTQ_BASELINES
+    opts = gptq_opts or GPTQOptions()
     results: list[GroupResult] = []
+    quantized: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
     for block in run.blocks([s.inputs for s in samples], propagate="calibrated",
-                            desc=f"mbq search ({cfg.baseline})"):
-        results += _search_block(block, samples, cfg, ratios[block.index] if ratios else None, loss_mode, scope,
-                                 search_tokens)
-        if distort:
-            linears = [lin for g in block_groups(block.roles) for lin in g.linears]
+                            desc=f"mbq ({cfg.baseline})"):
+        ratio = ratios[block.index] if ratios else None
+        if cfg.baseline != "gptq":
+            results += _search_block(block, samples, cfg, ratio, loss_mode, scope, search_tokens)
+        if use_gptq:
+            res, tensors = _gptq_block(block, samples, cfg, ratio, opts)
+            results += res
+            quantized += tensors
+            block.set_outputs(block.run())  # the next block sees the quantized block
+        elif distort:
+            linears = [block.roles[r] for r in ("q", "k", "v", "o", "gate", "up", "down")]
             saved = [lin.weight.detach().clone() for lin in linears]
             for lin in linears:
                 lin.weight.copy_(fake_quant_weight(lin.weight, cfg))
             block.set_outputs(block.run())
             for lin, w in zip(linears, saved):
                 lin.weight.copy_(w)
+    # after the loop: the blocks are back in storage, where a buffer keeps its dtype (float16 scales)
+    for lin, tensors in quantized:
+        for buf, name in GPTQ_BUFFERS.items():
+            if name in tensors:
+                lin.register_buffer(buf, tensors[name])
     return results
 
 
 def calibrate(run: LLMCalibration, samples: Sequence[CalibSample], cfg: MBQConfig, *,
               loss_mode: str = "mae", distort: bool = False, scope: str = "module",
-              search_tokens: int = SEARCH_TOKENS) -> list[GroupResult]:
-    """Search and fold scales into the model per ``cfg.baseline`` ("mbq" or "awq"); returns per-group results."""
+              search_tokens: int = SEARCH_TOKENS, gptq_opts: GPTQOptions | None = None) -> list[GroupResult]:
+    """Calibrate the model in place per ``cfg.baseline``: "mbq" / "awq" search and fold scales; "gptq"
+    quantizes with GPTQ (uniform token weights); "awq-gptq" / "mbq-gptq" fold AWQ's / MBQ's scales, then
+    run GPTQ (MBQ's modality token weights in the Hessians for "mbq-gptq"). Returns per-group results."""
     if cfg.baseline == "rtn":
         return []
     if loss_mode not in ("mae", "mse"):
@@ -269,14 +369,15 @@ def calibrate(run: LLMCalibration, samples: Sequence[CalibSample], cfg: MBQConfi
     if not samples:
         raise ConfigError("no calibration samples")
     ratios = None
-    if cfg.baseline == "mbq":
+    if cfg.baseline in ("mbq", "mbq-gptq"):
         if not any(bool(s.vision_mask.any()) for s in samples):
-            warnings.warn("MBQ calibration data has no vision tokens: running as AWQ (uniform token weights)",
+            as_ = "AWQ" if cfg.baseline == "mbq" else "AWQ+GPTQ"
+            warnings.warn(f"MBQ calibration data has no vision tokens: running as {as_} (uniform token weights)",
                           stacklevel=2)
         else:
             ratios = gradient_ratios(run, samples)
-    return search_and_fold(run, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort, scope=scope,
-                           search_tokens=search_tokens)
+    return calibrate_blocks(run, samples, cfg, ratios=ratios, loss_mode=loss_mode, distort=distort, scope=scope,
+                            search_tokens=search_tokens, gptq_opts=gptq_opts)
 
 
 def iter_finite(results: Iterable[GroupResult]) -> bool:

@@ -20,7 +20,13 @@ class MBQConfig(MethodConfig):
     act_bits         16: weight-only (W3/W4); 8: int8 per-token dynamic activations (W8A8 / W4A8)
     zero_point       weight-only schemes are asymmetric (true); W4A8/W8A8 symmetric (false)
     modules_to_not_convert  module-name substrings left in 16 bits (vision tower, LM head, ...)
-    baseline         how scales were chosen: "rtn" (round to nearest), "awq" or "mbq" (recorded only)
+    baseline         how the weights were calibrated (recorded only): "rtn" (round to nearest), "awq" or
+                     "mbq" (scales searched, then round to nearest), "gptq", "awq-gptq", "mbq-gptq"
+                     (GPTQ; after AWQ's / MBQ's scales; MBQ's modality token weights in the Hessian)
+    rotation         "none"; "residual": the residual stream was rotated offline (random Hadamard, norms
+                     folded: nothing to do at run time); "full": also an online Hadamard before down_proj
+    online_hadamard  block size (a power of two) of the online Hadamard the runtime applies to the inputs
+                     of every ``down_proj`` layer (0: none; set exactly with rotation "full")
     """
 
     VERSION = 1
@@ -29,11 +35,19 @@ class MBQConfig(MethodConfig):
     act_bits: Literal[8, 16] = 16
     zero_point: bool | None = None  # None: the scheme's own (weight-only asymmetric, A8 symmetric)
     modules_to_not_convert: list = dataclasses.field(default_factory=lambda: list(DEFAULT_SKIP))
-    baseline: Literal["rtn", "awq", "mbq"] = "mbq"
+    baseline: Literal["rtn", "awq", "mbq", "gptq", "awq-gptq", "mbq-gptq"] = "mbq"
+    rotation: Literal["none", "residual", "full"] = "none"
+    online_hadamard: int = 0
 
     def validate(self) -> None:
         if self.zero_point is None:
             self.zero_point = self.act_bits == 16
+        oh = self.online_hadamard
+        if not isinstance(oh, int) or oh < 0 or (oh & (oh - 1)):
+            raise ConfigError(f"MBQConfig.online_hadamard must be 0 or a power of two, got {oh!r}")
+        if (self.rotation == "full") != (oh > 0):
+            raise ConfigError(f"MBQConfig: rotation {self.rotation!r} with online_hadamard={oh} (an online Hadamard "
+                              "block is set exactly when rotation is 'full')")
         if self.act_bits == 8 and self.zero_point:
             raise ConfigError("MBQConfig: W4A8/W8A8 weights are symmetric per output channel (zero_point must be false)")
         if self.act_bits == 16:

@@ -77,7 +77,7 @@ def quantization_config(cfg: MBQConfig, ignore: list[str]) -> dict[str, Any]:
         "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
         "transform_config": {}, "version": CT_VERSION,
         # provenance (ignored by loaders): how the codes were chosen
-        "overdrive": {"method": NAME, "scheme": cfg.scheme, "baseline": cfg.baseline},
+        "overdrive": {"method": NAME, "scheme": cfg.scheme, "baseline": cfg.baseline, "rotation": cfg.rotation},
     }
 
 
@@ -98,12 +98,21 @@ def _model_dtype(model: Path) -> torch.dtype:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
 
+def check_exportable(cfg: MBQConfig, model: str) -> None:
+    """compressed-tensors holds no online rotation (``--rotate full``): refuse before any work."""
+    if cfg.online_hadamard:
+        raise ConfigError(f"{model}: rotated with an online Hadamard before down_proj (--rotate full), which engines "
+                          "reading compressed-tensors do not apply; serve it through overdrive (--quantization mbq), "
+                          "or quantize with --rotate residual (offline rotation only), which exports")
+
+
 def export_compressed_tensors(model: Path, output: Path) -> Path:
     """Write ``output`` (must not exist): the MBQ checkpoint ``model`` in the compressed-tensors layout."""
     from safetensors import safe_open
 
     model, output = Path(model), Path(output)
     cfg = _mbq_config(model)
+    check_exportable(cfg, str(model))
     dtype = _model_dtype(model)
     where: dict[str, Path] = {}
     for shard in checkpoint_shards(model):

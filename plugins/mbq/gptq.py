@@ -182,8 +182,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_size: int = 128,
     diag.add_(percdamp * mean)
 
     ngroups = k // g if g is not None else 1
-    scales = torch.zeros(n, ngroups, dtype=dtype)
-    zeros = torch.zeros(n, ngroups, dtype=dtype)
+    scales = torch.zeros(n, ngroups, dtype=dtype, device=W.device)
+    zeros = torch.zeros(n, ngroups, dtype=dtype, device=W.device)
     if g is None:
         s, z = grid.params(W)
         scales[:, 0], zeros[:, 0] = s, z
@@ -191,7 +191,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, *, block_size: int = 128,
         for j in range(ngroups):
             scales[:, j], zeros[:, j] = grid.params(W[:, j * g:(j + 1) * g])
 
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else \
+        torch.arange(k, device=W.device)
     W = W[:, perm]
     H = H[perm][:, perm]
     L = torch.linalg.cholesky(H)

@@ -21,6 +21,7 @@ in neutral terms and :meth:`MBQMethod.standard_weight` unpacks the checkpoint te
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
@@ -28,8 +29,8 @@ import torch
 from overdrive.config import ConfigError
 from overdrive.contracts.weight_quant import (ACT_DTYPE, ParamSpec, StandardWeight, WeightFormat, WeightQuantMethod,
                                               check_quant_method)
-from overdrive.kernels import (act8_linear_prepared, group_linear_prepared, packed_length, prepare_act8_linear,
-                               prepare_group_linear, unpack)
+from overdrive.kernels import (act8_linear_prepared, group_linear_prepared, hadamard_transform, packed_length,
+                               prepare_act8_linear, prepare_group_linear, unpack)
 
 from .config import MBQConfig
 
@@ -45,7 +46,18 @@ class MBQMethod(WeightQuantMethod):
     def is_quantized_layer(self, prefix: str, cfg: MBQConfig) -> bool:
         return not any(s in prefix for s in cfg.modules_to_not_convert)
 
+    def layer_config(self, prefix: str, cfg: MBQConfig) -> MBQConfig:
+        """Rotated checkpoints (``rotation: "full"``): only ``down_proj`` layers keep ``online_hadamard``
+        (their inputs are rotated at run time); every other layer runs without it."""
+        if cfg.online_hadamard and not prefix.endswith("down_proj"):
+            return dataclasses.replace(cfg, rotation="residual", online_hadamard=0)
+        return cfg
+
     def validate_partition(self, in_features: int, out_features: list[int], cfg: MBQConfig, prefix: str = "") -> None:
+        if cfg.online_hadamard and in_features % cfg.online_hadamard:
+            raise ConfigError(f"MBQ layer {prefix or '?'}: {in_features} input features per tensor-parallel shard is "
+                              f"not a multiple of the online Hadamard block {cfg.online_hadamard} the checkpoint was "
+                              "rotated with; use a smaller tensor-parallel size")
         if cfg.act_bits == 8:
             if cfg.bits == 4 and in_features % 8:
                 raise ConfigError(f"MBQ W4A8 layer {prefix or '?'}: {in_features} input features per tensor-parallel "
@@ -80,12 +92,17 @@ class MBQMethod(WeightQuantMethod):
 
     def apply(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], bias: torch.Tensor | None,
               cfg: MBQConfig) -> torch.Tensor:
-        """``params``: what :meth:`process_after_loading` returned."""
+        """``params``: what :meth:`process_after_loading` returned. Layers with an online Hadamard (rotated
+        checkpoints) transform their input first."""
+        if cfg.online_hadamard:
+            x = hadamard_transform(x, block=cfg.online_hadamard)
         if cfg.act_bits == 8:
             return act8_linear_prepared(x, dict(params), cfg.bits, bias)
         return group_linear_prepared(x, dict(params), cfg.bits, cfg.group_size, bias)
 
-    def weight_format(self, cfg: MBQConfig) -> WeightFormat:
+    def weight_format(self, cfg: MBQConfig) -> WeightFormat | None:
+        if cfg.online_hadamard:
+            return None  # the input transform runs in apply: an engine's kernel would skip it
         if cfg.act_bits == 8:
             return WeightFormat(cfg.bits, None, zero_point=False, act_bits=8)
         return WeightFormat(cfg.bits, cfg.group_size, zero_point=True)

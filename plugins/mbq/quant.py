@@ -38,18 +38,28 @@ def rtn_per_channel_symmetric(w: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     return codes, scales
 
 
+def act8_tensors(codes: torch.Tensor, scales: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """W8A8/W4A8 checkpoint tensors from signed codes (N, K) and per-output-channel scales (N,)."""
+    q = codes.to(torch.int8) if bits == 8 else pack((codes.to(torch.int64) + 8), 4)
+    return {"qweight": q, "scales": scales.to(torch.float16)}
+
+
+def group_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Weight-only checkpoint tensors qweight/scales/zeros from unsigned codes (N, K) and per-group
+    scales / zero points (N, K/group)."""
+    return {"qweight": pack(codes.to(torch.int64), bits), "scales": scales.to(torch.float16),
+            "zeros": zeros.to(torch.uint8)}
+
+
 def rtn_act8_tensors(w: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """W8A8/W4A8 checkpoint tensors of a (N, K) weight."""
-    codes, scales = rtn_per_channel_symmetric(w, bits)
-    q = codes.to(torch.int8) if bits == 8 else pack((codes + 8).to(torch.int64), 4)
-    return {"qweight": q, "scales": scales.to(torch.float16)}
+    return act8_tensors(*rtn_per_channel_symmetric(w, bits), bits)
 
 
 def rtn_group_asymmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
     """RTN of a (N, K) weight into the checkpoint tensors qweight/scales/zeros."""
     codes, scales, zeros = rtn_codes(w, bits, group_size)
-    return {"qweight": pack(codes.reshape(w.shape).to(torch.int64), bits), "scales": scales.to(torch.float16),
-            "zeros": zeros.to(torch.uint8)}
+    return group_tensors(codes.reshape(w.shape), scales, zeros, bits)
 
 
 def rtn_fake_quant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -88,10 +88,161 @@ def _orbit_keys(z: np.ndarray) -> np.ndarray:
     return np.concatenate([a, par[:, None]], axis=1)
 
 
-def _nearest(x: torch.Tensor, cb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    out = torch.empty(x.shape[0], dtype=torch.long)
-    for i in range(0, x.shape[0], chunk):
-        out[i:i + chunk] = (x[i:i + chunk] @ cb.T).argmax(1)
+#: float32 scores of unit vectors are within this of their float64 values (8 products of unit
+#: vectors, plus the rounding of both to float32: a few 1e-7); pairs closer than this are re-checked
+TIE_MARGIN = 1e-5
+#: float64 closed-form orbit scores closer than this (or sorted |x| coordinates closer than
+#: :data:`COORD_GAP`) are re-checked against the whole codebook in float64
+ORBIT_MARGIN = 1e-10
+COORD_GAP = 1e-7
+
+
+def _nearest_dense(v64: torch.Tensor, cb64: torch.Tensor, dev: torch.device, budget: int) -> torch.Tensor:
+    """float32 scores of the normalised rows against every codeword, top two, float64 re-check of the
+    rows whose top two are within TIE_MARGIN (the exact float64 argmax, first index among exact ties)."""
+    out = torch.empty(v64.shape[0], dtype=torch.long)
+    cb32 = cb64.to(device=dev, dtype=torch.float32)
+    chunk = max(256, budget // max(1, cb64.shape[0]))
+    for i in range(0, v64.shape[0], chunk):
+        x = v64[i:i + chunk]
+        xn = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(device=dev, dtype=torch.float32)
+        top = (xn @ cb32.T).topk(min(2, cb64.shape[0]), dim=1)
+        idx = top.indices[:, 0].cpu()
+        if cb64.shape[0] > 1:
+            close = ((top.values[:, 0] - top.values[:, 1]) <= TIE_MARGIN).cpu().nonzero().reshape(-1)
+            if close.numel():
+                idx[close] = (x[close] @ cb64.T).argmax(1)
+        out[i:i + chunk] = idx
+    return out
+
+
+class _Orbits:
+    """The W(D8)-orbit structure of a codebook (coordinate permutations and even sign changes: the
+    symmetries of E8 and of the isotropic Gaussian). For a *complete* orbit (every member in the
+    codebook) the largest ``<x, c>`` over its members has a closed form: pair the sorted ``|x|`` with the
+    orbit's sorted ``|c|`` and take x's signs (rearrangement inequality); when the orbit has no zero
+    coordinate its members have a fixed parity of negative signs, and if x's differs the sign of the
+    smallest product is flipped (``- 2 |x|_min |c|_min``). Codewords of incomplete orbits (a cut orbit,
+    or any codebook without the symmetry) are scored densely."""
+
+    def __init__(self, cb64: torch.Tensor):
+        c = cb64.cpu()
+        a = c.abs().sort(dim=1, descending=True).values
+        nonzero = (c != 0).all(1)
+        par = torch.where(nonzero, (c < 0).sum(1) % 2, torch.zeros_like(nonzero, dtype=torch.long))
+        keys = torch.cat([a, par[:, None].double()], 1)
+        uniq, orbit = torch.unique(keys, dim=0, return_inverse=True)
+        reps = uniq[:, :DIM].contiguous()
+        size = torch.bincount(orbit, minlength=len(uniq))
+        expected = []
+        dv = torch.zeros(len(uniq), DIM, dtype=torch.long)
+        for o in range(len(uniq)):
+            vals, counts = torch.unique_consecutive(reps[o], return_counts=True)
+            perms = math.factorial(DIM) // math.prod(math.factorial(int(m)) for m in counts)
+            nz = int((reps[o] != 0).sum())
+            expected.append(perms * (2 ** nz if nz < DIM else 2 ** (DIM - 1)))
+            dv[o] = torch.repeat_interleave(torch.arange(len(vals)), counts)
+        self.reps, self.parity = reps, uniq[:, DIM].long()
+        self.constrained = reps[:, DIM - 1] > 0
+        self.complete = size == torch.tensor(expected)
+        self.dv = dv
+        # per codeword: (orbit, digits) with digit i = 2 * (index of |c_i| among its orbit's distinct
+        # values, largest first) + (c_i < 0), as orbit * 16^8 + sum digit_i 16^i
+        rank = torch.zeros_like(c, dtype=torch.long)
+        for o in range(len(uniq)):
+            m = orbit == o
+            vals = torch.unique_consecutive(reps[o])
+            rank[m] = (c[m].abs()[..., None] == vals).long().argmax(-1)
+        digit = rank * 2 + (c < 0).long()
+        self.key = orbit * (16 ** DIM) + (digit * (16 ** torch.arange(DIM))).sum(1)
+        self.key_sorted, self.key_order = self.key.sort()
+        self.incomplete_ids = torch.nonzero(~self.complete[orbit]).reshape(-1)
+
+    def lookup(self, key: torch.Tensor) -> torch.Tensor:
+        pos = torch.searchsorted(self.key_sorted, key).clamp_max(len(self.key_sorted) - 1)
+        if not bool((self.key_sorted[pos] == key).all()):  # cannot happen for a complete orbit
+            raise AssertionError("PCDVQ nearest: a closed-form codeword is not in its complete orbit")
+        return self.key_order[pos]
+
+
+@functools.lru_cache(maxsize=4)
+def _orbits_of(cb_bytes: bytes, shape: tuple[int, int]) -> _Orbits:
+    return _Orbits(torch.frombuffer(bytearray(cb_bytes), dtype=torch.float64).reshape(shape))
+
+
+def nearest(v: torch.Tensor, cb: torch.Tensor, device: str | torch.device | None = None,
+            budget: int = 1 << 24) -> torch.Tensor:
+    """Index of the largest ``<v, c>`` for each row of ``v`` (V, 8) over ``cb`` (C, 8, unit rows): exactly
+    the float64 ``argmax(v @ cb.T)`` (first index among exact ties), computed fast.
+
+    Codewords in complete W(D8) orbits (all of an E8 codebook but its cut orbit) are scored in closed
+    form, per orbit (:class:`_Orbits`, float64): O(orbits) work per vector instead of O(C). The others
+    are scored only for rows whose closed-form bound over their full orbit can win, by a float32 matmul
+    of normalised vectors with top two and a float64 re-check of near-ties. Rows with a near-tie anywhere
+    (two orbit scores within :data:`ORBIT_MARGIN`, two |x| coordinates within :data:`COORD_GAP`) are
+    re-scored in float64 against the whole codebook. ``device``: where the scores are computed (default:
+    ``v``'s); ``budget``: scores held per chunk."""
+    dev = torch.device(device) if device is not None else v.device
+    v64 = v.detach().to("cpu", torch.float64)
+    cb64 = cb.detach().to("cpu", torch.float64).contiguous()
+    n, c = v64.shape[0], cb64.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.long)
+    orb = _orbits_of(cb64.numpy().tobytes(), tuple(cb64.shape))
+    if not bool(orb.complete.any()):
+        return _nearest_dense(v64, cb64, dev, budget)
+    out = torch.empty(n, dtype=torch.long)
+    comp = torch.nonzero(orb.complete).reshape(-1)
+    reps, bmin = orb.reps[comp].to(dev), orb.reps[comp, DIM - 1].to(dev)
+    cons, par, dv = orb.constrained[comp].to(dev), orb.parity[comp].to(dev), orb.dv[comp].to(dev)
+    inc = ~orb.complete
+    inc_reps = orb.reps[inc].to(dev)
+    inc_cons, inc_par, inc_bmin = orb.constrained[inc].to(dev), orb.parity[inc].to(dev), orb.reps[inc, DIM - 1].to(dev)
+    inc_ids = orb.incomplete_ids
+    pow16 = (16 ** torch.arange(DIM, device=dev))
+    chunk = max(1024, budget // (4 * DIM))
+    for i in range(0, n, chunk):
+        x = v64[i:i + chunk].to(dev)
+        xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        a, order = xn.abs().sort(dim=1, descending=True)
+        px = (xn < 0).sum(1) % 2
+        amin = a[:, DIM - 1:]
+        score = a @ reps.T - 2 * (cons[None] & (px[:, None] != par[None])) * amin * bmin[None]
+        top = score.topk(min(2, len(comp)), dim=1)
+        best, o = top.values[:, 0], top.indices[:, 0]
+        flag = (a[:, :-1] - a[:, 1:]).min(1).values < COORD_GAP
+        flag |= amin[:, 0] < COORD_GAP
+        if len(comp) > 1:
+            flag |= (top.values[:, 0] - top.values[:, 1]) <= ORBIT_MARGIN
+        # the codeword: sorted position j of x gets the orbit's j-th largest |c| with x's sign, the
+        # smallest one's sign flipped on a parity mismatch
+        flip = cons[o] & (px != par[o])
+        neg = torch.gather(xn, 1, order) < 0
+        neg[:, DIM - 1] ^= flip
+        d = dv[o]
+        zero = torch.gather(reps[o], 1, torch.arange(DIM, device=dev).expand_as(d)) == 0
+        digit_sorted = d * 2 + (neg & ~zero).long()
+        digit = torch.empty_like(digit_sorted).scatter_(1, order, digit_sorted)
+        key = comp.to(dev)[o] * (16 ** DIM) + (digit * pow16).sum(1)
+        idx = orb.lookup(key.cpu())
+        if len(inc_ids):
+            bound = (a @ inc_reps.T - 2 * (inc_cons[None] & (px[:, None] != inc_par[None])) * amin
+                     * inc_bmin[None]).max(1).values
+            rows = torch.nonzero(bound >= best - ORBIT_MARGIN).reshape(-1)
+            if rows.numel():
+                rows_c = rows.cpu()
+                j = inc_ids[_nearest_dense(v64[i:i + chunk][rows_c], cb64[inc_ids], dev, budget)]
+                s_inc = (xn[rows] * cb64[j].to(dev)).sum(1)
+                take = s_inc > best[rows]
+                flag[rows] |= (s_inc - best[rows]).abs() <= ORBIT_MARGIN
+                take_c = take.cpu()
+                idx[rows_c[take_c]] = j[take_c]
+        flag = flag.cpu()
+        if bool(flag.any()):
+            f = torch.nonzero(flag).reshape(-1)
+            xf = v64[i:i + chunk][f]
+            idx[f] = torch.cat([(xf[s:s + 4096] @ cb64.T).argmax(1) for s in range(0, len(f), 4096)])
+        out[i:i + chunk] = idx
     return out
 
 
@@ -106,7 +257,7 @@ def direction_codebook(k: int, samples: int = 1 << 15, seed: int = 0) -> torch.T
     cand = cand / cand.norm(dim=1, keepdim=True)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, DIM, generator=g, dtype=torch.float64)
-    counts = torch.bincount(_nearest(x, cand), minlength=len(cand)).numpy()
+    counts = torch.bincount(nearest(x, cand), minlength=len(cand)).numpy()
     keys = _orbit_keys(z)
     _, orbit = np.unique(keys, axis=0, return_inverse=True)
     orbit = orbit.reshape(-1)
@@ -142,7 +293,7 @@ def _cut_orbit(cand: torch.Tensor, chosen: np.ndarray, members: np.ndarray, need
             break
         drop = excess if r == 1 else max(1, excess // r)
         ids = np.concatenate([chosen, members])
-        counts = torch.bincount(_nearest(x, cand[ids]), minlength=len(ids)).numpy()[len(chosen):]
+        counts = torch.bincount(nearest(x, cand[ids]), minlength=len(ids)).numpy()[len(chosen):]
         order = np.lexsort((-members, counts))  # least used first; among equals the later index first
         members = np.sort(np.delete(members, order[:drop]))
     return members
@@ -187,12 +338,12 @@ def kmeans_directions(x: torch.Tensor, n: int, iters: int = 20, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     c = x[torch.randperm(x.shape[0], generator=g)[:n]].clone()
     for _ in range(iters):
-        a = _nearest(x, c)
+        a = nearest(x, c)
         s = torch.zeros_like(c).index_add_(0, a, x)
         norm = s.norm(dim=1, keepdim=True)
         c = torch.where(norm > 0, s / norm.clamp_min(1e-30), c)
     return c
 
 
-__all__ = ["direction_codebook", "codebook_digest", "e8_points", "e8_directions", "lloyd_max_chi",
+__all__ = ["direction_codebook", "nearest", "codebook_digest", "e8_points", "e8_directions", "lloyd_max_chi",
            "chi_mean_factor", "kmeans_directions", "DIM"]

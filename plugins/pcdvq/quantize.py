@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from .config import PCDVQConfig
 from .method import METHOD, NAME
 from .quantizer import check_shape, quantize_weight
 from .runtime import load_codebook
+
+if TYPE_CHECKING:
+    from .calibrate import HessianOptions
 
 #: largest default Hadamard block
 MAX_AUTO_BLOCK = 512
@@ -56,8 +60,11 @@ def auto_block(shapes: dict[str, tuple[int, ...]]) -> int:
     return best
 
 
-def quantize(model: Path, output: Path, cfg: PCDVQConfig) -> Path:
-    """Quantize ``model``'s linear layers (``*_proj.weight``, not ``modules_to_not_convert``) into ``output``."""
+def quantize(model: Path, output: Path, cfg: PCDVQConfig, device: str | None = None,
+             hessian: "HessianOptions | None" = None) -> Path:
+    """Quantize ``model``'s linear layers (``*_proj.weight``, not ``modules_to_not_convert``) into ``output``;
+    the direction assignment is scored on ``device`` (default CPU). ``hessian``: Hessian-aware assignment
+    (overdrive.pcdvq.calibrate) for the linears of the decoder blocks, calibrated on ``device``."""
     model, output = Path(model), Path(output)
     if output.exists():
         raise ConfigError(f"{output}: already exists; choose a new --output directory")
@@ -68,13 +75,19 @@ def quantize(model: Path, output: Path, cfg: PCDVQConfig) -> Path:
         check_shape(name, shape, cfg)
     cb = load_codebook(cfg)
     cfg.codebook_digest = codebook_digest(cb)
+    precomputed: dict[str, dict[str, torch.Tensor]] = {}
+    if hessian is not None:
+        from .calibrate import hessian_codes
+
+        precomputed = hessian_codes(model, shapes, cfg, cb, hessian, device)
 
     def transform(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
         if not is_target(name, t, cfg):
             return {name: t}
         check_finite(name, t)
         prefix = name.removesuffix(".weight")
-        return {f"{prefix}.{k}": v for k, v in quantize_weight(name, t, cfg, cb).items()}
+        q = precomputed.get(name) or quantize_weight(name, t, cfg, cb, device)
+        return {f"{prefix}.{k}": v for k, v in q.items()}
 
     with atomic_directory(output) as tmp:
         inner = rewrite_checkpoint(model, tmp / "ckpt", transform, {"quant_method": NAME, **cfg.to_dict()},

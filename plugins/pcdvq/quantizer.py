@@ -23,7 +23,7 @@ import torch
 
 from overdrive.kernels.hadamard import hadamard_transform, hadamard_transform_transposed, random_orthogonal, split_size
 
-from .codebook import DIM, direction_codebook, lloyd_max_chi
+from .codebook import DIM, direction_codebook, lloyd_max_chi, nearest
 from .config import PCDVQConfig
 
 
@@ -66,13 +66,11 @@ def check_shape(name: str, shape: tuple[int, ...], cfg: PCDVQConfig) -> None:
                           f"{DIM * cfg.mags_per_byte} (8-dim vectors, {cfg.mags_per_byte} magnitude codes per byte)")
 
 
-def assign(v: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Index of the largest ``<v, c>`` for each row of ``v`` (V, 8) over ``codebook`` (C, 8)."""
-    cb = codebook.to(v.dtype)
-    out = torch.empty(v.shape[0], dtype=torch.long)
-    for i in range(0, v.shape[0], chunk):
-        out[i:i + chunk] = (v[i:i + chunk] @ cb.T).argmax(1)
-    return out
+def assign(v: torch.Tensor, codebook: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """Index of the largest ``<v, c>`` for each row of ``v`` (V, 8) over ``codebook`` (C, 8): the exact
+    float64 argmax, via float32 scores on ``device`` and a float64 re-check of near-ties
+    (:func:`overdrive.pcdvq.codebook.nearest`)."""
+    return nearest(v, codebook, device)
 
 
 def pack_mags(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -99,9 +97,10 @@ def dir_from_int16(stored: torch.Tensor) -> torch.Tensor:
     return stored.to(torch.int32) & 0xFFFF
 
 
-def quantize_weight(name: str, w: torch.Tensor, cfg: PCDVQConfig, codebook: torch.Tensor | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """The stored tensors (without the layer prefix) of ``w`` (N, K); float64 math."""
+def quantize_weight(name: str, w: torch.Tensor, cfg: PCDVQConfig, codebook: torch.Tensor | None = None,
+                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The stored tensors (without the layer prefix) of ``w`` (N, K); float64 math (the direction
+    argmax scored on ``device``, default CPU, with the float64 result)."""
     check_shape(name, tuple(w.shape), cfg)
     cb = direction_codebook(cfg.direction_bits, cfg.codebook_samples, cfg.seed) if codebook is None else codebook
     levels, bounds = lloyd_max_chi(cfg.magnitude_bits)
@@ -110,7 +109,7 @@ def quantize_weight(name: str, w: torch.Tensor, cfg: PCDVQConfig, codebook: torc
     wr = rotate(w.to(torch.float64), signs, cfg)
     s0 = wr.pow(2).mean(1).sqrt().clamp_min(1e-30)
     v = wr.reshape(-1, DIM)
-    d = assign(v, cb.double())
+    d = assign(v, cb.double(), device)
     r = v.norm(dim=1) / s0.repeat_interleave(k // DIM)
     m = torch.bucketize(r, torch.from_numpy(bounds))
     u = (torch.from_numpy(levels)[m][:, None] * cb.double()[d]).reshape(n, k)

@@ -41,7 +41,7 @@ def exported(tmp_path_factory):
 
     def get(name: str, **kw):
         if name not in made:
-            mbq = quantize(tiny_llama(), root / f"mbq-{name}", MBQConfig(baseline="rtn", **kw))
+            mbq = quantize(tiny_llama(), root / f"mbq-{name}", MBQConfig(**{"baseline": "rtn", **kw}))
             made[name] = (mbq, export_compressed_tensors(mbq, root / f"ct-{name}"))
         return made[name]
 
@@ -82,10 +82,18 @@ def test_weight_only_export_decodes_to_the_mbq_weights(exported, bits):
     assert torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_act8_export_keeps_codes_and_scales(exported, bits):
-    mbq, ct = exported(f"w{bits}a8", bits=bits, act_bits=8)
+@pytest.mark.parametrize("bits,extra", [
+    (4, {}), (8, {}),
+    # GPTQ's codes after an offline (residual) rotation: a plain checkpoint with its own LM head
+    (4, dict(baseline="gptq", rotation="residual"))])
+def test_act8_export_keeps_codes_and_scales(exported, bits, extra):
+    mbq, ct = exported(f"w{bits}a8{'-rot' if extra else ''}", bits=bits, act_bits=8, **extra)
     qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert qc["overdrive"]["rotation"] == extra.get("rotation", "none")
+    if extra:
+        conf = json.loads((ct / "config.json").read_text())
+        t = load_file(ct / "model.safetensors")
+        assert conf["tie_word_embeddings"] is False and not torch.equal(t["lm_head.weight"], t["model.embed_tokens.weight"])
     grp = qc["config_groups"]["group_0"]
     assert qc["format"] == "int-quantized"
     assert (grp["weights"]["num_bits"], grp["weights"]["strategy"], grp["weights"]["symmetric"]) == (bits, "channel", True)

@@ -6,6 +6,7 @@ import torch
 
 from overdrive.mbq.gptq import ChannelSymmetric, GroupAsymmetric, Hessian, gptq, objective, rtn
 from overdrive.mbq.quant import rtn_codes, rtn_per_channel_symmetric
+from overdrive.testing.gptq_reference import gptq_reference
 
 
 def _inputs(t: int, k: int, seed: int) -> torch.Tensor:
@@ -15,46 +16,6 @@ def _inputs(t: int, k: int, seed: int) -> torch.Tensor:
     x = torch.randn(t, k, generator=g, dtype=torch.float64) @ mix
     x[:, :3] *= 6.0
     return x
-
-
-def _reference(w: torch.Tensor, x: torch.Tensor, tok_w: torch.Tensor | None, grid, percdamp: float,
-               act_order: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ from its definition, float64, one column at a time: quantize column j, then move the
-    not-yet-quantized columns F by the optimal (Optimal Brain Surgeon) update
-    ``-(w_j - q_j) / [H_F^-1]_jj * [H_F^-1]_j,:`` with ``H_F^-1`` the inverse of the Hessian restricted to
-    F, inverted afresh at every step (no Cholesky, no lazy batches)."""
-    w = w.double().clone()
-    x = x.double()
-    d = torch.ones(x.shape[0], dtype=torch.float64) if tok_w is None else tok_w.double()
-    h = 2 * (x * d[:, None]).T @ x / d.sum()
-    h = h + percdamp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
-    n, k = w.shape
-    order = sorted(range(k), key=lambda c: -float(h[c, c])) if act_order else list(range(k))
-    g = grid.group_size
-    ng = k // g if g else 1
-    scales, zeros = torch.zeros(n, ng, dtype=torch.float64), torch.zeros(n, ng, dtype=torch.float64)
-    if g is None:
-        scales[:, 0], zeros[:, 0] = grid.params(w)
-    elif act_order:
-        for j in range(ng):
-            scales[:, j], zeros[:, j] = grid.params(w[:, j * g:(j + 1) * g])
-    codes = torch.zeros(n, k, dtype=torch.float64)
-    remaining = list(order)
-    for c in order:
-        if g is not None and not act_order and c % g == 0:
-            scales[:, c // g], zeros[:, c // g] = grid.params(w[:, c:c + g])
-        j = c // g if g else 0
-        q, dq = grid.quantize(w[:, c], scales[:, j], zeros[:, j])
-        codes[:, c] = q
-        hinv = torch.linalg.inv(h[remaining][:, remaining])
-        pos = remaining.index(c)
-        upd = -torch.outer((w[:, c] - dq) / hinv[pos, pos], hinv[pos])
-        w[:, remaining] += upd
-        w[:, c] = dq
-        remaining.remove(c)
-    if g is None:
-        return codes, scales[:, 0], zeros[:, 0]
-    return codes, scales, zeros
 
 
 CASES = [  # (grid, act_order, block_size): groups inside a block, straddling blocks, per channel
@@ -77,7 +38,7 @@ def test_codes_equal_the_plain_float64_implementation(grid, act_order, block):
         for part, pw in zip(x.split(150), (weights.split(150) if weights is not None else [None] * 3)):
             hs.add(part, pw)  # streaming, in uneven batches
         res = gptq(w, hs.get(), grid, block_size=block, percdamp=0.01, act_order=act_order, dtype=torch.float64)
-        codes, scales, zeros = _reference(w, x, weights, grid, 0.01, act_order)
+        codes, scales, zeros = gptq_reference(w, x, weights, grid, 0.01, act_order)
         assert torch.equal(res.codes, codes)
         torch.testing.assert_close(res.scales, scales, rtol=1e-12, atol=0)
         assert torch.equal(res.zeros, zeros)
@@ -95,7 +56,7 @@ def test_float32_math_agrees_with_float64_on_almost_every_code():
     h = Hessian(64)
     h.add(x.float())
     a = gptq(w, h.get(), GroupAsymmetric(4, 32)).codes
-    b = _reference(w, x, None, GroupAsymmetric(4, 32), 0.01, False)[0]
+    b = gptq_reference(w, x, None, GroupAsymmetric(4, 32), 0.01, False)[0]
     assert (a == b).float().mean() > 0.99
 
 

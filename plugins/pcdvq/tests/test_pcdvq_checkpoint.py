@@ -126,3 +126,50 @@ def test_code_path_matches_the_dense_path(ckpt, monkeypatch):
              "levels": torch.from_numpy(lloyd_max_chi(2)[0]).float(), "hadamard_signs": params["hadamard_signs"]}
     monkeypatch.setenv("OVERDRIVE_KERNELS", "interpret")
     torch.testing.assert_close(METHOD.apply(x, coded, None, cfg), dense, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_hessian_aware_checkpoint(ckpt, tmp_path):
+    """--hessian: block 0's q_proj equals the leaf quantizer on the Hessian of its inputs taken here with
+    a transformers hook on the float model (block 0 sees no quantized layer), and its output error on
+    those inputs is lower than the plain checkpoint's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from overdrive.pcdvq.gptvq import quantize_weight_hessian
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog while the light of the sun is refracted. " * 40)
+    out = tmp_path / "llama-pcdvq-h"
+    rc = cli.main(["quantize", "--method", "pcdvq", "--model", str(tiny_llama()), "--output", str(out),
+                   "--direction-bits", "8", "--hessian", "--calib", str(text), "--calib-samples", "4",
+                   "--calib-len", "32", "--device", "cpu"])
+    assert rc == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    cfg = METHOD.config_from_checkpoint(qc)
+    cb = load_file(out / "pcdvq" / "codebooks.safetensors")["directions"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama())
+    ids = torch.tensor(tok(text.read_text(), add_special_tokens=False)["input_ids"][:4 * 32]).reshape(4, 32)
+    xs = []
+    p = "model.layers.0.self_attn.q_proj"
+    h = model.get_submodule(p).register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    h.remove()
+    x = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double()
+    w = model.get_submodule(p).weight.detach().double()
+    ref = quantize_weight_hessian("q", w, 2 * x.T @ x / x.shape[0], cfg, cb)
+    t = {k.removeprefix(p + "."): v for k, v in load_file(out / "model.safetensors").items() if k.startswith(p + ".")}
+    assert torch.equal(t["dir_codes"], ref["dir_codes"]) and torch.equal(t["mag_codes"], ref["mag_codes"])
+    assert torch.allclose(t["scales"], ref["scales"], rtol=1e-5, atol=0)
+    plain = {k.removeprefix(p + "."): v for k, v in load_file(ckpt / "model.safetensors").items()
+             if k.startswith(p + ".")}
+    e_h = float(((w - deq_float64(t, cfg, cb)) @ x.T).norm())
+    e_p = float(((w - deq_float64(plain, cfg, cb)) @ x.T).norm())
+    assert e_h < e_p, (e_h, e_p)
+
+
+def test_cli_hessian_needs_calibration_text(tmp_path, capsys):
+    rc = cli.main(["quantize", "--method", "pcdvq", "--model", str(tiny_llama()), "--output", str(tmp_path / "o"),
+                   "--direction-bits", "8", "--hessian", "--device", "cpu"])
+    assert rc == 2 and "--hessian needs --calib" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

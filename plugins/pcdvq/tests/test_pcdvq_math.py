@@ -128,3 +128,43 @@ def test_16bit_direction_codes_roundtrip():
     m = torch.randint(0, 4, (3, 16))
     assert torch.equal(unpack_mags(pack_mags(m, 2), 2).long(), m)
     assert int(pack_mags(torch.tensor([[3, 0, 1, 2]]), 2)) == 3 | (1 << 4) | (2 << 6)
+
+
+def _near_tie_inputs(cb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian vectors plus the hard cases of a fast argmax: midpoints of two codewords (exact ties and
+    ties broken by 1e-13 .. 1e-5), codewords themselves (ties inside an orbit), repeated and zero
+    coordinates, scaled by varied norms."""
+    c = cb.double()
+    x = [torch.randn(20000, 8, generator=g, dtype=torch.float64)]
+    i = torch.randint(0, len(c), (3000,), generator=g)
+    j = torch.randint(0, len(c), (3000,), generator=g)
+    mid = c[i] + c[j]
+    for eps in (0.0, 1e-13, 1e-9, 1e-7, 1e-5):
+        x.append(mid + eps * torch.randn(mid.shape, generator=g, dtype=torch.float64))
+    x.append(c[i])
+    y = torch.randn(3000, 8, generator=g, dtype=torch.float64)
+    y[:1000, 3] = y[:1000, 5]
+    y[1000:2000, 2] = 0
+    y[2000:] = y[2000:].round()
+    x.append(y)
+    x = torch.cat(x)
+    return x * torch.exp(torch.randn(len(x), 1, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["e8-k10", "e8-k11", "random"])
+def test_nearest_equals_the_float64_argmax(kind):
+    from overdrive.pcdvq.codebook import _orbits_of, nearest
+
+    g = torch.Generator().manual_seed(7)
+    if kind == "random":  # no symmetry: the float32 matmul path with its float64 re-check only
+        cb = torch.randn(1500, 8, generator=g)
+        cb = cb / cb.norm(dim=1, keepdim=True)
+    else:
+        cb = direction_codebook(int(kind[-2:]), 1 << 13)
+        orb = _orbits_of(cb.double().numpy().tobytes(), tuple(cb.shape))
+        # complete orbits in closed form, and a cut orbit scored densely
+        assert bool(orb.complete.any()) and bool((~orb.complete).any())
+    x = _near_tie_inputs(cb, g)
+    ref = torch.cat([(x[s:s + 4096] @ cb.double().T).argmax(1) for s in range(0, len(x), 4096)])
+    got = nearest(x, cb)
+    assert torch.equal(got, ref), int((got != ref).sum())
