@@ -514,9 +514,6 @@ class Demo:
     def mxmoe(self) -> str:
         import json
 
-        import torch
-        from transformers import AutoModelForCausalLM
-
         import overdrive.transformers  # noqa: F401 - registers the quantizer
         from overdrive.testing.moe import tiny_moe
 
@@ -532,20 +529,25 @@ class Demo:
             for lin in per.values():
                 for f in lin.values():
                     hist[f] = hist.get(f, 0) + 1
-        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-        mx = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32).eval()
-        ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            a, b = ref(ids).logits, mx(ids).logits
-        agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+        agree = self._next_token_agreement(src, q)
         print(f"  tiny Mixtral at 3.25 bits per expert weight: formats {dict(sorted(hist.items()))}; top-1 agreement "
               f"with the float model {agree:.2f}")
         return f"MxMoE: per-expert formats {dict(sorted(hist.items()))} at 3.25 bits, transformers loads it"
 
-    def pcdvq(self) -> str:
+    @staticmethod
+    def _next_token_agreement(float_dir: Path, quant_dir: Path) -> float:
+        """Share of 16 random positions where the quantized checkpoint's next-token argmax equals the float one's
+        (both loaded by transformers, the quantized one through overdrive's registered quantizer)."""
         import torch
         from transformers import AutoModelForCausalLM
 
+        ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            a, b = (AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()(ids).logits
+                    for d in (float_dir, quant_dir))
+        return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+    def pcdvq(self) -> str:
         import overdrive.transformers  # noqa: F401 - registers the quantizer
         from overdrive.testing import tiny_llama
 
@@ -553,12 +555,7 @@ class Demo:
         q = self.work / "llama-pcdvq"
         subprocess.run([sys.executable, "-m", "overdrive.cli", "quantize", "--method", "pcdvq", "--model", str(base),
                         "--output", str(q), "--direction-bits", "10"], check=True, env=self.env)
-        ref = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-        vq = AutoModelForCausalLM.from_pretrained(q, dtype=torch.float32).eval()
-        ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            a, b = ref(ids).logits, vq(ids).logits
-        agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+        agree = self._next_token_agreement(base, q)
         print(f"  tiny Llama, direction codebook 2^10 (E8 shells) + 2-bit chi(8) magnitudes: checkpoint "
               f"{self._size_mb(q):.2f} MB vs {self._size_mb(base):.2f} MB; next-token agreement with float {agree:.2f}")
         return f"PCDVQ: quantized from the CLI, loaded by transformers, next-token agreement {agree:.2f}"
